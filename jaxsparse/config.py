@@ -1,0 +1,130 @@
+"""Frozen run configurations and named presets (paper, cpu, smoke).
+
+The config stops at one boundary: only `jaxsparse.loop.train_and_evaluate` reads a whole `Config`; every other
+module takes explicit keyword arguments. Values marked "ours" are this project's choices, since the paper does
+not publish them (see README, "What is ours").
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping
+
+# depth, widen of the named WideResNet variants.
+MODELS = {
+    "wrn28_4": (28, 4),   # the paper's backbone
+    "wrn16_4": (16, 4),
+    "wrn16_2": (16, 2),
+    "wrn16_1": (16, 1),
+    "wrn10_1": (10, 1),   # tiny: tests and smoke runs
+}
+NORMS = ("rmsnorm", "batchnorm", "none")
+DTYPES = ("float32", "bfloat16")
+GRADIENTS = ("masked", "straight_through")
+SCORES = ("value", "magnitude")
+AUGMENTS = (None, "flip_crop")
+PAPER_KEEPS = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything one training run depends on. Saved as config.json beside the run."""
+  # Data.
+  data: str = "tfds:cifar10"
+  cache_dir: str | None = None        # None: the data module's default (~/.cache/jaxsparse)
+  train_size: int | None = None       # None: the whole training set (minus validation)
+  val_size: int = 5000                # held out from train, same split for every schedule (ours)
+  augment: str | None = None          # the paper trains without augmentation
+  # Model.
+  model: str = "wrn28_4"
+  norm: str = "rmsnorm"
+  dropout: float = 0.0
+  dtype: str = "float32"              # compute dtype; parameters stay float32
+  topk_gradient: str = "masked"
+  topk_score: str = "value"
+  # Optimisation (ours: common WRN practice, plus a linear warm-up that RMSNorm WRNs need at lr 0.1).
+  epochs: int = 200
+  batch_size: int = 128
+  learning_rate: float = 0.1
+  warmup_epochs: int = 5
+  momentum: float = 0.9
+  nesterov: bool = True
+  weight_decay: float = 5e-4          # on conv/dense kernels only, not on norms or biases
+  # Keep-ratio control.
+  schedule: str = "adaptive_b"
+  controller_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  eval_keeps: tuple[float, ...] = PAPER_KEEPS
+  # Bookkeeping.
+  seed: int = 0
+  keep_checkpoints: int = 2           # latest epochs kept, besides one checkpoint per reset cycle
+
+  def __post_init__(self):
+    _check_choice("model", self.model, tuple(MODELS))
+    _check_choice("norm", self.norm, NORMS)
+    _check_choice("dtype", self.dtype, DTYPES)
+    _check_choice("topk_gradient", self.topk_gradient, GRADIENTS)
+    _check_choice("topk_score", self.topk_score, SCORES)
+    _check_choice("augment", self.augment, AUGMENTS)
+    for name in ("epochs", "batch_size", "keep_checkpoints"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.train_size is not None and self.train_size < self.batch_size:
+      raise ValueError(f"train_size ({self.train_size}) must be >= batch_size ({self.batch_size})")
+    if self.val_size < 0 or self.warmup_epochs < 0:
+      raise ValueError(f"val_size and warmup_epochs must be >= 0, got {self.val_size}, {self.warmup_epochs}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+    if not self.learning_rate > 0 or self.weight_decay < 0:
+      raise ValueError(f"need learning_rate > 0 and weight_decay >= 0, got {self.learning_rate}, "
+                       f"{self.weight_decay}")
+    bad = [k for k in self.eval_keeps if not 0.0 < k <= 1.0]
+    if bad or not self.eval_keeps:
+      raise ValueError(f"eval_keeps must be a non-empty list of values in (0, 1], got {self.eval_keeps}")
+    object.__setattr__(self, "eval_keeps", tuple(float(k) for k in self.eval_keeps))
+    object.__setattr__(self, "controller_options", dict(self.controller_options))
+
+  def replace(self, **changes) -> "Config":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["eval_keeps"] = list(self.eval_keeps)
+    return d
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "Config":
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"unknown config fields: {sorted(unknown)}")
+    d = dict(d)
+    if "eval_keeps" in d:
+      d["eval_keeps"] = tuple(d["eval_keeps"])
+    return cls(**d)
+
+
+def _check_choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+# Named presets. Each is the full Config; flags override fields one by one.
+PRESETS: dict[str, Config] = {
+    # The paper's setting: WRN-28-4, RMSNorm, CIFAR-10 without augmentation, 200 epochs (ours).
+    "paper": Config(),
+    # Fits this 2-core CPU in about 20 minutes: a small WRN on a stratified 5k-image subset.
+    "cpu": Config(model="wrn16_1", train_size=5000, val_size=1000, epochs=15, warmup_epochs=1,
+                  learning_rate=0.05),
+    # Seconds: plumbing checks (tests, CI, notebooks).
+    "smoke": Config(model="wrn10_1", train_size=256, val_size=128, epochs=3, batch_size=64,
+                    warmup_epochs=1, learning_rate=0.05, eval_keeps=(1.0, 0.3)),
+}
+
+
+def preset(name: str, **overrides) -> Config:
+  """Returns the named preset with `overrides` applied (validated)."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+  return PRESETS[name].replace(**overrides)
