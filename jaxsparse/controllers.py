@@ -1,0 +1,410 @@
+"""Epoch-level keep-ratio controllers: pure, jit-able ``(init, update)`` pairs.
+
+A controller decides the keep ratio of the next epoch from the metrics of the epoch just
+finished. ``init()`` gives the state for epoch 0; ``update(state, metrics)`` consumes the
+metrics of the epoch trained at ``state.keep`` and returns the state whose ``keep`` is
+used for the next epoch. The state is a pytree of float32/int32 scalars (the same
+structure for every controller), so it can live in the train state, be checkpointed,
+and be updated under ``jax.jit`` with traced metrics: rules use ``jnp.where`` only.
+
+Registry: ``get(name, **options)``, ``names()``, ``options(name)``. The rules of
+``adaptive_a`` and ``adaptive_b`` are this project's reading of the paper's "Strategy 1"
+and "Strategy 2" (the paper does not publish them); they are written out exactly below.
+
+Example:
+  >>> ctrl = get("adaptive_a", gamma=0.5)
+  >>> state = ctrl.init()
+  >>> state = jax.jit(ctrl.update)(state, EpochMetrics(0.4, 1.7, float("nan")))
+  >>> float(state.keep)
+  0.5
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxsparse import schedules
+
+__all__ = [
+    "EpochMetrics",
+    "ControllerState",
+    "Controller",
+    "dense",
+    "constant",
+    "cyclic",
+    "adaptive_a",
+    "adaptive_b",
+    "get",
+    "names",
+    "options",
+]
+
+
+class EpochMetrics(NamedTuple):
+  """Metrics of the epoch just finished (float32 scalars or Python floats).
+
+  Attributes:
+    train_accuracy: mean training accuracy over the epoch, measured at that epoch's keep.
+    train_loss: mean training loss over the epoch.
+    val_accuracy: dense (keep = 1.0) accuracy on the held-out validation split after the
+      epoch; NaN when there is no validation split.
+  """
+
+  train_accuracy: Any
+  train_loss: Any
+  val_accuracy: Any
+
+
+class ControllerState(NamedTuple):
+  """Controller state; every field is a scalar jax array.
+
+  Attributes:
+    keep: float32, the keep ratio to use for the next epoch.
+    cycle: int32, number of resets to dense so far (0 in the first cycle).
+    epoch: int32, number of epochs seen by ``update``.
+    ref: float32, reference accuracy of the current cycle (adaptive_a: train accuracy of
+      its dense epoch; adaptive_b: best dense validation accuracy); NaN when unused.
+    prev: float32, adaptive_b: validation accuracy after the previous epoch; else NaN.
+    gamma: float32, compression factor of the next compression step (adaptive_b adapts it).
+    holds: int32, adaptive_a: consecutive epochs held at the current keep.
+  """
+
+  keep: jax.Array
+  cycle: jax.Array
+  epoch: jax.Array
+  ref: jax.Array
+  prev: jax.Array
+  gamma: jax.Array
+  holds: jax.Array
+
+
+class Controller(NamedTuple):
+  """A keep-ratio controller.
+
+  Attributes:
+    init: ``() -> ControllerState``, the state before epoch 0.
+    update: ``(state, EpochMetrics) -> state``, pure and jit-able.
+    needs_validation: whether ``update`` reads ``val_accuracy`` (the loop must then hold
+      out a validation split).
+  """
+
+  init: Callable[[], ControllerState]
+  update: Callable[[ControllerState, EpochMetrics], ControllerState]
+  needs_validation: bool = False
+
+
+def _state(keep=1.0, cycle=0, epoch=0, ref=jnp.nan, prev=jnp.nan, gamma=1.0, holds=0):
+  """Builds a state with canonical dtypes (also casts traced values)."""
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  i32 = lambda x: jnp.asarray(x, jnp.int32)
+  return ControllerState(
+      keep=f32(keep), cycle=i32(cycle), epoch=i32(epoch), ref=f32(ref), prev=f32(prev),
+      gamma=f32(gamma), holds=i32(holds))
+
+
+def _f32(x) -> jax.Array:
+  return jnp.asarray(x, jnp.float32)
+
+
+def _check_range(name: str, value, low: float, high: float, low_open: bool, high_open: bool):
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if ok:
+    ok = (value > low if low_open else value >= low) and (
+        value < high if high_open else value <= high)
+  if not ok:
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+  return float(value)
+
+
+def _check_count(name: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+  return value
+
+
+def _step_or_reset(state: ControllerState, go, gamma, min_keep: float):
+  """If ``go``: reset to dense when keep is at min_keep, else keep <- max(keep*gamma, min_keep)."""
+  at_floor = state.keep <= min_keep
+  compressed = jnp.maximum(state.keep * gamma, _f32(min_keep))
+  keep = jnp.where(go, jnp.where(at_floor, _f32(1.0), compressed), state.keep)
+  cycle = state.cycle + jnp.where(go & at_floor, 1, 0).astype(jnp.int32)
+  return keep, cycle
+
+
+def dense() -> Controller:
+  """Keep 1.0 forever (the dense baseline).
+
+  Example:
+    >>> float(dense().init().keep)
+    1.0
+  """
+  def update(state: ControllerState, metrics: EpochMetrics) -> ControllerState:
+    del metrics
+    return state._replace(epoch=state.epoch + 1)
+
+  return Controller(init=_state, update=update)
+
+
+def constant(*, keep: float = 0.5) -> Controller:
+  """A fixed keep ratio at every epoch.
+
+  Args:
+    keep: the keep ratio, in (0, 1].
+
+  Example:
+    >>> float(constant(keep=0.25).init().keep)
+    0.25
+  """
+  keep = _check_range("keep", keep, 0.0, 1.0, True, False)
+
+  def init() -> ControllerState:
+    return _state(keep=keep)
+
+  def update(state: ControllerState, metrics: EpochMetrics) -> ControllerState:
+    del metrics
+    return state._replace(epoch=state.epoch + 1)
+
+  return Controller(init=init, update=update)
+
+
+def cyclic(
+    *,
+    min_keep: float = 0.1,
+    period: int = 10,
+    shape: str = "geometric",
+    warmup: int = 0,
+    cycles: int | None = None,
+    final_keep: float = 1.0,
+) -> Controller:
+  """The fixed cyclic schedule, in epochs: keep(e) = ``schedules.cyclic(...)(e)``.
+
+  ``cycle`` is ``schedules.cycle_index(...)(e)``. With the defaults the keep ratio of the
+  epochs of each 10-epoch cycle is 1.0, 0.774, 0.599, 0.464, 0.359, 0.278, 0.215, 0.167,
+  0.129, 0.1, then 1.0 again.
+
+  Args:
+    min_keep: keep on the last epoch of each period, in (0, 1].
+    period: epochs per cycle, >= 1.
+    shape: ``"geometric"``, ``"linear"`` or ``"cosine"``.
+    warmup: dense epochs before the first cycle, >= 0.
+    cycles: number of cycles, or None (forever).
+    final_keep: keep after the last cycle, in (0, 1].
+
+  Example:
+    >>> ctrl = cyclic(min_keep=0.25, period=3)
+    >>> float(ctrl.update(ctrl.init(), EpochMetrics(0., 0., 0.)).keep)
+    0.5
+  """
+  keep_at = schedules.cyclic(
+      min_keep, period, shape=shape, warmup=warmup, cycles=cycles, final_keep=final_keep)
+  cycle_at = schedules.cycle_index(period, warmup=warmup, cycles=cycles)
+
+  def at(epoch) -> ControllerState:
+    return _state(keep=keep_at(epoch), cycle=cycle_at(epoch), epoch=epoch)
+
+  def update(state: ControllerState, metrics: EpochMetrics) -> ControllerState:
+    del metrics
+    return at(state.epoch + 1)
+
+  return Controller(init=lambda: at(0), update=update)
+
+
+def adaptive_a(
+    *, min_keep: float = 0.1, gamma: float = 0.7, tol: float = 0.02, patience: int = 3
+) -> Controller:
+  """Strategy 1 (our rule): recovery-gated compression.
+
+  A cycle starts with a dense epoch (keep = 1.0) whose train accuracy becomes the cycle's
+  reference ``ref``. After each epoch, with ``acc`` its train accuracy (at its keep)::
+
+    if keep == 1:                       # the dense epoch opening a cycle
+      ref <- acc; go <- True
+    else:
+      go <- acc >= (1 - tol) * ref  or  holds >= patience
+    if go:                              # compress or reset
+      holds <- 0
+      if keep <= min_keep: keep <- 1; cycle <- cycle + 1       # reset
+      else:                keep <- max(keep * gamma, min_keep)  # compress
+    else:
+      holds <- holds + 1                # hold: train again at the same keep
+
+  So each keep (min_keep included) is trained for 1 to ``patience + 1`` epochs, until
+  the train accuracy recovers to within a fraction ``tol`` of the dense reference.
+  With the defaults and fast recovery a cycle is 8 epochs: keep 1.0, 0.7, 0.49, 0.343,
+  0.240, 0.168, 0.118, 0.1; at most 1 + 7 * 4 = 29 epochs. A NaN accuracy counts as not
+  recovered.
+
+  Args:
+    min_keep: smallest keep ratio, in (0, 1).
+    gamma: compression factor per step, in (0, 1).
+    tol: relative tolerance on train accuracy, in [0, 1).
+    patience: maximum consecutive holds at one keep, >= 0 (0: never hold).
+
+  Example:
+    >>> ctrl = adaptive_a(gamma=0.5)
+    >>> s = ctrl.update(ctrl.init(), EpochMetrics(0.80, 0.6, float("nan")))  # dense
+    >>> s = ctrl.update(s, EpochMetrics(0.70, 0.9, float("nan")))  # 0.70 < 0.98 * 0.80
+    >>> float(s.keep), int(s.holds)
+    (0.5, 1)
+  """
+  min_keep = _check_range("min_keep", min_keep, 0.0, 1.0, True, True)
+  gamma = _check_range("gamma", gamma, 0.0, 1.0, True, True)
+  tol = _check_range("tol", tol, 0.0, 1.0, False, True)
+  patience = _check_count("patience", patience)
+
+  def init() -> ControllerState:
+    return _state(gamma=gamma)
+
+  def update(state: ControllerState, metrics: EpochMetrics) -> ControllerState:
+    acc = _f32(metrics.train_accuracy)
+    is_dense = state.keep >= 1.0
+    ref = jnp.where(is_dense, acc, state.ref)
+    recovered = acc >= (1.0 - tol) * ref
+    go = is_dense | recovered | (state.holds >= patience)
+    keep, cycle = _step_or_reset(state, go, state.gamma, min_keep)
+    holds = jnp.where(go, 0, state.holds + 1)
+    return _state(keep=keep, cycle=cycle, epoch=state.epoch + 1, ref=ref,
+                  gamma=state.gamma, holds=holds)
+
+  return Controller(init=init, update=update)
+
+
+def adaptive_b(
+    *,
+    min_keep: float = 0.1,
+    gamma: float = 0.7,
+    tol: float = 0.01,
+    grow: float = 1.25,
+    shrink: float = 0.8,
+    gamma_min: float = 0.3,
+    gamma_max: float = 0.9,
+) -> Controller:
+  """Strategy 2 (our rule): generalization-gated compression with an adaptive step.
+
+  Reads only ``val_accuracy``: the dense (keep = 1.0) accuracy on the held-out validation
+  split (never the test split). A cycle starts with a dense epoch; ``best`` is the best
+  validation accuracy seen in the cycle, ``prev`` the one after the previous epoch. After
+  each epoch, with ``v`` its validation accuracy::
+
+    if keep == 1:                       # the dense epoch opening a cycle
+      best <- v; prev <- v
+      keep <- max(gamma, min_keep)      # first compression of the cycle
+    else:                               # the epoch after a compression step
+      best <- max(best, v)
+      gamma <- clip(gamma ** (grow if v >= prev else shrink), gamma_min, gamma_max)
+      if v >= best - tol and keep > min_keep:
+        keep <- max(keep * gamma, min_keep)     # compress
+      else:
+        keep <- 1; cycle <- cycle + 1           # reset
+      prev <- v
+
+  ``tol`` is absolute (accuracy units). A compression step that held or improved the
+  validation accuracy makes the next one more aggressive (``grow`` > 1 lowers gamma); one
+  that hurt makes it gentler (``shrink`` < 1 raises gamma). With ``shrink = 1 / grow`` one
+  good and one bad step cancel out. ``gamma`` carries over across cycles. With the
+  defaults and a validation accuracy that rises every epoch, keep goes 1.0, 0.7, 0.448,
+  0.257, 0.128, 0.1, 1.0 (gamma 0.7, 0.64, 0.57, 0.50, 0.42, 0.34; bounded below by 0.3).
+  A NaN validation accuracy counts as a drop (reset), so a validation split is required.
+
+  Args:
+    min_keep: smallest keep ratio, in (0, 1).
+    gamma: initial compression factor, in [gamma_min, gamma_max].
+    tol: absolute tolerance below the cycle's best validation accuracy, in [0, 1).
+    grow: exponent applied to gamma after a good step, >= 1.
+    shrink: exponent applied to gamma after a bad step, in (0, 1].
+    gamma_min: lower bound of gamma (most aggressive), in (0, 1).
+    gamma_max: upper bound of gamma (gentlest), in [gamma_min, 1).
+
+  Example:
+    >>> ctrl = adaptive_b()
+    >>> s = ctrl.update(ctrl.init(), EpochMetrics(0.5, 1.4, 0.60))  # dense: best 0.60
+    >>> s = ctrl.update(s, EpochMetrics(0.5, 1.4, 0.62))  # improved: gamma 0.7 ** 1.25
+    >>> round(float(s.keep), 3), round(float(s.gamma), 3)
+    (0.448, 0.64)
+  """
+  min_keep = _check_range("min_keep", min_keep, 0.0, 1.0, True, True)
+  gamma_min = _check_range("gamma_min", gamma_min, 0.0, 1.0, True, True)
+  gamma_max = _check_range("gamma_max", gamma_max, gamma_min, 1.0, False, True)
+  gamma = _check_range("gamma", gamma, gamma_min, gamma_max, False, False)
+  tol = _check_range("tol", tol, 0.0, 1.0, False, True)
+  grow = _check_range("grow", grow, 1.0, float("inf"), False, True)
+  shrink = _check_range("shrink", shrink, 0.0, 1.0, True, False)
+
+  def init() -> ControllerState:
+    return _state(gamma=gamma)
+
+  def update(state: ControllerState, metrics: EpochMetrics) -> ControllerState:
+    v = _f32(metrics.val_accuracy)
+    is_dense = state.keep >= 1.0
+    # fmax ignores a NaN best (start of run), so one value never poisons the cycle.
+    best = jnp.where(is_dense, v, jnp.fmax(state.ref, v))
+    exponent = jnp.where(v >= state.prev, _f32(grow), _f32(shrink))
+    adapted = jnp.clip(state.gamma ** exponent, gamma_min, gamma_max)
+    new_gamma = jnp.where(is_dense, state.gamma, adapted)
+    within = is_dense | (v >= best - tol)
+    reset = ~within | (state.keep <= min_keep)
+    keep = jnp.where(reset, _f32(1.0), jnp.maximum(state.keep * new_gamma, _f32(min_keep)))
+    cycle = state.cycle + reset.astype(jnp.int32)
+    return _state(keep=keep, cycle=cycle, epoch=state.epoch + 1, ref=best, prev=v,
+                  gamma=new_gamma)
+
+  return Controller(init=init, update=update, needs_validation=True)
+
+
+_REGISTRY: dict[str, Callable[..., Controller]] = {
+    "dense": dense,
+    "constant": constant,
+    "cyclic": cyclic,
+    "adaptive_a": adaptive_a,
+    "adaptive_b": adaptive_b,
+}
+
+
+def names() -> tuple[str, ...]:
+  """Names accepted by ``get``.
+
+  Example:
+    >>> names()
+    ('dense', 'constant', 'cyclic', 'adaptive_a', 'adaptive_b')
+  """
+  return tuple(_REGISTRY)
+
+
+def _factory(name: str) -> Callable[..., Controller]:
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown controller {name!r}; known: {', '.join(names())}")
+  return _REGISTRY[name]
+
+
+def options(name: str) -> dict[str, Any]:
+  """The options of controller ``name`` and their defaults.
+
+  Example:
+    >>> options("constant")
+    {'keep': 0.5}
+  """
+  params = inspect.signature(_factory(name)).parameters.values()
+  return {p.name: p.default for p in params}
+
+
+def get(name: str, **kwargs: Any) -> Controller:
+  """Builds controller ``name`` with keyword options (see ``options(name)``).
+
+  Raises:
+    ValueError: unknown name, unknown option or invalid option value.
+
+  Example:
+    >>> ctrl = get("cyclic", period=5)
+    >>> float(ctrl.init().keep)
+    1.0
+  """
+  factory = _factory(name)
+  unknown = sorted(set(kwargs) - set(options(name)))
+  if unknown:
+    known = ", ".join(options(name)) or "none"
+    raise ValueError(f"unknown option(s) {unknown} for controller {name!r}; known: {known}")
+  return factory(**kwargs)
