@@ -1,0 +1,196 @@
+"""Pre-activation wide ResNet (Zagoruyko & Komodakis) with explicit global top-k sites.
+
+Structure of ``WideResNet(depth, widen)`` with ``n = (depth - 4) // 6`` blocks per group::
+
+  stem        3x3 conv, 16 channels (reads the image; never masked)
+  group{g}    g = 0, 1, 2: n basic blocks named ``group{g}_block{b}``, width 16·widen·2^g,
+              stride 1, 2, 2 (the stride sits in the first block of a group)
+  final       norm + ReLU -> top-k site ``final_act`` -> classifier -> global average pool
+
+Basic block (pre-activation)::
+
+  a1 = topk(relu(norm1(x)))              site ``act1``: feeds conv1 AND the projection shortcut
+  h  = conv1(a1)                         3x3, stride s
+  a2 = topk(dropout(relu(norm2(h))))     site ``act2``: feeds conv2
+  out = conv2(a2) + (shortcut(a1) if the shape changes else x)   1x1 projection, stride s
+
+So the model has ``2 * 3 * n + 1`` top-k sites: 25 for WRN-28-4, 13 for WRN-16-2, 7 for WRN-10-1,
+named ``group{g}_block{b}/act1``, ``group{g}_block{b}/act2`` and ``final_act``. Each site is the input of
+a weight layer, and the classifier is applied per position *before* the (linear) average pool, which is
+mathematically the same as pool -> dense but makes the pre-pool activation the classifier's input.
+Hence ``jaxsparse.sparse_apply`` with its default sites on a ``sites=False`` model masks exactly the
+same tensors as the built-in sites.
+
+Initialisation: convs use He/kaiming normal with fan_out (the WRN convention) and no bias; the
+classifier uses LeCun normal with zero bias; norm scales start at 1. With ``zero_init_residual=True``
+(default) the last conv of every residual branch (conv2) starts at zero, so each block is the identity
+(plus projection) at step 0 (Goyal et al. 2017; "SkipInit"). This keeps the un-normalised residual
+stream from growing with depth and is our answer to the pilot in which an RMSNorm WRN-16-2 at SGD lr 0.1
+collapsed to chance; it does not replace the lr warm-up.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxsparse.topk import nonzero_fraction, topk_mask
+
+NORMS = ("rmsnorm", "batchnorm", "none")
+DENSITY = "density"
+
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class _Norm(nn.Module):
+  """Channel normalisation selected by name: RMSNorm, BatchNorm or identity."""
+
+  kind: str
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if self.kind == "rmsnorm":
+      return nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="rms")(x)
+    if self.kind == "batchnorm":
+      return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                          dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
+    return x
+
+
+def _site(module: nn.Module, name: str, x, keep, sites: bool, gradient: str, score: str):
+  """Top-k site: masks `x` and, only if "density" is mutable, sows its achieved density."""
+  if not sites:
+    return x
+  y = topk_mask(x, keep, score=score, gradient=gradient)
+  if module.is_mutable_collection(DENSITY):
+    module.sow(DENSITY, name, nonzero_fraction(y),
+               reduce_fn=lambda _, new: new, init_fn=lambda: jnp.zeros((), jnp.float32))
+  return y
+
+
+class BasicBlock(nn.Module):
+  """Pre-activation basic block: norm-ReLU-[top-k]-conv3x3, norm-ReLU-[dropout]-[top-k]-conv3x3."""
+
+  features: int
+  strides: int
+  norm: str
+  dropout: float
+  sites: bool
+  gradient: str
+  score: str
+  zero_init_residual: bool
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x, keep, train: bool):
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init,
+                             dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = functools.partial(_Norm, self.norm, self.dtype, self.param_dtype)
+    site = functools.partial(_site, self, keep=keep, sites=self.sites,
+                             gradient=self.gradient, score=self.score)
+    a1 = site("act1", nn.relu(norm(name="norm1")(x, train)))
+    h = conv(self.features, (3, 3), self.strides, name="conv1")(a1)
+    h = nn.relu(norm(name="norm2")(h, train))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    a2 = site("act2", h)
+    last_init = nn.initializers.zeros if self.zero_init_residual else _conv_init
+    h = conv(self.features, (3, 3), 1, kernel_init=last_init, name="conv2")(a2)
+    if x.shape[-1] != self.features or self.strides != 1:
+      x = conv(self.features, (1, 1), self.strides, name="shortcut")(a1)
+    return x + h
+
+
+class WideResNet(nn.Module):
+  """Pre-activation WRN-depth-widen for 32x32 images, with global top-k at every hidden site.
+
+  Attributes:
+    depth: total depth; (depth - 4) must be divisible by 6.
+    widen: width multiplier k (group widths 16k, 32k, 64k).
+    num_classes: classifier outputs.
+    norm: "rmsnorm" (default, as in the paper), "batchnorm" (needs mutable "batch_stats" when
+      training) or "none".
+    dropout: dropout rate between the two convs of a block (rng stream "dropout").
+    sites: True inserts the top-k sites (see the module docstring); False builds the plain model
+      with no top-k code at all.
+    gradient: top-k gradient mode, "masked" or "straight_through".
+    score: top-k score, "value" or "magnitude".
+    zero_init_residual: start every block's conv2 at zero (see the module docstring).
+    dtype: compute dtype (e.g. jnp.bfloat16); logits are always float32.
+    param_dtype: parameter dtype.
+
+  Example:
+    >>> model = WRN10_1()
+    >>> x = jnp.zeros((2, 32, 32, 3))
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> logits, state = model.apply(variables, x, keep=0.3, mutable=["density"])
+    >>> logits.shape, len(site_densities(state["density"]))
+    ((2, 10), 7)
+  """
+
+  depth: int = 28
+  widen: int = 4
+  num_classes: int = 10
+  norm: str = "rmsnorm"
+  dropout: float = 0.0
+  sites: bool = True
+  gradient: str = "masked"
+  score: str = "value"
+  zero_init_residual: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, keep=1.0, train: bool = False):
+    """Logits (float32, shape (B, num_classes)) at keep ratio `keep` (traced float32; 1.0 = dense)."""
+    if (self.depth - 4) % 6 or self.depth < 10:
+      raise ValueError(f"WRN depth must be 6n + 4 with n >= 1, got {self.depth}")
+    if self.norm not in NORMS:
+      raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+    keep = jnp.asarray(keep, jnp.float32)
+    n = (self.depth - 4) // 6
+    x = nn.Conv(16, (3, 3), use_bias=False, kernel_init=_conv_init, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="stem")(x_BxHxWxC)
+    for g, stride in enumerate((1, 2, 2)):
+      for b in range(n):
+        x = BasicBlock(16 * self.widen * 2**g, stride if b == 0 else 1, self.norm, self.dropout,
+                       self.sites, self.gradient, self.score, self.zero_init_residual,
+                       self.dtype, self.param_dtype, name=f"group{g}_block{b}")(x, keep, train)
+    x = nn.relu(_Norm(self.norm, self.dtype, self.param_dtype, name="final_norm")(x, train))
+    x = _site(self, "final_act", x, keep, self.sites, self.gradient, self.score)
+    logits_BxHxWxK = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                              name="classifier")(x)
+    return jnp.mean(logits_BxHxWxK.astype(jnp.float32), axis=(1, 2))
+
+
+def site_densities(collection: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """Flattens a "density" collection to {"group0_block0/act1": density, ..., "final_act": ...}.
+
+  Args:
+    collection: ``state["density"]`` from ``model.apply(..., mutable=["density"])``.
+
+  Returns:
+    A flat dict from '/'-joined site name to the scalar achieved density (mean over the batch of the
+    fraction of nonzero entries).
+
+  Example:
+    >>> site_densities({"group0_block0": {"act1": 0.3}, "final_act": 0.3})
+    {'group0_block0/act1': 0.3, 'final_act': 0.3}
+  """
+  out = {}
+  for key, value in collection.items():
+    if isinstance(value, Mapping):
+      out.update({f"{key}/{k}": v for k, v in site_densities(value).items()})
+    else:
+      out[key] = value
+  return out
+
+
+WRN28_4 = functools.partial(WideResNet, depth=28, widen=4)
+WRN16_2 = functools.partial(WideResNet, depth=16, widen=2)
+WRN10_1 = functools.partial(WideResNet, depth=10, widen=1)
