@@ -1,7 +1,39 @@
 """Exact per-example global top-k over activations, with a traced keep ratio.
 
-Provisional baseline implementation (32-step radix bisection on an order-preserving
-uint32 key). See the module owner for the optimised version and full tests.
+Semantics (all methods agree bit for bit on the threshold's value):
+
+* Per example (by default: per index of axis 0), the units over ``axes`` (default:
+  every non-batch axis, e.g. H x W x C of a feature map) are ranked by their score,
+  ``x`` (``score="value"``) or ``|x|`` (``score="magnitude"``).
+* ``k = clip(ceil(float32(keep) * float32(n)), 1, n)`` where ``n`` is the number of
+  reduced units; the threshold is the k-th largest score.
+* Ties at the threshold are all kept: the kept set is ``{score >= threshold}``, so
+  the kept count is >= k, and == k when the scores are distinct. ``-0.0`` and
+  ``+0.0`` compare equal, so they tie.
+* NaN policy: a NaN score ranks above ``+inf``. NaNs are always kept (and so
+  propagate, which makes a diverging run fail loudly). The threshold itself is NaN
+  only when a row holds at least k NaNs; then only the NaNs are kept.
+* ``keep`` is data: a float32 scalar or a per-example vector, traced, so one
+  compilation serves every value. Concrete values must lie in (0, 1]; traced
+  values are clipped into that range (``keep <= 0`` keeps one unit, a NaN keep
+  keeps everything).
+* ``keep >= 1`` (for every example) skips the selection with ``lax.cond`` and
+  returns ``x`` unchanged. Under ``jax.vmap`` a ``cond`` with a batched predicate
+  becomes a ``select`` and both branches run, so pass the per-example vector
+  instead of vmapping over this function.
+
+Methods. Scores are mapped to unsigned integer keys whose order is the float
+order (16-bit keys for bfloat16/float16, 31/15-bit keys for magnitudes), and the
+k-th largest key is found exactly:
+
+* ``"radix"`` (``"auto"``): 3 bits per pass. One fused pass counts, per row,
+  the keys at or above 7 candidate prefixes at once, by summing a one-hot
+  ``1 << (8 * digit)`` into two packed uint32 accumulators over blocks of 128
+  units. 11 passes for float32, 6 for bfloat16, 5 for bfloat16 magnitudes.
+* ``"bisect"``: the classic 1 bit per pass radix bisection (32 passes for float32).
+* ``"sort"``: a full sort; slow, kept as the reference for tests.
+On the 2-core CPU this was measured on, radix is ~4x faster than bisect and
+~40x faster than sort at (128, 65536) float32 (see experiments/bench_topk.py).
 """
 from __future__ import annotations
 
@@ -10,100 +42,266 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _SCORES = ("value", "magnitude")
 _GRADIENTS = ("masked", "straight_through")
+_METHODS = ("auto", "radix", "bisect", "sort")
+_BLOCK = 128  # units per packed accumulator: each 8-bit field counts <= 128.
+_DIGIT_BITS = 3  # bits resolved per radix pass (7 candidates per pass).
 
 
-def _check_keep(keep):
-  """Raise for a concrete invalid keep; traced values pass (they are clipped later)."""
+def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _check_keep(keep) -> None:
+  """Raises for a concrete keep outside (0, 1]; traced values pass (clipped later)."""
   if isinstance(keep, jax.core.Tracer):
     return
   try:
-    import numpy as np
     arr = np.asarray(keep, dtype=np.float64)
-  except Exception:  # not array-like
-    raise TypeError(f"keep must be a float or array, got {type(keep).__name__}")
+  except (TypeError, ValueError):
+    raise TypeError(f"keep must be a float or float array, got {keep!r}") from None
   if np.isnan(arr).any() or (arr <= 0).any() or (arr > 1).any():
-    raise ValueError(f"keep must be in (0, 1], got {keep!r}")
+    raise ValueError(f"keep must be in (0, 1] (and not NaN), got {keep!r}")
 
 
-def _ordered_u32(x):
-  b = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-  return jnp.where((b >> 31) == 1, ~b, b | jnp.uint32(0x80000000))
+def _reduce_axes(ndim: int, axes) -> tuple[int, ...]:
+  if axes is None:
+    return tuple(range(1, ndim))
+  axes = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+  if not all(isinstance(a, (int, np.integer)) and -ndim <= a < ndim for a in axes):
+    raise ValueError(
+        f"axes must be None, an int or a sequence of ints in [-{ndim}, {ndim}), got {axes!r}")
+  norm = tuple(sorted(int(a) % ndim for a in axes))
+  if len(set(norm)) != len(norm):
+    raise ValueError(f"axes must not repeat an axis, got {axes!r}")
+  return norm
 
 
-def _from_ordered_u32(u):
-  b = jnp.where((u >> 31) == 1, u & jnp.uint32(0x7FFFFFFF), ~u)
-  return lax.bitcast_convert_type(b, jnp.float32)
+# ----------------------------------------------------------------------------- keys
 
 
-def _kth_largest(s_BxN, k_B):
-  u = _ordered_u32(s_BxN)
+def _score_keys(s, magnitude: bool):
+  """Maps scores (R, N) to uint32 keys ordered like the floats, NaN on top.
+
+  Returns (keys, nbits, decode) where keys < 2**nbits and decode maps a key
+  vector back to float32 scores.
+  """
+  width = 16 if s.dtype.itemsize == 2 else 32
+  if width == 32 and s.dtype != jnp.float32:
+    s = s.astype(jnp.float32)
+  fdtype, udtype = s.dtype, (jnp.uint16 if width == 16 else jnp.uint32)
+  sign = 1 << (width - 1)
+  bits = lax.bitcast_convert_type(s, udtype).astype(jnp.uint32)
+  if magnitude:
+    # |x| bits: the order of non-negative floats is the order of their bits, and
+    # every NaN payload sits above +inf, so no transform is needed.
+    def decode(key):
+      return lax.bitcast_convert_type(key.astype(udtype), fdtype).astype(jnp.float32)
+    return bits & jnp.uint32(sign - 1), width - 1, decode
+  top, sign = jnp.uint32(2**width - 1), jnp.uint32(sign)
+  key = jnp.where(bits >= sign, top - bits, bits | sign)
+  # Canonical NaN on top: a negative-signed NaN would otherwise rank below -inf.
+  key = jnp.where(jnp.isnan(s), top, key)
+
+  def decode(key):
+    b = jnp.where(key >= sign, key - sign, top - key)
+    return lax.bitcast_convert_type(b.astype(udtype), fdtype).astype(jnp.float32)
+  return key, width, decode
+
+
+def _kth_sort(u_RxN, k_R, nbits: int):
+  del nbits
+  s = jnp.sort(u_RxN, axis=1)
+  return jnp.take_along_axis(s, (u_RxN.shape[1] - k_R)[:, None], axis=1)[:, 0]
+
+
+def _kth_bisect(u_RxN, k_R, nbits: int):
+  def body(i, res):
+    cand = res | (jnp.uint32(1) << (nbits - 1 - i).astype(jnp.uint32))
+    cnt = jnp.sum(u_RxN >= cand[:, None], axis=1, dtype=jnp.int32)
+    return jnp.where(cnt >= k_R, cand, res)
+
+  return lax.fori_loop(0, nbits, body, jnp.zeros(u_RxN.shape[:1], jnp.uint32))
+
+
+def _kth_radix(u_RxN, k_R, nbits: int):
+  """k-th largest key, _DIGIT_BITS bits per pass (see module docstring)."""
+  rows, n = u_RxN.shape
+  pad = -n % _BLOCK
+  # Key 0 padding never reaches a candidate (candidates have a nonzero digit).
+  u = jnp.pad(u_RxN, ((0, 0), (0, pad))).reshape(rows, -1, _BLOCK)
+  n_cand = 2**_DIGIT_BITS - 1
 
   def body(i, res):
-    cand = res | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
-    cnt = jnp.sum(u >= cand[:, None], axis=1, dtype=jnp.int32)
-    return jnp.where(cnt >= k_B, cand, res)
+    shift = jnp.maximum(nbits - _DIGIT_BITS * (i + 1), 0).astype(jnp.uint32)
+    width = jnp.minimum(nbits - _DIGIT_BITS * i, _DIGIT_BITS).astype(jnp.uint32)
+    r = res[:, None, None]
+    # digit in [0, 2**width): keys below the known prefix count as 0, keys above
+    # its range as the top digit, so count(key >= res | j << shift) = #(digit >= j).
+    top = (jnp.uint32(1) << width) - 1
+    digit = jnp.where(u < r, jnp.uint32(0), jnp.minimum((u - r) >> shift, top))
+    # One-hot into 8-bit fields: digits 1-4 -> acc_lo, 5-7 -> acc_hi. XLA shifts
+    # by >= 32 (including wrapped negative amounts) give 0, which drops the rest.
+    one_hot_lo = jnp.uint32(1) << (jnp.uint32(8) * (digit - 1))
+    one_hot_hi = jnp.uint32(1) << (jnp.uint32(8) * (digit - 5))
+    # A two-operand (variadic) reduce compiles to a much faster CPU loop than
+    # two separate sums (measured ~2x per pass).
+    acc_lo, acc_hi = lax.reduce(
+        (one_hot_lo, one_hot_hi), (jnp.uint32(0), jnp.uint32(0)),
+        lambda a, b: (a[0] + b[0], a[1] + b[1]), (2,))
+    fields = [(acc_lo >> (8 * j)) & 255 for j in range(4)]
+    fields += [(acc_hi >> (8 * j)) & 255 for j in range(n_cand - 4)]
+    hist = jnp.sum(jnp.stack(fields, -1).astype(jnp.int32), axis=1)  # (R, 7)
+    at_least = jnp.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # #(digit >= j), j=1..7
+    best = jnp.sum(at_least >= k_R[:, None], axis=1).astype(jnp.uint32)
+    return res | (best << shift)
 
-  res = lax.fori_loop(0, 32, body, jnp.zeros(s_BxN.shape[:1], jnp.uint32))
-  return _from_ordered_u32(res)
+  n_pass = -(-nbits // _DIGIT_BITS)
+  return lax.fori_loop(0, n_pass, body, jnp.zeros((rows,), jnp.uint32))
 
 
-def _reduce_axes(x, axes):
-  if axes is None:
-    return tuple(range(1, x.ndim))
-  axes = (axes,) if isinstance(axes, int) else tuple(axes)
-  return tuple(sorted(a % x.ndim for a in axes))
+_KTH = {"radix": _kth_radix, "bisect": _kth_bisect, "sort": _kth_sort}
 
 
-def topk_threshold(x, keep, *, axes: Sequence[int] | None = None, score: str = "value"):
-  """Per-example threshold: the k-th largest score over `axes` (default: all non-batch axes).
+# ----------------------------------------------------------------------------- rows
 
-  Returns float32 thresholds shaped like x with the reduced axes kept as size 1.
-  """
-  if score not in _SCORES:
-    raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
-  _check_keep(keep)
-  axes = _reduce_axes(x, axes)
-  s = x.astype(jnp.float32)
-  if score == "magnitude":
-    s = jnp.abs(s)
+
+def _to_rows(x, axes: tuple[int, ...]):
+  """(..) -> (R, N) with the reduced axes last; returns rows and the kept shape."""
   other = tuple(a for a in range(x.ndim) if a not in axes)
-  s_perm = jnp.transpose(s, other + axes)
-  lead = s_perm.shape[: len(other)]
-  n = math.prod(s_perm.shape[len(other):])
-  s_BxN = s_perm.reshape((-1, n))
-  keep = jnp.clip(jnp.asarray(keep, jnp.float32), 0.0, 1.0)
-  keep_B = jnp.broadcast_to(keep.reshape(keep.shape + (1,) * (len(lead) - keep.ndim)), lead).reshape(-1) if keep.ndim else jnp.broadcast_to(keep, s_BxN.shape[:1])
-  k_B = jnp.clip(jnp.ceil(keep_B * n).astype(jnp.int32), 1, n)
-  thr = _kth_largest(s_BxN, k_B)
+  perm = other + axes
+  x_perm = x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
+  lead = x_perm.shape[:len(other)]
+  n = math.prod(x_perm.shape[len(other):])
+  return x_perm.reshape((math.prod(lead), n)), lead, other
+
+
+def _rows_k(keep, lead: tuple[int, ...], n: int):
+  """Per-row k = clip(ceil(keep * n), 1, n) from a scalar or leading-aligned keep."""
+  keep = jnp.asarray(keep, jnp.float32)
+  if keep.ndim > len(lead) or keep.shape != lead[:keep.ndim]:
+    raise ValueError(
+        f"keep must be a scalar or shaped like the leading kept axes {lead}, "
+        f"got shape {keep.shape}")
+  keep = jnp.where(jnp.isnan(keep), 1.0, keep)
+  keep = keep.reshape(keep.shape + (1,) * (len(lead) - keep.ndim))
+  keep_R = jnp.broadcast_to(keep, lead).reshape(-1)
+  return jnp.clip(jnp.ceil(keep_R * jnp.float32(n)), 1, n).astype(jnp.int32)
+
+
+def topk_threshold(x, keep, *, axes: int | Sequence[int] | None = None,
+                   score: str = "value", method: str = "auto") -> jax.Array:
+  """Per-example threshold: the k-th largest score over ``axes``.
+
+  Args:
+    x: activations, float32, bfloat16 or float16 (other floats are cast to
+      float32).
+    keep: keep ratio in (0, 1]; a float32 scalar, or an array shaped like the
+      leading non-reduced axes (e.g. ``(B,)``) for a per-example ratio. May be
+      traced; traced values are clipped to (0, 1].
+    axes: the axes ranked together; default all axes but the first.
+    score: ``"value"`` ranks ``x``, ``"magnitude"`` ranks ``|x|``.
+    method: ``"auto"`` (= ``"radix"``), ``"radix"``, ``"bisect"`` or ``"sort"``;
+      all are exact and agree.
+
+  Returns:
+    float32 thresholds shaped like ``x`` with the reduced axes kept as size 1,
+    so ``score >= thr`` broadcasts. The k-th largest score, where
+    ``k = clip(ceil(keep * n), 1, n)``.
+
+  Example:
+    >>> topk_threshold(jnp.array([[3., 1., 3., 2.]]), jnp.float32(0.5))
+    Array([[3.]], dtype=float32)
+  """
+  _check_choice("score", score, _SCORES)
+  _check_choice("method", method, _METHODS)
+  _check_keep(keep)
+  axes = _reduce_axes(jnp.ndim(x), axes)
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    x = x.astype(jnp.float32)
+  x = lax.stop_gradient(x)
+  s = jnp.abs(x) if score == "magnitude" else x
+  s_RxN, lead, other = _to_rows(s, axes)
+  k_R = _rows_k(keep, lead, s_RxN.shape[1])
+  keys, nbits, decode = _score_keys(s_RxN, score == "magnitude")
+  kth = _KTH["radix" if method == "auto" else method](keys, k_R, nbits)
   out_shape = [1] * x.ndim
   for a in other:
     out_shape[a] = x.shape[a]
-  return thr.reshape(out_shape)
+  return decode(kth).reshape(out_shape)
 
 
-def topk_mask(x, keep, *, axes=None, score: str = "value", gradient: str = "masked"):
-  """Zero all but the top-k scores per example; keep >= 1 is the identity."""
-  if gradient not in _GRADIENTS:
-    raise ValueError(f"gradient must be one of {_GRADIENTS}, got {gradient!r}")
+@jax.custom_jvp
+def _straight_through(x, y):
+  """Returns y, with the derivative of the identity in x."""
+  del x
+  return y
+
+
+@_straight_through.defjvp
+def _straight_through_jvp(primals, tangents):
+  return primals[1], tangents[0]
+
+
+def topk_mask(x, keep, *, axes: int | Sequence[int] | None = None,
+              score: str = "value", gradient: str = "masked",
+              method: str = "auto") -> jax.Array:
+  """Zeroes all but the top-k scores per example (ties at the threshold kept).
+
+  Args:
+    x: activations (see ``topk_threshold``).
+    keep: keep ratio, scalar or per-example, may be traced. ``keep >= 1`` for
+      every example returns ``x`` unchanged via ``lax.cond`` (costs ~nothing).
+    axes: the axes ranked together; default all axes but the first.
+    score: ``"value"`` or ``"magnitude"``.
+    gradient: ``"masked"``: the gradient flows only through kept units (the mask
+      is a constant); ``"straight_through"``: the gradient is the identity's.
+    method: selection method, see ``topk_threshold``.
+
+  Returns:
+    Array of x's shape and dtype, zero where dropped.
+
+  Example:
+    >>> topk_mask(jnp.array([[3., 1., 3., 2.]]), jnp.float32(0.25))
+    Array([[3., 0., 3., 0.]], dtype=float32)
+  """
+  _check_choice("gradient", gradient, _GRADIENTS)
+  _check_choice("score", score, _SCORES)
+  _check_choice("method", method, _METHODS)
   _check_keep(keep)
+  x = jnp.asarray(x)
+  axes = _reduce_axes(x.ndim, axes)
   keep = jnp.asarray(keep, jnp.float32)
 
   def sparse(x):
-    thr = topk_threshold(x, keep, axes=axes, score=score)
-    s = jnp.abs(x) if score == "magnitude" else x
-    mask = (s.astype(jnp.float32) >= thr)
-    if gradient == "masked":
-      return jnp.where(mask, x, jnp.zeros_like(x))
+    thr = topk_threshold(x, keep, axes=axes, score=score, method=method)
+    s = lax.stop_gradient(jnp.abs(x) if score == "magnitude" else x)
+    thr = thr.astype(s.dtype) if s.dtype.itemsize <= 4 else thr
+    mask = (s >= thr) | jnp.isnan(s)
     y = jnp.where(mask, x, jnp.zeros_like(x))
-    return x + lax.stop_gradient(y - x)
+    return _straight_through(x, y) if gradient == "straight_through" else y
 
   return lax.cond(jnp.all(keep >= 1.0), lambda x: x, sparse, x)
 
 
-def nonzero_fraction(y, axes=None):
-  """Achieved density: fraction of nonzero entries, averaged over the batch."""
-  return jnp.mean((y != 0).astype(jnp.float32))
+def nonzero_fraction(y, axes: int | Sequence[int] | None = None) -> jax.Array:
+  """Achieved density: the fraction of nonzero entries.
+
+  Args:
+    y: any array (e.g. the output of ``topk_mask``).
+    axes: axes to average over; default all (one float32 scalar).
+
+  Returns:
+    float32 fraction of entries of ``y`` that are nonzero (NaN counts as nonzero).
+
+  Example:
+    >>> nonzero_fraction(jnp.array([[3., 0., 3., 0.]]))
+    Array(0.5, dtype=float32)
+  """
+  return jnp.mean((y != 0).astype(jnp.float32), axis=axes)
