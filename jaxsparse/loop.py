@@ -40,8 +40,7 @@ class ConfigMismatchError(ValueError):
 def build_model(config: Config) -> WideResNet:
   depth, widen = MODELS[config.model]
   return WideResNet(depth=depth, widen=widen, num_classes=10, norm=config.norm, dropout=config.dropout,
-                    dtype=jnp.dtype(config.dtype), topk_gradient=config.topk_gradient,
-                    topk_score=config.topk_score)
+                    dtype=jnp.dtype(config.dtype), gradient=config.topk_gradient, score=config.topk_score)
 
 
 def build_controller(config: Config) -> controllers_lib.Controller:

@@ -1,0 +1,42 @@
+import json
+
+import pytest
+
+from jaxsparse import config as config_lib
+
+
+def test_presets_are_valid_and_paper_is_the_default():
+  assert config_lib.PRESETS["paper"] == config_lib.Config()
+  paper = config_lib.PRESETS["paper"]
+  assert (paper.model, paper.norm, paper.augment, paper.epochs, paper.batch_size) == (
+      "wrn28_4", "rmsnorm", None, 200, 128)
+  assert paper.eval_keeps == (1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05)
+
+
+def test_json_round_trip():
+  c = config_lib.preset("smoke", controller_options={"min_keep": 0.2}, eval_keeps=[1, 0.5])
+  back = config_lib.Config.from_dict(json.loads(c.to_json()))
+  assert back == c
+  assert back.eval_keeps == (1.0, 0.5)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(model="wrn99"), "model must be one of"),
+    (dict(norm="layernorm"), "norm must be one of"),
+    (dict(epochs=0), "epochs must be >= 1"),
+    (dict(eval_keeps=(1.0, 0.0)), "eval_keeps"),
+    (dict(eval_keeps=(1.5,)), "eval_keeps"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(train_size=10), "train_size"),
+    (dict(augment="mixup"), "augment"),
+])
+def test_bad_values_raise(bad, match):
+  with pytest.raises(ValueError, match=match):
+    config_lib.preset("smoke", **bad)
+
+
+def test_unknown_preset_and_field():
+  with pytest.raises(ValueError, match="unknown preset"):
+    config_lib.preset("huge")
+  with pytest.raises(ValueError, match="unknown config fields"):
+    config_lib.Config.from_dict({"lr": 0.1})
