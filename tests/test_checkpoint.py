@@ -3,6 +3,8 @@
 import glob
 import os
 import shutil
+import subprocess
+import sys
 from typing import NamedTuple
 
 import flax
@@ -234,3 +236,32 @@ def test_save_rejects_old_epochs_and_non_json_meta(tmp_path):
     assert ckpt.all_epochs() == [4] and ckpt.cycle_checkpoints() == {}
   with pytest.raises(ValueError, match="keep_latest"):
     Checkpointer(tmp_path, keep_latest=0)
+
+
+_KILLED_WRITER = """
+import os, sys, jax.numpy as jnp
+from jaxsparse.checkpoint import Checkpointer
+ckpt = Checkpointer(sys.argv[1])
+ckpt.save(1, {"w": jnp.full((4_000_000,), 1.0)}, meta={"epoch": 1})
+ckpt.wait()
+ckpt.save(2, {"w": jnp.full((4_000_000,), 2.0)}, meta={"epoch": 2})
+os._exit(0)  # dies while the asynchronous write of epoch 2 is in flight
+"""
+
+
+@pytest.mark.slow
+def test_process_killed_during_async_save(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)], env=env, check=True,
+                 capture_output=True)
+  left = sorted(os.listdir(tmp_path))
+  assert left in (["1", "2.orbax-checkpoint-tmp"], ["1", "2"])  # the former in practice
+  with Checkpointer(tmp_path) as ckpt:
+    restored = ckpt.restore_latest({"w": jnp.zeros((4_000_000,))})
+    expected_epoch = 2 if "2" in left else 1
+    assert (restored.epoch, restored.skipped) == (expected_epoch, ())
+    assert np.all(np.asarray(restored.state["w"]) == expected_epoch)
+    if expected_epoch == 1:
+      assert ckpt.save(2, {"w": jnp.full((4_000_000,), 3.0)}, meta={"epoch": 2})
+  assert sorted(os.listdir(tmp_path)) == ["1", "2"]
