@@ -14,15 +14,12 @@ Sources (``load(source)``; the CLI's ``--data``):
   c58f30108f718f92721af3b95e74349a) or its extracted ``cifar-10-batches-py/`` folder.
 * an ``.npz`` with ``x_train, y_train, x_test, y_test`` (read directly, never cached).
 
-Decoded arrays are cached once as an uncompressed ``.npz`` in ``cache_dir``, keyed by the
-source's identity (absolute path, size and mtime of every file read), and written atomically
-(temp file + ``os.replace``) only after validation, so a failed or interrupted decode leaves
-nothing that loads.
+Decoded arrays are cached as an uncompressed ``.npz`` in ``cache_dir``, keyed by the source's
+identity (path, size and mtime of every file read), written atomically (temp file +
+``os.replace``) and only after validation: a failed or interrupted decode leaves nothing that loads.
 
-Batches are numpy: ``train_batches`` draws one permutation per (seed, epoch), is resumable at any
-step and drops the remainder; ``eval_batches`` pads the last batch and masks it so each example
-counts exactly once. With several processes, each takes its contiguous slice of every global
-batch; random augmentation is drawn per global batch, so it is independent of process count.
+Batches are numpy. Each process takes its contiguous slice of every global batch; augmentation
+is drawn per global batch, so batches do not depend on the process count.
 """
 
 from __future__ import annotations
@@ -33,6 +30,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import pathlib
 import pickle
 import re
 import tarfile
@@ -83,9 +81,6 @@ class Dataset:
   num_classes: int = NUM_CLASSES
 
 
-# ---------------------------------------------------------------- decoding
-
-
 def _wanted(name: str) -> bool:
   base = name.rsplit("/", 1)[-1]
   return base.lower().endswith(_IMAGE_EXTS) or base in _BATCH_NAMES
@@ -104,18 +99,13 @@ def _read_tar(path: str) -> dict[str, bytes]:
 
 
 def _dir_files(path: str) -> list[str]:
-  files = []
-  for root, _, names in os.walk(path):
-    files += [os.path.join(root, n) for n in names if _wanted(n)]
-  return sorted(files)
+  return sorted(os.path.join(root, n) for root, _, names in os.walk(path)
+                for n in names if _wanted(n))
 
 
 def _read_dir(path: str) -> dict[str, bytes]:
-  members = {}
-  for file in _dir_files(path):
-    with open(file, "rb") as f:
-      members[os.path.relpath(file, path).replace(os.sep, "/")] = f.read()
-  return members
+  return {os.path.relpath(f, path).replace(os.sep, "/"): pathlib.Path(f).read_bytes()
+          for f in _dir_files(path)}
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -270,9 +260,6 @@ def _validate(raw: Raw, where: str) -> Raw:
   return tuple(out)
 
 
-# ---------------------------------------------------------------- caching
-
-
 def _stat(path: str) -> tuple[str, int, int]:
   st = os.stat(path)
   return path, st.st_size, st.st_mtime_ns
@@ -344,9 +331,6 @@ def _load_raw(source: str, cache_dir: str | None, tfds_data_dir: str | None) -> 
   return raw, where
 
 
-# ---------------------------------------------------------------- splits and statistics
-
-
 def _stratified_indices(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
   """Sorted indices of n examples, per-class counts proportional (largest remainder)."""
   classes, counts = np.unique(labels, return_counts=True)
@@ -395,8 +379,12 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     >>> channel_stats(np.full((2, 32, 32, 3), 255, np.uint8))[0]
     array([1., 1., 1.], dtype=float32)
   """
+  hist = np.zeros((3, 256), np.int64)
+  for start in range(0, len(images), 1024):  # chunks keep bincount's int64 copy in cache
+    pixels = images[start:start + 1024].reshape(-1, 3)
+    for c in range(3):
+      hist[c] += np.bincount(pixels[:, c], minlength=256)
   values = np.arange(256) / 255.0
-  hist = np.stack([np.bincount(images[..., c].ravel(), minlength=256) for c in range(3)])
   mean = hist @ values / hist.sum(axis=1)
   var = (hist * (values[None] - mean[:, None]) ** 2).sum(axis=1) / hist.sum(axis=1)
   return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
@@ -435,9 +423,6 @@ def load(source: str, *, cache_dir: str | None = None, val_size: int = 0,
                  source=where)
 
 
-# ---------------------------------------------------------------- batches
-
-
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   """Training steps in one epoch (the remainder is dropped): `steps_per_epoch(50000, 128) == 390`."""
   if batch_size <= 0:
@@ -455,41 +440,38 @@ def _local_slice(batch_size: int, process_index: int, process_count: int) -> sli
   return slice(process_index * local, (process_index + 1) * local)
 
 
-def _normalizer(mean, std) -> tuple[np.ndarray, np.ndarray]:
-  std = np.asarray(std, np.float32)
-  return 1 / (255 * std), -np.asarray(mean, np.float32) / std
-
-
-def _normalize(images: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
-  out = np.multiply(images, scale, dtype=np.float32)
-  out += shift
-  return out
+def _normalize(images: np.ndarray, mean, std) -> np.ndarray:
+  # Statistics tiled over whole images: numpy's inner loop over a length-3 axis is ~10x slower.
+  pixels = images.reshape(len(images), -1)
+  std, reps = np.asarray(std, np.float32), pixels.shape[1] // 3
+  out = np.multiply(pixels, np.tile(1 / (255 * std), reps), dtype=np.float32)
+  out -= np.tile(np.asarray(mean, np.float32) / std, reps)
+  return out.reshape(images.shape)
 
 
 def flip_crop(images: np.ndarray, flip: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-  """Horizontal flip + crop from a 4-pixel zero-padded image, vectorised over the batch.
+  """Horizontal flip + crop from the 4-pixel zero-padded image (torchvision's convention).
 
   Args:
-    images: uint8 (B, 32, 32, C).
-    flip: bool (B,): mirror horizontally.
-    offsets: int (B, 2) in [0, 8]: (row, column) of the crop in the padded 40x40 image;
-      (4, 4) is the identity crop.
+    images: uint8 (B, H, W, C).
+    flip: bool (B,), mirror horizontally.
+    offsets: int (B, 2) in [0, 8], (row, column) of the crop in the padded image; 4 = no shift.
 
   Returns:
-    uint8 (B, 32, 32, C).
+    uint8 (B, H, W, C).
 
   Example:
     >>> x = np.arange(2 * 32 * 32 * 1, dtype=np.uint8).reshape(2, 32, 32, 1)
     >>> bool((flip_crop(x, np.zeros(2, bool), np.full((2, 2), 4)) == x).all())
     True
   """
-  pad = 4
-  padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  size = images.shape[1]
-  ar = np.arange(size)
-  rows = offsets[:, :1] + ar
-  cols = offsets[:, 1:] + np.where(flip[:, None], size - 1 - ar, ar)
-  return padded[np.arange(len(images))[:, None, None], rows[:, :, None], cols[:, None, :]]
+  _, h, w, _ = images.shape
+  padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+  out = np.empty_like(images)
+  for i, (row, col) in enumerate(offsets):  # slice copies: 2x faster than a per-pixel gather
+    out[i] = padded[i, row:row + h, col:col + w]
+  out[flip] = out[flip, :, ::-1]
+  return out
 
 
 def train_batches(split: Split, batch_size: int, *, mean, std, seed: int, epoch: int,
@@ -497,9 +479,9 @@ def train_batches(split: Split, batch_size: int, *, mean, std, seed: int, epoch:
                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Yields one epoch of normalised training batches, this process's slice of each.
 
-  The order is a permutation drawn from `np.random.default_rng([seed, epoch])`; augmentation
-  draws come from `[seed, epoch, step]`, so starting at `start_step` gives exactly the batches a
-  full run would have produced from there on.
+  The order is `np.random.default_rng([seed, epoch]).permutation(N)` (remainder dropped) and
+  augmentation draws come from `[seed, epoch, step]`, so resuming at `start_step` yields exactly
+  the batches a full run would have yielded from there on.
 
   Args:
     split: the training Split.
@@ -525,7 +507,6 @@ def train_batches(split: Split, batch_size: int, *, mean, std, seed: int, epoch:
     raise DataError(f"batch_size={batch_size} exceeds the {len(split.labels)} training examples")
   if not 0 <= start_step <= steps:
     raise ValueError(f"start_step={start_step} not in [0, {steps}]")
-  scale, shift = _normalizer(mean, std)
 
   def batches():
     order = np.random.default_rng([seed, epoch]).permutation(len(split.labels))
@@ -537,7 +518,7 @@ def train_batches(split: Split, batch_size: int, *, mean, std, seed: int, epoch:
         flip = rng.random(batch_size) < 0.5
         offsets = rng.integers(0, 9, size=(batch_size, 2))
         images = flip_crop(images, flip[local], offsets[local])
-      yield {"image": _normalize(images, scale, shift), "label": split.labels[idx]}
+      yield {"image": _normalize(images, mean, std), "label": split.labels[idx]}
 
   return batches()
 
@@ -561,7 +542,6 @@ def eval_batches(split: Split, batch_size: int, *, mean, std, process_index: int
     10000.0
   """
   local = _local_slice(batch_size, process_index, process_count)
-  scale, shift = _normalizer(mean, std)
   n = len(split.labels)
 
   def batches():
@@ -569,7 +549,7 @@ def eval_batches(split: Split, batch_size: int, *, mean, std, process_index: int
       idx = np.arange(start, start + batch_size)[local]
       real = idx < n
       idx = np.where(real, idx, 0)
-      yield {"image": _normalize(split.images[idx], scale, shift), "label": split.labels[idx],
+      yield {"image": _normalize(split.images[idx], mean, std), "label": split.labels[idx],
              "mask": real.astype(np.float32)}
 
   return batches()
