@@ -148,7 +148,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
   restored = ckpt.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
   start_epoch, wall_before = 0, 0.0
   if restored is not None:
-    state, meta, _ = restored
+    state, meta = restored.state, restored.meta
     start_epoch, wall_before = int(meta["epoch"]), float(meta["wall_time_s"])
     log(f"resumed from {ckpt.directory} at epoch {start_epoch} (step {int(state.step)})")
   metrics_path = workdir / "metrics.jsonl"
@@ -170,7 +170,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
       cycle = int(state.controller.cycle)
       keep = jax.device_put(jnp.float32(keep_value), rep)
       batches = data_lib.train_batches(
-          ds.train, config.batch_size // jax.process_count(), mean=ds.mean, std=ds.std, seed=config.seed,
+          ds.train, config.batch_size, mean=ds.mean, std=ds.std, seed=config.seed,
           epoch=epoch, augment=config.augment, process_index=jax.process_index(),
           process_count=jax.process_count())
       step_metrics, pending = [], None
@@ -230,7 +230,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
 
 def _check_finite(metrics: dict, step: int, epoch: int, ckpt) -> dict:
   if not np.isfinite(metrics["loss"]):
-    last = ckpt.latest_epoch()
+    last = max(ckpt.all_epochs(), default=None)
     where = (f"the last good checkpoint is epoch {last} in {ckpt.directory}" if last is not None
              else "no checkpoint was saved yet")
     raise FloatingPointError(

@@ -1,0 +1,99 @@
+"""End to end: the CLI smoke run, resume equivalence, config-mismatch refusal, NaN stop."""
+import json
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxsparse import config as config_lib
+from jaxsparse.loop import ConfigMismatchError, train_and_evaluate
+
+sys.path.insert(0, str(config_lib.__file__).rsplit("/jaxsparse/", 1)[0] + "/experiments")
+import run as run_cli  # noqa: E402
+
+
+def _config(genuine_npz, tmp_cache, **kw):
+  base = dict(data=str(genuine_npz), cache_dir=str(tmp_cache), train_size=128, val_size=64, batch_size=32,
+              epochs=3, schedule="adaptive_a", controller_options={"gamma": 0.5, "tol": 0.99},
+              eval_keeps=(1.0, 0.5))
+  base.update(kw)
+  return config_lib.preset("smoke", **base)
+
+
+def _records(workdir):
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  drop = ("epoch_time_s", "wall_time_s")
+  return [{k: v for k, v in json.loads(l).items() if k not in drop} for l in lines]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def full_run(genuine_npz, cache, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("full")
+  summary = train_and_evaluate(_config(genuine_npz, cache), workdir, progress=False)
+  return workdir, summary
+
+
+def test_run_outputs_and_summary(full_run):
+  workdir, summary = full_run
+  for name in ("config.json", "metrics.jsonl", "summary.json", "plots/keep.png", "plots/accuracy.png",
+               "plots/keep_curve.png"):
+    assert (workdir / name).exists(), name
+  for key in ("test_accuracy", "best_test_accuracy", "keep_curve", "cycles", "epochs", "wall_time_s", "device",
+              "data_source"):
+    assert key in summary, key
+  assert summary["epochs"] == 3 and set(summary["keep_curve"]) == {"1.0", "0.5"}
+  records = _records(workdir)
+  # adaptive_a with tol=0.99 always compresses: 1.0 (dense reference epoch) -> 0.5 -> 0.25.
+  assert [r["keep"] for r in records] == [1.0, 0.5, 0.25]
+  assert all(len(r["density"]) == 7 for r in records)
+  assert all(d <= 0.25 + 1e-6 for d in records[2]["density"].values())
+
+
+def test_interrupted_run_resumes_bitwise(full_run, genuine_npz, cache, tmp_path):
+  workdir, summary = full_run
+  config = _config(genuine_npz, cache)
+
+  def interrupt_after_epoch_2(line):
+    if line.startswith("epoch   2/"):
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    train_and_evaluate(config, tmp_path, progress=False, log=interrupt_after_epoch_2)
+  assert len(_records(tmp_path)) == 2
+  resumed = train_and_evaluate(config, tmp_path, progress=False)
+  assert _records(tmp_path) == _records(workdir)
+  assert resumed["keep_curve"] == summary["keep_curve"]
+
+
+def test_config_mismatch_is_refused_and_nothing_overwritten(full_run, genuine_npz, cache):
+  workdir, _ = full_run
+  before = (workdir / "metrics.jsonl").read_text()
+  with pytest.raises(ConfigMismatchError, match="seed: 0 -> 1.*--fresh"):
+    train_and_evaluate(_config(genuine_npz, cache, seed=1), workdir, progress=False)
+  assert (workdir / "metrics.jsonl").read_text() == before
+
+
+def test_nan_loss_stops_with_a_clear_message(genuine_npz, cache, tmp_path):
+  config = _config(genuine_npz, cache, learning_rate=1e30, warmup_epochs=0, epochs=2)
+  with pytest.raises(FloatingPointError, match="non-finite training loss .* at step"):
+    train_and_evaluate(config, tmp_path, progress=False)
+
+
+def test_cli_smoke_run_and_errors(genuine_npz, cache, tmp_path, capsys):
+  argv = ["--preset=smoke", "--schedule=cyclic", "--period=2", "--epochs=2", "--train-size=128",
+          f"--data={genuine_npz}", f"--cache-dir={cache}", f"--workdir={tmp_path / 'cli'}", "--no-progress",
+          "--eval-keeps=1,0.3"]
+  assert run_cli.main(argv) == 0
+  summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+  assert summary["schedule"] == "cyclic" and summary["epochs"] == 2
+  assert run_cli.main(["--schedule=dense", "--gamma=0.5"]) == 2
+  assert "--gamma does not apply to --schedule=dense" in capsys.readouterr().err
+  assert run_cli.main(["--preset=smoke", f"--data={tmp_path / 'missing.npz'}", f"--workdir={tmp_path / 'm'}",
+                       "--no-progress"]) == 1
+  assert "missing.npz" in capsys.readouterr().err
