@@ -124,7 +124,7 @@ def test_scalar_jit_equals_vectorised(shape):
 def test_monotone_within_each_cycle(shape, min_keep, period, warmup):
   sched = schedules.cyclic(min_keep, period, shape=shape, warmup=warmup)
   # A fixed-size step array keeps eager op caches warm across examples.
-  keep = np.asarray(sched(jnp.arange(64)))[:warmup + 3 * period]
+  keep = np.asarray(sched(jnp.arange(72)))[:warmup + 3 * period]
   assert np.all((keep > 0) & (keep <= 1))
   cycles = keep[warmup:].reshape(3, period)
   assert np.all(np.diff(cycles, axis=1) <= 0)
