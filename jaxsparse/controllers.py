@@ -96,17 +96,24 @@ class Controller(NamedTuple):
   needs_validation: bool = False
 
 
-def _state(keep=1.0, cycle=0, epoch=0, ref=jnp.nan, prev=jnp.nan, gamma=1.0, holds=0):
-  """Builds a state with canonical dtypes (also casts traced values)."""
-  f32 = lambda x: jnp.asarray(x, jnp.float32)
-  i32 = lambda x: jnp.asarray(x, jnp.int32)
-  return ControllerState(
-      keep=f32(keep), cycle=i32(cycle), epoch=i32(epoch), ref=f32(ref), prev=f32(prev),
-      gamma=f32(gamma), holds=i32(holds))
-
-
 def _f32(x) -> jax.Array:
   return jnp.asarray(x, jnp.float32)
+
+
+def _i32(x) -> jax.Array:
+  return jnp.asarray(x, jnp.int32)
+
+
+def _state(keep=1.0, cycle=0, epoch=0, ref=jnp.nan, prev=jnp.nan, gamma=1.0, holds=0):
+  """Builds a state with canonical dtypes (also casts traced values)."""
+  return ControllerState(keep=_f32(keep), cycle=_i32(cycle), epoch=_i32(epoch), ref=_f32(ref),
+                         prev=_f32(prev), gamma=_f32(gamma), holds=_i32(holds))
+
+
+def _next_epoch(state: ControllerState, metrics: EpochMetrics) -> ControllerState:
+  """The update of controllers that ignore metrics and keep their keep ratio."""
+  del metrics
+  return state._replace(epoch=state.epoch + 1)
 
 
 def _check_range(name: str, value, low: float, high: float, low_open: bool, high_open: bool):
@@ -126,15 +133,6 @@ def _check_count(name: str, value) -> int:
   return value
 
 
-def _step_or_reset(state: ControllerState, go, gamma, min_keep: float):
-  """If ``go``: reset to dense when keep is at min_keep, else keep <- max(keep*gamma, min_keep)."""
-  at_floor = state.keep <= min_keep
-  compressed = jnp.maximum(state.keep * gamma, _f32(min_keep))
-  keep = jnp.where(go, jnp.where(at_floor, _f32(1.0), compressed), state.keep)
-  cycle = state.cycle + jnp.where(go & at_floor, 1, 0).astype(jnp.int32)
-  return keep, cycle
-
-
 def dense() -> Controller:
   """Keep 1.0 forever (the dense baseline).
 
@@ -142,11 +140,7 @@ def dense() -> Controller:
     >>> float(dense().init().keep)
     1.0
   """
-  def update(state: ControllerState, metrics: EpochMetrics) -> ControllerState:
-    del metrics
-    return state._replace(epoch=state.epoch + 1)
-
-  return Controller(init=_state, update=update)
+  return Controller(init=_state, update=_next_epoch)
 
 
 def constant(*, keep: float = 0.5) -> Controller:
@@ -161,14 +155,7 @@ def constant(*, keep: float = 0.5) -> Controller:
   """
   keep = _check_range("keep", keep, 0.0, 1.0, True, False)
 
-  def init() -> ControllerState:
-    return _state(keep=keep)
-
-  def update(state: ControllerState, metrics: EpochMetrics) -> ControllerState:
-    del metrics
-    return state._replace(epoch=state.epoch + 1)
-
-  return Controller(init=init, update=update)
+  return Controller(init=lambda: _state(keep=keep), update=_next_epoch)
 
 
 def cyclic(
@@ -265,7 +252,10 @@ def adaptive_a(
     ref = jnp.where(is_dense, acc, state.ref)
     recovered = acc >= (1.0 - tol) * ref
     go = is_dense | recovered | (state.holds >= patience)
-    keep, cycle = _step_or_reset(state, go, state.gamma, min_keep)
+    reset = go & (state.keep <= min_keep)
+    compressed = jnp.maximum(state.keep * state.gamma, _f32(min_keep))
+    keep = jnp.where(reset, _f32(1.0), jnp.where(go, compressed, state.keep))
+    cycle = state.cycle + reset.astype(jnp.int32)
     holds = jnp.where(go, 0, state.holds + 1)
     return _state(keep=keep, cycle=cycle, epoch=state.epoch + 1, ref=ref,
                   gamma=state.gamma, holds=holds)

@@ -118,7 +118,8 @@ def test_adaptive_b_gamma_upper_bound_and_default_docstring_values():
   capped = _run(controllers.adaptive_b(gamma=0.7, shrink=0.5, gamma_max=0.8),
                 [_metrics(val_accuracy=v) for v in (0.6, 0.595, 0.595)])
   np.testing.assert_allclose(_field(capped, "gamma"), [0.7, 0.8, 0.8 ** 1.25], rtol=1e-6)
-  np.testing.assert_allclose(_field(capped, "keep"), [0.7, 0.56, 0.56 * 0.8 ** 1.25], rtol=1e-6)
+  np.testing.assert_allclose(_field(capped, "keep"), [0.7, 0.56, 0.56 * 0.8 ** 1.25],
+                             rtol=1e-6)
   rising = _run(controllers.adaptive_b(), [_metrics(val_accuracy=0.6 + 0.01 * i) for i in range(6)])
   np.testing.assert_allclose(_field(rising, "keep"), [0.7, 0.448, 0.257, 0.128, 0.1, 1.0], atol=1e-3)
 
