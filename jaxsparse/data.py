@@ -227,13 +227,17 @@ def _open_tfds(name: str, data_dir: str | None):
     raise DataNotFoundError(
         f"TFDS dataset {name!r} is not prepared in the TFDS data_dir "
         f"({data_dir or '$TFDS_DATA_DIR or ~/tensorflow_datasets'}), and jaxsparse does not "
-        f"download through TFDS (preparing needs TensorFlow and network). Pass --data with a "
+        f"download through TFDS (preparing needs TensorFlow and network: `tfds build {name}`). "
+        f"Pass --data with a "
         f"local copy instead: {_LOCAL_SOURCES}. [{type(e).__name__}: {e}]") from e
 
 
-def _read_tfds(sources) -> Raw:
+def _read_tfds(sources, where: str) -> Raw:
   arrays = []
   for source in sources:
+    shape = np.shape(source[0]["image"]) if len(source) else IMAGE_SHAPE
+    if shape != IMAGE_SHAPE:
+      raise DataError(f"{where}: images are {shape}, expected {IMAGE_SHAPE}")
     images = np.empty((len(source),) + IMAGE_SHAPE, np.uint8)
     labels = np.empty(len(source), np.int64)
     for i in range(len(source)):  # __getitems__ is broken under tfds.testing.mock_data
@@ -301,7 +305,7 @@ def _load_raw(source: str, cache_dir: str | None, tfds_data_dir: str | None) -> 
     files = sorted(os.listdir(info.data_dir)) if os.path.isdir(info.data_dir) else []
     key = (str(info.version), tuple(len(s) for s in sources),
            tuple(_stat(os.path.join(info.data_dir, f)) for f in files))
-    decode = lambda: _read_tfds(sources)
+    decode = lambda: _read_tfds(sources, where)
   else:
     if re.match(r"^[A-Za-z][\w+.-]+:", source) and not os.path.exists(source):
       raise DataError(f"unknown data source {source!r}: expected 'tfds:<name>' or a local path "
@@ -412,9 +416,9 @@ def load(source: str, *, cache_dir: str | None = None, val_size: int = 0,
     DataError: unknown source, wrong layout, corrupted file, bad label or image size.
 
   Example:
-    >>> ds = load("/work/shared/data/cifar10-genuine-subset.npz", val_size=500)
-    >>> ds.train.images.shape, ds.val.labels.shape
-    ((4670, 32, 32, 3), (500,))
+    >>> ds = load("cifar10-jpeg.tar.gz", val_size=5000)  # decodes once, then cached
+    >>> ds.train.images.shape, ds.val.labels.shape, ds.test.labels.shape
+    ((45000, 32, 32, 3), (5000,), (10000,))
   """
   (x_train, y_train, x_test, y_test), where = _load_raw(source, cache_dir, tfds_data_dir)
   train, val = _split_train(x_train, y_train, val_size, train_size, seed)

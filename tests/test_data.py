@@ -131,6 +131,14 @@ def test_tfds_mock(cache):
   assert ds.train.images.dtype == np.uint8 and ds.source.startswith("tfds:cifar10")
 
 
+def test_tfds_mock_wrong_image_shape(cache):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=4):
+    with pytest.raises(data.DataError, match=r"tfds:mnist .*images are \(28, 28, 1\)"):
+      data.load("tfds:mnist", cache_dir=cache)
+  assert not os.path.exists(cache)
+
+
 def test_tfds_not_prepared_fails_fast(tmp_path, cache):
   pytest.importorskip("tensorflow_datasets")
   start = time.perf_counter()
@@ -168,6 +176,14 @@ def test_interrupted_cache_write_leaves_nothing(tmp_path, cache, monkeypatch):
   assert os.listdir(cache) == []
   monkeypatch.undo()
   assert data.load(str(tmp_path / "b"), cache_dir=cache).train.images.shape == (20, 32, 32, 3)
+
+
+def test_unwritable_cache_warns_and_still_loads(tmp_path):
+  _write_batches(tmp_path / "b")
+  (tmp_path / "file").write_text("not a directory")
+  with pytest.warns(UserWarning, match="cannot write cache"):
+    ds = data.load(str(tmp_path / "b"), cache_dir=str(tmp_path / "file"))
+  assert ds.train.images.shape == (20, 32, 32, 3)
 
 
 def test_corrupt_cache_file_is_rebuilt(tmp_path, cache):
