@@ -69,6 +69,15 @@ def _check_keep(keep) -> None:
     raise ValueError(f"keep must be in (0, 1] (and not NaN), got {keep!r}")
 
 
+def _check_keep_shape(keep, shape: tuple[int, ...], axes: tuple[int, ...]) -> None:
+  lead = tuple(d for a, d in enumerate(shape) if a not in axes)
+  keep_shape = jnp.shape(keep)
+  if len(keep_shape) > len(lead) or keep_shape != lead[:len(keep_shape)]:
+    raise ValueError(
+        f"keep must be a scalar or shaped like the leading kept axes {lead}, "
+        f"got shape {keep_shape}")
+
+
 def _reduce_axes(ndim: int, axes) -> tuple[int, ...]:
   if axes is None:
     return tuple(range(1, ndim))
@@ -156,9 +165,10 @@ def _kth_radix(u_RxN, k_R, nbits: int):
         lambda a, b: (a[0] + b[0], a[1] + b[1]), (2,))
     fields = [(acc_lo >> (8 * j)) & 255 for j in range(4)]
     fields += [(acc_hi >> (8 * j)) & 255 for j in range(n_cand - 4)]
-    hist = jnp.sum(jnp.stack(fields, -1).astype(jnp.int32), axis=1)  # (R, 7)
-    at_least = jnp.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # #(digit >= j), j=1..7
-    best = jnp.sum(at_least >= k_R[:, None], axis=1).astype(jnp.uint32)
+    at_least, best = jnp.zeros_like(k_R), jnp.zeros_like(res)
+    for field in fields[::-1]:  # at_least = #(digit >= j), j = 7 .. 1
+      at_least = at_least + jnp.sum(field, axis=1, dtype=jnp.int32)
+      best = best + (at_least >= k_R).astype(jnp.uint32)
     return res | (best << shift)
 
   n_pass = -(-nbits // _DIGIT_BITS)
@@ -184,10 +194,6 @@ def _to_rows(x, axes: tuple[int, ...]):
 def _rows_k(keep, lead: tuple[int, ...], n: int):
   """Per-row k = clip(ceil(keep * n), 1, n) from a scalar or leading-aligned keep."""
   keep = jnp.asarray(keep, jnp.float32)
-  if keep.ndim > len(lead) or keep.shape != lead[:keep.ndim]:
-    raise ValueError(
-        f"keep must be a scalar or shaped like the leading kept axes {lead}, "
-        f"got shape {keep.shape}")
   keep = jnp.where(jnp.isnan(keep), 1.0, keep)
   keep = keep.reshape(keep.shape + (1,) * (len(lead) - keep.ndim))
   keep_R = jnp.broadcast_to(keep, lead).reshape(-1)
@@ -223,6 +229,7 @@ def topk_threshold(x, keep, *, axes: int | Sequence[int] | None = None,
   _check_keep(keep)
   axes = _reduce_axes(jnp.ndim(x), axes)
   x = jnp.asarray(x)
+  _check_keep_shape(keep, x.shape, axes)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     x = x.astype(jnp.float32)
   x = lax.stop_gradient(x)
@@ -277,6 +284,7 @@ def topk_mask(x, keep, *, axes: int | Sequence[int] | None = None,
   _check_keep(keep)
   x = jnp.asarray(x)
   axes = _reduce_axes(x.ndim, axes)
+  _check_keep_shape(keep, x.shape, axes)
   keep = jnp.asarray(keep, jnp.float32)
 
   def sparse(x):

@@ -1,0 +1,305 @@
+"""Tests for jaxsparse.topk: exact per-example global top-k with a traced keep."""
+
+import chex
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from jaxsparse.topk import nonzero_fraction, topk_mask, topk_threshold
+
+METHODS = ("radix", "bisect", "sort")
+NAN_NEG = np.array(0xFFC00000, np.uint32).view(np.float32)  # x86's default NaN
+
+_thr = jax.jit(topk_threshold, static_argnames=("axes", "score", "method"))
+_mask = jax.jit(topk_mask, static_argnames=("axes", "score", "gradient", "method"))
+
+
+def _f32(v):
+  return jnp.float32(v)
+
+
+def ref_threshold(x, keep, axes=None, score="value"):
+  """NumPy reference: sort each example's scores, NaN on top, take the k-th."""
+  x = np.asarray(x.astype(jnp.float32) if hasattr(x, "dtype") else x, np.float32)
+  axes = tuple(range(1, x.ndim)) if axes is None else tuple(a % x.ndim for a in axes)
+  other = tuple(a for a in range(x.ndim) if a not in axes)
+  s = np.abs(x) if score == "magnitude" else x
+  s = np.transpose(s, other + axes)
+  lead = s.shape[:len(other)]
+  rows = s.reshape(int(np.prod(lead)), -1)
+  n = rows.shape[1]
+  keep = np.broadcast_to(np.asarray(keep, np.float32).reshape(
+      np.shape(keep) + (1,) * (len(lead) - np.ndim(keep))), lead).reshape(-1)
+  k = np.clip(np.ceil(keep * np.float32(n)), 1, n).astype(int)
+  nan = np.isnan(rows)  # NaN ranks above +inf
+  order = np.lexsort((-np.where(nan, 0, rows), ~nan), axis=1)
+  thr = np.take_along_axis(rows, order, axis=1)[np.arange(len(k)), k - 1]
+  shape = [1] * x.ndim
+  for a in other:
+    shape[a] = x.shape[a]
+  return thr.reshape(shape), k
+
+
+def ref_mask(x, thr, score="value"):
+  xf = np.asarray(jnp.asarray(x).astype(jnp.float32))
+  s = np.abs(xf) if score == "magnitude" else xf
+  return np.where((s >= thr) | np.isnan(s), xf, 0.0)
+
+
+def special_array(rng, shape, dtype=np.float32):
+  """Random values with ties, ±0, ±inf and both NaN signs mixed in."""
+  x = rng.normal(size=shape).astype(np.float32)
+  flat = x.reshape(-1)
+  idx = rng.permutation(flat.size)
+  specials = [0.0, -0.0, np.inf, -np.inf, np.nan, NAN_NEG, 1.5, 1.5, 1.5, -2.0, -2.0]
+  flat[idx[:len(specials)]] = specials
+  return jnp.asarray(x).astype(dtype)
+
+
+# ------------------------------------------------------------ reference agreement
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    shape=st.just((3, 2, 3, 5)),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    score=st.sampled_from(["value", "magnitude"]),
+    seed=st.integers(0, 2**31 - 1),
+    levels=st.sampled_from([0, 3, 50]),
+    keep=hnp.arrays(np.float32, 3, elements=st.floats(2**-10, 1.0, width=32)),
+)
+def test_matches_numpy_reference(shape, dtype, score, seed, levels, keep):
+  rng = np.random.default_rng(seed)
+  x = special_array(rng, shape, dtype)
+  if levels:  # many ties
+    x = jnp.round(x * levels) / levels
+  keep_B = jnp.asarray(keep[:shape[0]])
+  thr = _thr(x, keep_B, score=score)
+  ref, k = ref_threshold(x, keep_B, score=score)
+  assert thr.dtype == jnp.float32 and thr.shape == ref.shape
+  np.testing.assert_array_equal(np.asarray(thr), ref)
+  y = _mask(x, keep_B, score=score)
+  assert y.dtype == x.dtype and y.shape == x.shape
+  np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)), ref_mask(x, ref, score))
+  s = np.asarray(x.astype(jnp.float32)).reshape(shape[0], -1)
+  s = np.abs(s) if score == "magnitude" else s
+  kept = ((s >= ref.reshape(shape[0], 1)) | np.isnan(s)).sum(1)
+  assert (kept >= k).all()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("score", ["value", "magnitude"])
+def test_every_method_equals_reference(dtype, score):
+  x = special_array(np.random.default_rng(1), (6, 300), dtype)  # 300: padded blocks
+  keep = _f32([1e-3, 0.01, 0.3, 0.5, 0.97, 1.0])
+  ref, _ = ref_threshold(x, keep, score=score)
+  for method in METHODS:
+    thr = _thr(x, keep, score=score, method=method)
+    np.testing.assert_array_equal(np.asarray(thr), ref, err_msg=method)
+
+
+def test_distinct_scores_keep_exactly_k():
+  x = jnp.asarray(np.random.default_rng(0).permutation(4 * 8 * 8 * 3).reshape(4, 8, 8, 3) - 100.0)
+  for keep in (0.01, 0.3, 0.7, 1.0):
+    y = _mask((x + 0.5).astype(jnp.float32), _f32(keep))  # no zeros among the inputs
+    k = np.clip(np.ceil(np.float32(keep) * np.float32(192)), 1, 192)
+    np.testing.assert_array_equal(np.count_nonzero(np.asarray(y).reshape(4, -1), 1), k)
+
+
+# ------------------------------------------------------------ hand-written cases
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ties_at_threshold_are_all_kept(method):
+  x = jnp.array([[3.0, 1.0, 3.0, 2.0], [-1.0, -1.0, -1.0, -1.0]])  # ties; all equal
+  np.testing.assert_array_equal(_thr(x, _f32(0.25), method=method), [[3], [-1]])
+  np.testing.assert_array_equal(_mask(x, _f32(0.25), method=method), [[3, 0, 3, 0], [-1] * 4])
+  np.testing.assert_array_equal(_mask(x, _f32(0.75), method=method), [[3, 0, 3, 2], [-1] * 4])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_negative(method):
+  x = jnp.array([[-5.0, -1.0, -3.0, -2.0], [-1e-30, -1e30, 1e-30, 0.0]])
+  np.testing.assert_array_equal(_thr(x, _f32(0.5), method=method), [[-2.0], [0.0]])
+  np.testing.assert_array_equal(_mask(x, _f32(0.5), method=method), [[0, -1, 0, -2], [0, 0, x[1, 2], 0]])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_infinities_and_signed_zeros(method):
+  x = jnp.array([[-np.inf, np.inf, 1.0, -1.0], [0.0, -0.0, -1.0, -np.inf]])
+  np.testing.assert_array_equal(_thr(x, _f32(0.25), method=method), [[np.inf], [0.0]])
+  np.testing.assert_array_equal(_thr(x, _f32(1.0), method=method), [[-np.inf], [-np.inf]])
+  # +0 and -0 tie, so both survive whichever is the k-th.
+  y = np.asarray(_mask(x, _f32(0.25), method=method))
+  np.testing.assert_array_equal(y, [[0, np.inf, 0, 0], [0, 0, 0, 0]])
+  assert np.signbit(y[1, 1]) and not np.signbit(y[1, 0])
+  # A dropped -inf becomes 0, also under the straight-through estimator.
+  y = _mask(x, _f32(0.5), gradient="straight_through", method=method)
+  np.testing.assert_array_equal(y, [[0, np.inf, 1, 0], [0, 0, 0, 0]])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("nan", [np.nan, NAN_NEG])
+def test_nan_ranks_above_inf_and_is_kept(method, nan):
+  x = jnp.array([[1.0, nan, np.inf, 2.0], [nan, nan, 0.0, 1.0]])
+  thr = np.asarray(_thr(x, _f32(0.25), method=method))
+  assert np.isnan(thr).all()  # k <= number of NaNs -> threshold NaN
+  y = np.asarray(_mask(x, _f32(0.25), method=method))
+  np.testing.assert_array_equal(np.isnan(y), np.isnan(np.asarray(x)))
+  assert (y[~np.isnan(y)] == 0).all()  # only the NaNs survive
+  np.testing.assert_array_equal(_thr(x, _f32(0.5), method=method), [[np.inf], [np.nan]])
+  y = np.asarray(_mask(x, _f32(0.75), method=method))
+  np.testing.assert_array_equal(y, [[0, np.nan, np.inf, 2], [np.nan, np.nan, 0, 1]])
+
+
+def test_magnitude_score():
+  x = jnp.array([[-4.0, 1.0, 3.0, -2.0], [-0.0, np.nan, -np.inf, 1.0]])
+  np.testing.assert_array_equal(_thr(x, _f32(0.5), score="magnitude"), [[3.0], [np.inf]])
+  np.testing.assert_array_equal(
+      _mask(x, _f32(0.5), score="magnitude"), [[-4, 0, 3, 0], [0, np.nan, -np.inf, 0]])
+
+
+def test_bfloat16_keeps_dtype_and_selects_exactly():
+  x = jnp.array([[1.0, 1.0078125, 1.015625, -3.0]] * 2, jnp.bfloat16)  # adjacent values
+  y = _mask(x, _f32(0.5))
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(y.astype(jnp.float32), [[0, 1.0078125, 1.015625, 0]] * 2)
+  np.testing.assert_array_equal(_thr(x, _f32(0.75)), [[1.0]] * 2)
+
+
+# ------------------------------------------------------------ keep handling
+
+
+def test_per_example_keep_vector():
+  x = jnp.tile(jnp.arange(1.0, 5.0), (2, 1))
+  y = _mask(x, _f32([0.25, 1.0]))
+  np.testing.assert_array_equal(y, [[0, 0, 0, 4], [1, 2, 3, 4]])
+  np.testing.assert_array_equal(_thr(x, _f32([0.5, 1.0])), [[3], [1]])
+
+
+def test_keep_vector_with_non_default_axes():
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 3, 4, 5)), jnp.float32)
+  keep = _f32([0.3, 0.8])
+  thr = _thr(x, keep, axes=(1, 2))  # per example and channel
+  ref, _ = ref_threshold(x, keep, axes=(1, 2))
+  assert thr.shape == (2, 1, 1, 5)
+  np.testing.assert_array_equal(thr, ref)
+  with pytest.raises(ValueError, match="leading kept axes"):
+    topk_threshold(x, _f32([0.3, 0.8, 0.5]))
+
+
+@pytest.mark.parametrize("axes", [(1, 2), -1, (0,), (0, 1, 2, 3), (3, 1)])
+def test_axes(axes):
+  x = special_array(np.random.default_rng(2), (2, 3, 4, 5))
+  thr = _thr(x, _f32(0.3), axes=axes)
+  ref, _ = ref_threshold(x, 0.3, axes=(axes,) if isinstance(axes, int) else axes)
+  np.testing.assert_array_equal(thr, ref)
+  np.testing.assert_array_equal(_mask(x, _f32(0.3), axes=axes), ref_mask(x, ref))
+
+
+def test_traced_keep_is_clipped():
+  x = jnp.arange(1.0, 9.0).reshape(2, 4)
+  np.testing.assert_array_equal(_mask(x, _f32(0.0)), [[0, 0, 0, 4], [0, 0, 0, 8]])  # k >= 1
+  np.testing.assert_array_equal(_mask(x, _f32(-3.0)), [[0, 0, 0, 4], [0, 0, 0, 8]])
+  np.testing.assert_array_equal(_mask(x, _f32(2.0)), x)
+  np.testing.assert_array_equal(_mask(x, _f32(np.nan)), x)  # NaN keep -> keep all
+  np.testing.assert_array_equal(_thr(x, _f32(np.nan)), [[1.0], [5.0]])
+
+
+@pytest.mark.parametrize("keep", [0.0, -0.5, 1.5, float("nan"), np.array([0.5, 0.0])])
+def test_concrete_invalid_keep_raises(keep):
+  x = jnp.ones((2, 4))
+  with pytest.raises(ValueError, match="keep must be in"):
+    topk_mask(x, keep)
+  with pytest.raises(ValueError, match="keep must be in"):
+    topk_threshold(x, keep)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"score": "abs"}, "score must be one of"),
+    ({"gradient": "ste"}, "gradient must be one of"),
+    ({"method": "heap"}, "method must be one of"),
+    ({"axes": 4}, "axes must be"),
+    ({"axes": (1, -2)}, "must not repeat"),
+    ({"axes": "1"}, "axes must be"),
+])
+def test_bad_options_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    topk_mask(jnp.ones((2, 3, 4)), 0.5, **kwargs)
+
+
+# ------------------------------------------------------------ identity, gradients, tracing
+
+
+@pytest.mark.parametrize("keep", [1.0, [1.0, 1.0, 3.0]])
+def test_keep_one_is_bitwise_identity(keep):
+  x = special_array(np.random.default_rng(4), (3, 4, 4, 2))
+  for gradient in ("masked", "straight_through"):
+    y = _mask(x, _f32(keep), gradient=gradient)
+    np.testing.assert_array_equal(
+        np.asarray(y).view(np.uint32), np.asarray(x).view(np.uint32))
+
+
+def test_keep_one_skips_selection_with_cond():
+  jaxpr = jax.make_jaxpr(topk_mask)(jnp.ones((2, 8)), _f32(1.0))
+  assert any(e.primitive.name == "cond" for e in jaxpr.jaxpr.eqns)
+
+
+def test_masked_gradient_flows_only_through_kept_units():
+  x = jnp.array([[3.0, 1.0, 3.0, 2.0], [0.5, -1.0, 4.0, 2.0]])
+  w = jnp.arange(8.0).reshape(2, 4) + 1.0
+  g = jax.grad(lambda x: jnp.sum(topk_mask(x, _f32(0.25)) * w))(x)
+  np.testing.assert_array_equal(g, [[1, 0, 3, 0], [0, 0, 7, 0]])
+  g = jax.grad(lambda x: jnp.sum(topk_mask(x, _f32(1.0)) * w))(x)
+  np.testing.assert_array_equal(g, w)
+
+
+def test_straight_through_gradient_is_identity():
+  x = jnp.array([[3.0, 1.0, 3.0, 2.0], [0.5, -np.inf, 4.0, 2.0]])
+  w = jnp.arange(8.0).reshape(2, 4) + 1.0
+  f = lambda x, keep: jnp.sum(topk_mask(x, keep, gradient="straight_through") * w)
+  for keep in (0.25, 1.0):
+    np.testing.assert_array_equal(jax.grad(f)(x, _f32(keep)), w)
+  np.testing.assert_array_equal(
+      jax.jvp(lambda x: topk_mask(x, _f32(0.25), gradient="straight_through"),
+              (x,), (jnp.ones_like(x),))[1], jnp.ones_like(x))
+
+
+def test_one_compilation_serves_every_keep():
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 6, 6, 3)), jnp.float32)
+  step = jax.jit(lambda x, keep: jax.value_and_grad(
+      lambda x: jnp.sum(topk_mask(x, keep) ** 2))(x))
+  step(x, _f32(0.5))
+  vec = jax.jit(lambda x, keep: topk_mask(x, keep))
+  vec(x, _f32([0.5] * 4))
+  with jax.no_tracing():
+    for keep in (0.01, 0.3, 0.99, 1.0):
+      step(x, _f32(keep))
+      vec(x, _f32([keep, 1.0, 0.2, keep]))
+    with pytest.raises(RuntimeError, match="no_tracing"):
+      step(x, 0.5)  # weak-typed Python float: a different cache key
+
+
+def test_assert_max_traces_with_chex():
+  chex.clear_trace_counter()
+  f = jax.jit(chex.assert_max_traces(lambda x, k: topk_mask(x, k, method="radix"), n=1))
+  x = jnp.ones((2, 3, 3, 2))
+  for keep in (0.1, 0.6, 1.0):
+    f(x, _f32(keep))
+
+
+def test_vmap_matches_batched_call():
+  x = special_array(np.random.default_rng(6), (3, 4, 5))
+  keep = _f32([0.2, 1.0, 0.6])
+  per_example = jax.vmap(lambda xi, ki: topk_mask(xi[None], ki)[0])(x, keep)
+  np.testing.assert_array_equal(per_example, _mask(x, keep))
+
+
+def test_nonzero_fraction():
+  y = jnp.array([[1.0, 0.0, -0.0, 2.0], [np.nan, 0.0, 0.0, 0.0]])
+  assert nonzero_fraction(y).dtype == jnp.float32
+  np.testing.assert_allclose(nonzero_fraction(y), 3 / 8)
+  np.testing.assert_allclose(nonzero_fraction(y, axes=1), [0.5, 0.25])
