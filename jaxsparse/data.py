@@ -289,6 +289,7 @@ def _save_cached(path: str, raw: Raw) -> None:
       np.savez(f, **dict(zip(_KEYS, raw)))
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
     os.replace(tmp, path)
   finally:
     with contextlib.suppress(OSError):
