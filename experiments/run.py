@@ -18,15 +18,14 @@ from jaxsparse import config as config_lib  # noqa: E402
 from jaxsparse import controllers  # noqa: E402
 
 
-def _number(text: str):
+def _option_value(text: str):
+  """A controller option from the command line: int, float, 'none' -> None, else the string."""
   for cast in (int, float):
     try:
       return cast(text)
     except ValueError:
       pass
-  if text.lower() in ("none", "inf"):
-    return None
-  raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}")
+  return None if text.lower() == "none" else text
 
 
 def _keeps(text: str) -> tuple[float, ...]:
@@ -79,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   group = p.add_argument_group("controller options (each applies to the schedules named)")
   for opt, defaults in _controller_flags().items():
     shown = ", ".join(f"{n}={d}" for n, d in defaults.items())
-    group.add_argument("--" + opt.replace("_", "-"), dest="ctrl_" + opt, type=_number, metavar="X",
+    group.add_argument("--" + opt.replace("_", "-"), dest="ctrl_" + opt, type=_option_value, metavar="X",
                        help=f"defaults: {shown}")
   return p.parse_args(argv)
 
