@@ -2,11 +2,18 @@
 
 Sources (``load(source)``; the CLI's ``--data``):
 
-* ``tfds:cifar10`` -- a dataset already prepared in the TFDS data_dir, read with
+* ``cifar10`` (the default) -- works on a fresh machine with internet. If TFDS ``cifar10`` is
+  already prepared in the TFDS data_dir it is read as ``tfds:cifar10`` (below). Otherwise the
+  original ``cifar-10-python.tar.gz`` (170 MB, ``CIFAR10_URL``) is downloaded once into
+  ``cache_dir`` with the standard library (one attempt, 10 s timeout, no retries), its size and
+  md5 checked before it is moved into place, and read like a local python-batches archive; later
+  loads find it there and need no network. With neither TFDS data nor network, ``load`` fails
+  within seconds with a ``DataNotFoundError`` naming ``--data`` and the local alternatives.
+  Progress goes to the optional ``progress`` callback and the ``jaxsparse.data`` logger (INFO).
+* ``tfds:<name>`` -- a dataset already prepared in the TFDS data_dir, read with
   ``tfds.data_source`` (reading needs no TensorFlow). We never ask TFDS to download: preparing
   CIFAR-10 with TFDS needs TensorFlow, and offline it retries for minutes. If the dataset is not
-  prepared, ``load`` fails at once with a ``DataNotFoundError`` naming ``--data`` and the local
-  alternatives below.
+  prepared, ``load`` fails at once with a ``DataNotFoundError``.
 * an image-folder tree ``<root>/{train,test}/<class>/*.{jpg,jpeg,png}``, or a ``.tar.gz`` /
   ``.tgz`` / ``.tar`` of one, read without unpacking. Labels follow the sorted class-folder
   names (CIFAR-10's label order is alphabetical); 10 classes, the same in train and test.
@@ -17,6 +24,7 @@ Sources (``load(source)``; the CLI's ``--data``):
 Decoded arrays are cached as an uncompressed ``.npz`` in ``cache_dir``, keyed by the source's
 identity (path, size and mtime of every file read), written atomically (temp file +
 ``os.replace``) and only after validation: a failed or interrupted decode leaves nothing that loads.
+The readers and the downloader live in `jaxsparse.data_sources`; this module is the entry point.
 
 Batches are numpy. Each process takes its contiguous slice of every global batch; augmentation
 is drawn per global batch, so batches do not depend on the process count.
@@ -24,44 +32,25 @@ is drawn per global batch, so batches do not depend on the process count.
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import dataclasses
 import hashlib
-import io
 import os
-import pathlib
-import pickle
 import re
-import tarfile
 import tempfile
 import warnings
 import zipfile
-import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
-NUM_CLASSES = 10
-IMAGE_SHAPE = (32, 32, 3)
-_IMAGE_EXTS = (".jpg", ".jpeg", ".png")
-_BATCH_NAMES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
-_KEYS = ("x_train", "y_train", "x_test", "y_test")
+from jaxsparse import data_sources as sources
+from jaxsparse.data_sources import (CIFAR10_MD5, CIFAR10_SIZE, CIFAR10_URL, IMAGE_SHAPE,
+                                    NUM_CLASSES, DataError, DataNotFoundError, Raw)
+
+DEFAULT_CACHE_DIR = "~/.cache/jaxsparse"
+_KEYS = sources.KEYS
 _CACHE_VERSION = 1
-_LOCAL_SOURCES = (
-    "an image-folder tree <root>/{train,test}/<class>/*.jpg|png or its .tar.gz, "
-    "cifar-10-python.tar.gz (md5 c58f30108f718f92721af3b95e74349a) or its extracted "
-    "cifar-10-batches-py/ folder, or an .npz with x_train, y_train, x_test, y_test")
-
-Raw = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-
-
-class DataError(ValueError):
-  """A data source is malformed, unsupported or inconsistent."""
-
-
-class DataNotFoundError(DataError, FileNotFoundError):
-  """A data source does not exist (missing path, dataset not prepared)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,172 +68,6 @@ class Dataset:
   std: np.ndarray   # float32 (3,)
   source: str       # human-readable identity of the source
   num_classes: int = NUM_CLASSES
-
-
-def _wanted(name: str) -> bool:
-  base = name.rsplit("/", 1)[-1]
-  return base.lower().endswith(_IMAGE_EXTS) or base in _BATCH_NAMES
-
-
-def _read_tar(path: str) -> dict[str, bytes]:
-  members = {}
-  try:
-    with tarfile.open(path, "r:*") as tar:
-      for member in tar:
-        if member.isfile() and _wanted(member.name):
-          members[member.name.removeprefix("./")] = tar.extractfile(member).read()
-  except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-    raise DataError(f"{path}: corrupted or unreadable archive ({e})") from e
-  return members
-
-
-def _dir_files(path: str) -> list[str]:
-  return sorted(os.path.join(root, n) for root, _, names in os.walk(path)
-                for n in names if _wanted(n))
-
-
-def _read_dir(path: str) -> dict[str, bytes]:
-  return {os.path.relpath(f, path).replace(os.sep, "/"): pathlib.Path(f).read_bytes()
-          for f in _dir_files(path)}
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-  """Unpickles only plain containers and numpy arrays (no arbitrary code)."""
-
-  _ALLOWED = {  # (top-level module, name) -> object
-      ("numpy", "_reconstruct"): np.zeros(1).__reduce__()[0],
-      ("numpy", "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0],
-      ("numpy", "ndarray"): np.ndarray,
-      ("numpy", "dtype"): np.dtype,
-      ("_codecs", "encode"): codecs.encode,  # bytes in protocol-2 pickles written by Python 3
-  }
-
-  def find_class(self, module: str, name: str):
-    allowed = self._ALLOWED.get((module.split(".")[0], name))
-    if allowed is None:
-      raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
-    return allowed
-
-
-def _decode_batch(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
-  try:
-    batch = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
-    images = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[b"labels"])
-  except Exception as e:  # pickle raises many types on corrupt input
-    raise DataError(f"{where}: not a CIFAR-10 python batch, a pickled dict with b'data' "
-                    f"and b'labels' ({type(e).__name__}: {e})") from e
-  if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072:
-    raise DataError(f"{where}: b'data' is {images.dtype} {images.shape}, expected uint8 (N, 3072)")
-  return images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
-
-
-def _assemble_batches(members: dict[str, bytes], where: str) -> Raw:
-  found = {}
-  for name, data in members.items():
-    base = name.rsplit("/", 1)[-1]
-    if base in _BATCH_NAMES:
-      if base in found:
-        raise DataError(f"{where}: several copies of {base}; expected one cifar-10-batches-py/")
-      found[base] = (data, f"{where}/{name}")
-  missing = [b for b in _BATCH_NAMES if b not in found]
-  if missing:
-    raise DataError(f"{where}: missing {', '.join(missing)}; expected data_batch_1..5 and test_batch")
-  train = [_decode_batch(*found[b]) for b in _BATCH_NAMES[:-1]]
-  x_test, y_test = _decode_batch(*found["test_batch"])
-  return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
-          x_test, y_test)
-
-
-def _decode_image(data: bytes, where: str) -> np.ndarray:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  try:
-    with Image.open(io.BytesIO(data)) as image:
-      if image.size != IMAGE_SHAPE[:2]:
-        raise DataError(f"{where}: image is {image.size[0]}x{image.size[1]}, expected 32x32")
-      return np.asarray(image.convert("RGB"))
-  except DataError:
-    raise
-  except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad or truncated files
-    raise DataError(f"{where}: cannot decode image ({e})") from e
-
-
-def _assemble_folder(members: dict[str, bytes], where: str) -> Raw:
-  layout = "<root>/{train,test}/<class>/<image>.jpg|png"
-  tree: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
-  prefixes = set()
-  for name in members:
-    parts = name.split("/")
-    if len(parts) < 3 or parts[-3] not in tree:
-      raise DataError(f"{where}/{name}: image outside the expected layout {layout}")
-    prefixes.add(tuple(parts[:-3]))
-    tree[parts[-3]].setdefault(parts[-2], []).append(name)
-  if len(prefixes) > 1:
-    raise DataError(f"{where}: several image trees ({sorted('/'.join(p) for p in prefixes)})")
-  classes = sorted(tree["train"])
-  if sorted(tree["test"]) != classes or len(classes) != NUM_CLASSES:
-    raise DataError(f"{where}: train classes {classes} and test classes {sorted(tree['test'])} "
-                    f"must be the same {NUM_CLASSES} folders ({layout})")
-  arrays = []
-  for split in ("train", "test"):
-    names = [(c, n) for c, cls in enumerate(classes) for n in sorted(tree[split][cls])]
-    images = np.empty((len(names),) + IMAGE_SHAPE, np.uint8)
-    for i, (_, name) in enumerate(names):
-      images[i] = _decode_image(members[name], f"{where}/{name}")
-    arrays += [images, np.array([c for c, _ in names], np.int32)]
-  return tuple(arrays)
-
-
-def _from_members(members: dict[str, bytes], where: str) -> Raw:
-  if any(name.rsplit("/", 1)[-1] in _BATCH_NAMES for name in members):
-    return _assemble_batches(members, where)
-  if members:
-    return _assemble_folder(members, where)
-  raise DataError(f"{where}: no CIFAR-10 data found; expected {_LOCAL_SOURCES}")
-
-
-def _read_npz(path: str) -> Raw:
-  try:
-    with np.load(path, allow_pickle=False) as npz:
-      missing = [k for k in _KEYS if k not in npz.files]
-      if missing:
-        raise DataError(f"{path}: missing arrays {missing}; found {npz.files}, expected {_KEYS}")
-      return tuple(npz[k] for k in _KEYS)
-  except DataError:
-    raise
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-    raise DataError(f"{path}: corrupted or unreadable .npz ({e})") from e
-
-
-def _open_tfds(name: str, data_dir: str | None):
-  try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise DataError(f"tfds:{name} needs tensorflow-datasets; or pass --data {_LOCAL_SOURCES}") from e
-  try:
-    return tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False)
-  except Exception as e:  # TFDS raises KeyError, AssertionError, ... when not prepared
-    raise DataNotFoundError(
-        f"TFDS dataset {name!r} is not prepared in the TFDS data_dir "
-        f"({data_dir or '$TFDS_DATA_DIR or ~/tensorflow_datasets'}), and jaxsparse does not "
-        f"download through TFDS (preparing needs TensorFlow and network: `tfds build {name}`). "
-        f"Pass --data with a "
-        f"local copy instead: {_LOCAL_SOURCES}. [{type(e).__name__}: {e}]") from e
-
-
-def _read_tfds(sources, where: str) -> Raw:
-  arrays = []
-  for source in sources:
-    shape = np.shape(source[0]["image"]) if len(source) else IMAGE_SHAPE
-    if shape != IMAGE_SHAPE:
-      raise DataError(f"{where}: images are {shape}, expected {IMAGE_SHAPE}")
-    images = np.empty((len(source),) + IMAGE_SHAPE, np.uint8)
-    labels = np.empty(len(source), np.int64)
-    for i in range(len(source)):  # __getitems__ is broken under tfds.testing.mock_data
-      example = source[i]
-      images[i], labels[i] = example["image"], example["label"]
-    arrays += [images, labels]
-  return tuple(arrays)
 
 
 def _validate(raw: Raw, where: str) -> Raw:
@@ -296,39 +119,68 @@ def _save_cached(path: str, raw: Raw) -> None:
       os.remove(tmp)
 
 
-def _load_raw(source: str, cache_dir: str | None, tfds_data_dir: str | None) -> tuple[Raw, str]:
+def _tfds_plan(source: str, tfds_sources) -> tuple[str, str, object, Callable[[], Raw]]:
+  info = tfds_sources[0].dataset_info
+  files = sorted(os.listdir(info.data_dir)) if os.path.isdir(info.data_dir) else []
+  key = (str(info.version), tuple(len(s) for s in tfds_sources),
+         tuple(_stat(os.path.join(info.data_dir, f)) for f in files))
+  where = f"{source} ({info.data_dir})"
+  return where, f"tfds_{source[len('tfds:'):]}", key, lambda: sources.read_tfds(tfds_sources, where)
+
+
+def _fetch_cifar10(cache_dir: str, tfds_data_dir: str | None, url: str, md5: str, size: int,
+                   progress: sources.Progress | None) -> str:
+  """Path of the verified cifar-10-python.tar.gz in cache_dir, downloading it if absent."""
+  path = os.path.join(cache_dir, "cifar-10-python.tar.gz")
+  if os.path.isfile(path) and os.path.getsize(path) == size:
+    return path  # only ever moved into place after its md5 matched
+  try:
+    sources.download(url, path, md5=md5, size=size, progress=progress)
+  except DataNotFoundError as e:
+    raise DataNotFoundError(
+        f"{e}; TFDS cifar10 is not prepared in the TFDS data_dir "
+        f"({tfds_data_dir or '$TFDS_DATA_DIR or ~/tensorflow_datasets'}) either. Connect to the "
+        f"internet, or pass --data with a local copy: {sources.LOCAL_SOURCES}.") from e
+  return path
+
+
+def _load_raw(source: str, cache_dir: str, tfds_data_dir: str | None,
+              fetch: dict) -> tuple[Raw, str]:
   """Returns validated (x_train, y_train, x_test, y_test) and a description of the source."""
+  if source == "cifar10":
+    try:
+      tfds_sources = sources.open_tfds("cifar10", tfds_data_dir)
+    except DataError:  # not prepared, or no tensorflow-datasets: use the original archive
+      source = _fetch_cifar10(cache_dir, tfds_data_dir, **fetch)
+    else:
+      return _cached(cache_dir, *_tfds_plan("tfds:cifar10", tfds_sources))
   if source.startswith("tfds:"):
     name = source[len("tfds:"):]
-    sources = _open_tfds(name, tfds_data_dir)
-    info = sources[0].dataset_info
-    where, label = f"{source} ({info.data_dir})", f"tfds_{name}"
-    files = sorted(os.listdir(info.data_dir)) if os.path.isdir(info.data_dir) else []
-    key = (str(info.version), tuple(len(s) for s in sources),
-           tuple(_stat(os.path.join(info.data_dir, f)) for f in files))
-    decode = lambda: _read_tfds(sources, where)
+    return _cached(cache_dir, *_tfds_plan(source, sources.open_tfds(name, tfds_data_dir)))
+  if re.match(r"^[A-Za-z][\w+.-]+:", source) and not os.path.exists(source):
+    raise DataError(f"unknown data source {source!r}: expected 'cifar10', 'tfds:<name>' or a "
+                    f"local path to {sources.LOCAL_SOURCES}")
+  where = os.path.abspath(os.path.expanduser(source))
+  if not os.path.exists(where):
+    raise DataNotFoundError(f"data source {where} does not exist; expected {sources.LOCAL_SOURCES}")
+  if os.path.isdir(where):
+    key = tuple(_stat(f) for f in sources.dir_files(where))
+    decode = lambda: sources.from_members(sources.read_dir(where), where)
+  elif where.lower().endswith((".tar.gz", ".tgz", ".tar")):
+    key = _stat(where)
+    decode = lambda: sources.from_members(sources.read_tar(where), where)
+  elif where.lower().endswith(".npz"):
+    return _validate(sources.read_npz(where), where), where
   else:
-    if re.match(r"^[A-Za-z][\w+.-]+:", source) and not os.path.exists(source):
-      raise DataError(f"unknown data source {source!r}: expected 'tfds:<name>' or a local path "
-                      f"to {_LOCAL_SOURCES}")
-    where = os.path.abspath(os.path.expanduser(source))
-    label = os.path.basename(where)
-    if not os.path.exists(where):
-      raise DataNotFoundError(f"data source {where} does not exist; expected {_LOCAL_SOURCES}")
-    if os.path.isdir(where):
-      key = tuple(_stat(f) for f in _dir_files(where))
-      decode = lambda: _from_members(_read_dir(where), where)
-    elif where.lower().endswith((".tar.gz", ".tgz", ".tar")):
-      key = _stat(where)
-      decode = lambda: _from_members(_read_tar(where), where)
-    elif where.lower().endswith(".npz"):
-      return _validate(_read_npz(where), where), where
-    else:
-      raise DataError(f"{where}: unknown file type; expected {_LOCAL_SOURCES}")
+    raise DataError(f"{where}: unknown file type; expected {sources.LOCAL_SOURCES}")
+  return _cached(cache_dir, where, os.path.basename(where), key, decode)
+
+
+def _cached(cache_dir: str, where: str, label: str, key: object,
+            decode: Callable[[], Raw]) -> tuple[Raw, str]:
   digest = hashlib.sha256(repr((_CACHE_VERSION, where, key)).encode()).hexdigest()[:24]
   label = re.sub(r"[^\w.-]", "_", label)
-  cache_path = os.path.join(os.path.expanduser(cache_dir or "~/.cache/jaxsparse"),
-                            f"{label}-{digest}.npz")
+  cache_path = os.path.join(cache_dir, f"{label}-{digest}.npz")
   raw = _load_cached(cache_path, where)
   if raw is None:
     raw = _validate(decode(), where)
@@ -395,33 +247,44 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
 
 
-def load(source: str, *, cache_dir: str | None = None, val_size: int = 0,
-         train_size: int | None = None, seed: int = 0,
-         tfds_data_dir: str | None = None) -> Dataset:
+def load(source: str = "cifar10", *, cache_dir: str | None = None, val_size: int = 0,
+         train_size: int | None = None, seed: int = 0, tfds_data_dir: str | None = None,
+         download_url: str = CIFAR10_URL, download_md5: str = CIFAR10_MD5,
+         download_size: int = CIFAR10_SIZE,
+         progress: Callable[[int, int], None] | None = None) -> Dataset:
   """Loads CIFAR-10 from `source`, decoding once and caching (see the module docstring).
 
   Args:
-    source: 'tfds:cifar10', an image-folder tree or its .tar.gz, cifar-10-python.tar.gz or
-      cifar-10-batches-py/, or an .npz with x_train, y_train, x_test, y_test.
-    cache_dir: where decoded arrays are cached; default ~/.cache/jaxsparse.
+    source: 'cifar10' (prepared TFDS data, else download the original archive), 'tfds:<name>',
+      an image-folder tree or its .tar.gz, cifar-10-python.tar.gz or cifar-10-batches-py/, or an
+      .npz with x_train, y_train, x_test, y_test.
+    cache_dir: where downloads and decoded arrays are cached; default ~/.cache/jaxsparse.
     val_size: examples held out of the training set for validation (seeded, stratified).
     train_size: if given, a seeded, class-stratified subset of the remaining training set.
     seed: seed of the validation and subset draws.
-    tfds_data_dir: TFDS data_dir for 'tfds:' sources (default: TFDS's own default).
+    tfds_data_dir: TFDS data_dir for 'tfds:' and 'cifar10' sources (default: TFDS's own default).
+    download_url: where 'cifar10' downloads cifar-10-python.tar.gz from (e.g. a mirror).
+    download_md5: the md5 the download must have.
+    download_size: the size in bytes the download must have.
+    progress: called as `progress(bytes_done, download_size)` while 'cifar10' downloads.
 
   Returns:
     A Dataset; mean and std come from the training split actually used.
 
   Raises:
-    DataNotFoundError: missing path, or a TFDS dataset that is not prepared.
-    DataError: unknown source, wrong layout, corrupted file, bad label or image size.
+    DataNotFoundError: missing path, a TFDS dataset that is not prepared, or a 'cifar10'
+      download that cannot reach its URL.
+    DataError: unknown source, wrong layout, corrupted file, bad label or image size, or a
+      download whose size or md5 does not match.
 
   Example:
-    >>> ds = load("cifar10-jpeg.tar.gz", val_size=5000)  # decodes once, then cached
+    >>> ds = load("cifar10", val_size=5000)  # downloads and decodes once, then cached
     >>> ds.train.images.shape, ds.val.labels.shape, ds.test.labels.shape
     ((45000, 32, 32, 3), (5000,), (10000,))
   """
-  (x_train, y_train, x_test, y_test), where = _load_raw(source, cache_dir, tfds_data_dir)
+  fetch = dict(url=download_url, md5=download_md5, size=download_size, progress=progress)
+  (x_train, y_train, x_test, y_test), where = _load_raw(
+      source, os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR), tfds_data_dir, fetch)
   train, val = _split_train(x_train, y_train, val_size, train_size, seed)
   mean, std = channel_stats(train.images)
   return Dataset(train=train, val=val, test=_frozen_split(x_test, y_test), mean=mean, std=std,
