@@ -1,9 +1,17 @@
-"""Tests for jaxsparse.data: every source format, caching, splits, batches and errors."""
+"""Tests for jaxsparse.data: every source format, the cifar10 download, caching, splits,
+batches and errors."""
 
+import functools
+import hashlib
+import http.server
+import inspect
 import os
 import pickle
+import socket
 import tarfile
+import threading
 import time
+import types
 
 import hypothesis
 from hypothesis import strategies as st
@@ -11,7 +19,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from jaxsparse import data
+from jaxsparse import data, data_sources
 
 SHARED = "/work/shared/data"
 GENUINE = os.path.join(SHARED, "cifar10-genuine-subset.npz")
@@ -47,7 +55,7 @@ def _write_batches(root, per_batch=4, data_key=b"data"):
   """Writes cifar-10-batches-py/ pickles; returns expected (x_train, y_train, x_test, y_test)."""
   root.mkdir(parents=True, exist_ok=True)
   xs, ys = [], []
-  for i, name in enumerate(data._BATCH_NAMES):
+  for i, name in enumerate(data_sources.BATCH_NAMES):
     x, y = _images(per_batch, seed=i), [(i + j) % 10 for j in range(per_batch)]
     batch = {data_key: x.transpose(0, 3, 1, 2).reshape(per_batch, 3072), b"labels": y,
              b"batch_label": name.encode()}
@@ -155,7 +163,7 @@ def test_cache_reused_and_invalidated(tmp_path, cache, monkeypatch):
   _write_batches(tmp_path / "b")
   first = data.load(str(tmp_path / "b"), cache_dir=cache)
   assert len(os.listdir(cache)) == 1
-  monkeypatch.setattr(data, "_from_members", lambda *a: pytest.fail("decoded twice"))
+  monkeypatch.setattr(data_sources, "from_members", lambda *a: pytest.fail("decoded twice"))
   second = data.load(str(tmp_path / "b"), cache_dir=cache)
   np.testing.assert_array_equal(first.train.images, second.train.images)
   os.utime(tmp_path / "b" / "test_batch", ns=(1, 1))  # a changed file is a new source
@@ -307,6 +315,117 @@ def test_corrupted_files(tmp_path, cache, name):
   with pytest.raises(data.DataError, match=f"{name}: corrupted or unreadable"):
     data.load(str(tmp_path / name), cache_dir=cache)
   assert not os.path.exists(cache) or os.listdir(cache) == []
+
+
+# ---------------------------------------------------------------- the 'cifar10' source (download)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture
+def fake_cifar(tmp_path, monkeypatch):
+  """A fake cifar-10-python.tar.gz served over loopback HTTP while the test runs."""
+  for name in ("http_proxy", "https_proxy", "all_proxy"):  # urllib would route 127.0.0.1 there
+    monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv(name.upper(), raising=False)
+  expected = _write_batches(tmp_path / "src" / "cifar-10-batches-py")
+  (tmp_path / "www").mkdir()
+  archive = _tar(tmp_path / "src" / "cifar-10-batches-py",
+                 tmp_path / "www" / "cifar-10-python.tar.gz", "cifar-10-batches-py")
+  blob = archive.read_bytes()
+  handler = functools.partial(_QuietHandler, directory=str(tmp_path / "www"))
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  thread = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05))
+  thread.start()
+
+  def stop():
+    if thread.is_alive():
+      server.shutdown()
+      thread.join()
+    server.server_close()
+
+  url = f"http://127.0.0.1:{server.server_address[1]}/cifar-10-python.tar.gz"
+  yield types.SimpleNamespace(
+      url=url, blob=blob, expected=expected, stop=stop,
+      kwargs=dict(download_url=url, download_md5=hashlib.md5(blob).hexdigest(),
+                  download_size=len(blob), tfds_data_dir=str(tmp_path / "tfds")))
+  stop()
+
+
+def _closed_port_url():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  return f"http://127.0.0.1:{port}/cifar-10-python.tar.gz"
+
+
+def test_cifar10_downloads_verifies_decodes_then_uses_the_cache(fake_cifar, cache, monkeypatch):
+  calls = []
+  ds = data.load("cifar10", cache_dir=cache, progress=lambda *a: calls.append(a),
+                 **fake_cifar.kwargs)
+  for got, want in zip((ds.train.images, ds.train.labels, ds.test.images, ds.test.labels),
+                       fake_cifar.expected):
+    np.testing.assert_array_equal(got, want)
+  archive = os.path.join(cache, "cifar-10-python.tar.gz")
+  assert ds.source == archive and open(archive, "rb").read() == fake_cifar.blob
+  size = len(fake_cifar.blob)
+  assert calls[-1] == (size, size) and [d for d, _ in calls] == sorted({d for d, _ in calls})
+  assert sorted(f.endswith(".npz") for f in os.listdir(cache)) == [False, True]  # no temp files
+  fake_cifar.stop()
+  monkeypatch.setattr(data_sources, "from_members", lambda *a: pytest.fail("decoded twice"))
+  again = data.load("cifar10", cache_dir=cache, **fake_cifar.kwargs)
+  np.testing.assert_array_equal(again.train.images, ds.train.images)
+  assert again.source == archive
+
+
+def test_cifar10_downloads_again_over_a_truncated_archive(fake_cifar, cache):
+  os.makedirs(cache)
+  with open(os.path.join(cache, "cifar-10-python.tar.gz"), "wb") as f:
+    f.write(fake_cifar.blob[:100])
+  ds = data.load("cifar10", cache_dir=cache, **fake_cifar.kwargs)
+  assert ds.test.labels.shape == (4,)
+  assert os.path.getsize(os.path.join(cache, "cifar-10-python.tar.gz")) == len(fake_cifar.blob)
+
+
+@pytest.mark.parametrize("override, match", [
+    (dict(download_md5="0" * 32), r"failed verification: got md5 [0-9a-f]{32}, expected \d+ "
+                                  r"bytes with md5 0{32}; nothing was kept"),
+    (dict(download_size=10**6), r"the server offers \d+ bytes, expected 1000000"),
+], ids=["md5", "size"])
+def test_cifar10_bad_checksum_or_size_keeps_nothing(fake_cifar, cache, override, match):
+  with pytest.raises(data.DataError, match=match) as info:
+    data.load("cifar10", cache_dir=cache, **(fake_cifar.kwargs | override))
+  assert not isinstance(info.value, data.DataNotFoundError)
+  assert os.listdir(cache) == []
+
+
+@pytest.mark.parametrize("where", ["closed port", "404"])
+def test_cifar10_unreachable_fails_fast_naming_alternatives(fake_cifar, cache, where):
+  url = _closed_port_url() if where == "closed port" else fake_cifar.url + ".missing"
+  start = time.perf_counter()
+  with pytest.raises(data.DataNotFoundError, match=r"cannot download .*--data") as info:
+    data.load("cifar10", cache_dir=cache, **(fake_cifar.kwargs | dict(download_url=url)))
+  assert time.perf_counter() - start < 5
+  message = str(info.value)
+  assert url in message and "TFDS cifar10 is not prepared" in message
+  assert "cifar-10-python.tar.gz (md5" in message and ".npz" in message
+  assert os.listdir(cache) == []
+
+
+def test_cifar10_prefers_prepared_tfds(cache):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=12):
+    ds = data.load("cifar10", cache_dir=cache, download_url=_closed_port_url())
+  assert ds.source.startswith("tfds:cifar10") and ds.train.images.shape == (12, 32, 32, 3)
+  assert "cifar-10-python.tar.gz" not in os.listdir(cache)
+
+
+def test_cifar10_is_the_default_source():
+  assert inspect.signature(data.load).parameters["source"].default == "cifar10"
 
 
 # ---------------------------------------------------------------- splits and statistics
