@@ -63,11 +63,11 @@ class _Norm(nn.Module):
 
 
 def _site(module: nn.Module, name: str, x, keep, sites: bool, gradient: str, score: str):
-  """Top-k site: masks `x` and, only if "density" is mutable, sows its achieved density."""
+  """Top-k site: masks `x` and sows its achieved density only if "density" is mutable (not in init)."""
   if not sites:
     return x
   y = topk_mask(x, keep, score=score, gradient=gradient)
-  if module.is_mutable_collection(DENSITY):
+  if module.is_mutable_collection(DENSITY) and not module.is_initializing():
     module.sow(DENSITY, name, nonzero_fraction(y),
                reduce_fn=lambda _, new: new, init_fn=lambda: jnp.zeros((), jnp.float32))
   return y
@@ -152,7 +152,6 @@ class WideResNet(nn.Module):
       raise ValueError(f"WRN depth must be 6n + 4 with n >= 1, got {self.depth}")
     if self.norm not in NORMS:
       raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-    keep = jnp.asarray(keep, jnp.float32)
     n = (self.depth - 4) // 6
     x = nn.Conv(16, (3, 3), use_bias=False, kernel_init=_conv_init, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="stem")(x_BxHxWxC)
