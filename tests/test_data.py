@@ -327,11 +327,15 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture
-def fake_cifar(tmp_path, monkeypatch):
-  """A fake cifar-10-python.tar.gz served over loopback HTTP while the test runs."""
+def no_proxy(monkeypatch):
   for name in ("http_proxy", "https_proxy", "all_proxy"):  # urllib would route 127.0.0.1 there
     monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv(name.upper(), raising=False)
+
+
+@pytest.fixture
+def fake_cifar(tmp_path, no_proxy):  # pylint: disable=unused-argument
+  """A fake cifar-10-python.tar.gz served over loopback HTTP while the test runs."""
   expected = _write_batches(tmp_path / "src" / "cifar-10-batches-py")
   (tmp_path / "www").mkdir()
   archive = _tar(tmp_path / "src" / "cifar-10-batches-py",
@@ -414,6 +418,20 @@ def test_cifar10_unreachable_fails_fast_naming_alternatives(fake_cifar, cache, w
   assert url in message and "TFDS cifar10 is not prepared" in message
   assert "cifar-10-python.tar.gz (md5" in message and ".npz" in message
   assert os.listdir(cache) == []
+
+
+@pytest.mark.usefixtures("no_proxy")
+def test_download_times_out_on_a_silent_server(tmp_path):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    s.listen()  # the kernel accepts the connection; nobody ever answers
+    url = f"http://127.0.0.1:{s.getsockname()[1]}/x"
+    start = time.perf_counter()
+    with pytest.raises(data.DataNotFoundError, match=r"cannot download .*timed out"):
+      data_sources.download(url, str(tmp_path / "x"), md5="0" * 32, size=1, timeout=0.3)
+    assert time.perf_counter() - start < 3
+  assert os.listdir(tmp_path) == []
+  assert inspect.signature(data_sources.download).parameters["timeout"].default == 10
 
 
 def test_cifar10_prefers_prepared_tfds(cache):
