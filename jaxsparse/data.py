@@ -257,7 +257,7 @@ def load(source: str = "cifar10", *, cache_dir: str | None = None, val_size: int
   Args:
     source: 'cifar10' (prepared TFDS data, else download the original archive), 'tfds:<name>',
       an image-folder tree or its .tar.gz, cifar-10-python.tar.gz or cifar-10-batches-py/, or an
-      .npz with x_train, y_train, x_test, y_test.
+      .npz with x_train, y_train, x_test, y_test (a local folder named cifar10: './cifar10').
     cache_dir: where downloads and decoded arrays are cached; default ~/.cache/jaxsparse.
     val_size: examples held out of the training set for validation (seeded, stratified).
     train_size: if given, a seeded, class-stratified subset of the remaining training set.

@@ -1,5 +1,4 @@
-"""Tests for jaxsparse.data: every source format, the cifar10 download, caching, splits,
-batches and errors."""
+"""Tests for jaxsparse.data: sources, the cifar10 download, caching, splits, batches, errors."""
 
 import functools
 import hashlib
