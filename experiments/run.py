@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--preset", default="paper", choices=sorted(config_lib.PRESETS),
                  help="paper: WRN-28-4, full data, 200 epochs (GPU); cpu: ~20 min on 2 CPU cores; "
                       "smoke: seconds (default: %(default)s)")
-  p.add_argument("--data", help="tfds:cifar10 (default), a CIFAR-10 image-folder .tar.gz or folder, "
+  p.add_argument("--data", help="cifar10 (default: a prepared TFDS cifar10, else the original archive, downloaded "
+                                "once), tfds:cifar10, a CIFAR-10 image-folder .tar.gz or folder, "
                                 "cifar-10-python.tar.gz or its folder, or an .npz with x_train,y_train,x_test,y_test")
   p.add_argument("--cache-dir", help="where decoded datasets are cached (default ~/.cache/jaxsparse)")
   p.add_argument("--epochs", type=int)

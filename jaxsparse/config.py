@@ -30,7 +30,7 @@ PAPER_KEEPS = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05)
 class Config:
   """Everything one training run depends on. Saved as config.json beside the run."""
   # Data.
-  data: str = "tfds:cifar10"
+  data: str = "cifar10"             # prepared TFDS cifar10, else the original archive, downloaded once
   cache_dir: str | None = None        # None: the data module's default (~/.cache/jaxsparse)
   train_size: int | None = None       # None: the whole training set (minus validation)
   val_size: int = 5000                # held out from train, same split for every schedule (ours)

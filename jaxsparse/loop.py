@@ -89,6 +89,23 @@ def _read_history(path: Path, upto_epoch: int) -> list[dict]:
   return records
 
 
+def _load_data(config: Config, *, progress: bool) -> data_lib.Dataset:
+  bar = None
+
+  def on_download(done: int, total: int):
+    nonlocal bar
+    if bar is None:
+      bar = tqdm(total=total, unit="B", unit_scale=True, desc="download CIFAR-10", disable=not progress)
+    bar.update(done - bar.n)
+
+  try:
+    return data_lib.load(config.data, cache_dir=config.cache_dir, val_size=config.val_size,
+                         train_size=config.train_size, seed=config.seed, progress=on_download)
+  finally:
+    if bar is not None:
+      bar.close()
+
+
 def evaluate(eval_fn, state, split, *, keep: float, batch_size: int, mean, std, mesh) -> dict:
   """Exact accuracy and loss over every example of `split` (padded, masked batches)."""
   rep = parallel.replicated(mesh)
@@ -130,8 +147,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
   prepare_workdir(config, workdir, fresh=fresh)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
-  ds = data_lib.load(config.data, cache_dir=config.cache_dir, val_size=config.val_size,
-                     train_size=config.train_size, seed=config.seed)
+  ds = _load_data(config, progress=progress)
   steps_per_epoch = data_lib.steps_per_epoch(len(ds.train.labels), config.batch_size)
   total_steps = steps_per_epoch * config.epochs
   model = build_model(config)
