@@ -102,15 +102,17 @@ def _key_layout(dtype) -> tuple[int, type, int]:
   return width, udtype, int(np.array(np.inf, dtype).view(udtype))
 
 
-def _keys(x, magnitude: bool):
+def _keys(x, magnitude: bool, dtype=None):
   """Maps floats to uint32 keys whose order is the score order; returns (keys, nbits).
 
+  ``x`` is a float array, or the unsigned bit patterns of ``dtype`` floats.
   Integer ops only (bfloat16 float ops are slow on CPU). -0 maps to +0's key and
   every NaN to one key above +inf's, so comparing keys gives the documented ties.
   """
-  width, udtype, inf = _key_layout(x.dtype)
+  width, udtype, inf = _key_layout(dtype or x.dtype)
   sign = 1 << (width - 1)
-  bits = lax.bitcast_convert_type(x, udtype).astype(jnp.uint32)
+  bits = x if dtype else lax.bitcast_convert_type(x, udtype)
+  bits = bits.astype(jnp.uint32)
   mag = bits & jnp.uint32(sign - 1)
   if magnitude:  # non-negative floats are ordered like their bits
     return jnp.minimum(mag, jnp.uint32(inf + 1)), width - 1
@@ -219,9 +221,13 @@ def _threshold_keys(x, keep, axes, score: str, method: str):
   magnitude = score == "magnitude"
   kth = _KTH["radix" if method == "auto" else method]
 
+  dtype = x.dtype
+  if dtype.itemsize == 2:  # measured: slicing bf16 in the loop is ~2.5x slower than u16
+    x_RxN = lax.bitcast_convert_type(x_RxN, _key_layout(dtype)[1])
+
   def chunk(args):
     x_CxN, k_C = args
-    keys, nbits = _keys(x_CxN, magnitude)
+    keys, nbits = _keys(x_CxN, magnitude, dtype if dtype.itemsize == 2 else None)
     return kth(keys, k_C, nbits)
 
   # The passes run chunk by chunk so each chunk's keys stay in cache: on the CPU
