@@ -1,10 +1,14 @@
 """Run records -> summary, text tables and plots (matplotlib's object API: no global backend state)."""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 from matplotlib.figure import Figure
+from scipy import stats
 
 
 def summarize(history: Sequence[Mapping], *, keep_curve: Mapping[float, float], device: str, data_source: str,
@@ -85,3 +89,120 @@ def _save(fig: Figure, path: Path) -> Path:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Many runs: schedule x seed.
+
+def load_runs(paths) -> list[dict]:
+  """Reads run directories into dicts {path, summary, history}; raises for a directory that is not a run."""
+  runs = []
+  for p in map(Path, paths):
+    summary_path, metrics_path = p / "summary.json", p / "metrics.jsonl"
+    if not summary_path.exists() or not metrics_path.exists():
+      raise FileNotFoundError(f"{p} is not a finished run (no summary.json / metrics.jsonl)")
+    history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    runs.append({"path": str(p), "summary": json.loads(summary_path.read_text()), "history": history})
+  if not runs:
+    raise ValueError("no runs given")
+  return runs
+
+
+def _by_schedule(runs) -> dict[str, list[dict]]:
+  groups: dict[str, list[dict]] = {}
+  for r in sorted(runs, key=lambda r: (r["summary"]["schedule"], r["summary"]["seed"])):
+    groups.setdefault(r["summary"]["schedule"], []).append(r)
+  return groups
+
+
+def mean_std(values) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for a single value)."""
+  a = np.asarray(values, np.float64)
+  return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float], confidence: float = 0.95):
+  """Mean of a[seed] - b[seed] over shared seeds and the half-width of its t-interval (nan for n < 2)."""
+  seeds = sorted(set(a) & set(b))
+  if not seeds:
+    return math.nan, math.nan, 0
+  d = np.array([a[s] - b[s] for s in seeds], np.float64)
+  if d.size < 2:
+    return float(d.mean()), math.nan, 1
+  half = stats.t.ppf(0.5 + confidence / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size)
+  return float(d.mean()), float(half), int(d.size)
+
+
+def comparison_markdown(runs, *, title: str, baseline: str = "dense", figures=()) -> str:
+  """One markdown table: per schedule mean ± std of final and best dense test accuracy, difference to the
+  baseline schedule (paired by seed, 95% t-interval), keep curve means, cycles, wall time; then per-seed rows."""
+  groups = _by_schedule(runs)
+  keeps = sorted({float(k) for r in runs for k in r["summary"]["keep_curve"]}, reverse=True)
+  final = {s: {r["summary"]["seed"]: r["summary"]["test_accuracy"] for r in rs} for s, rs in groups.items()}
+  lines = [f"# {title}", "", "Dense (keep = 1) test accuracy at the end of training; mean ± std over seeds. "
+           f"Δ vs {baseline}: mean paired difference over shared seeds ± the 95% t-interval half-width.", "",
+           "| schedule | seeds | final test acc | best test acc | Δ final vs " + baseline + " | cycles | "
+           + " | ".join(f"keep {k:g}" for k in keeps) + " | wall (min) |",
+           "|---|---:|---:|---:|---:|---:|" + "---:|" * len(keeps) + "---:|"]
+  for s, rs in groups.items():
+    fm, fs = mean_std([r["summary"]["test_accuracy"] for r in rs])
+    bm, bs = mean_std([r["summary"]["best_test_accuracy"] for r in rs])
+    if s == baseline or baseline not in final:
+      delta = "—"
+    else:
+      d, half, n = paired_difference(final[s], final[baseline])
+      delta = f"{d:+.4f} ± {half:.4f} (n={n})" if n > 1 else f"{d:+.4f} (n={n})"
+    curve = [mean_std([r["summary"]["keep_curve"].get(str(k), math.nan) for r in rs])[0] for k in keeps]
+    cycles = mean_std([r["summary"]["cycles"] for r in rs])[0]
+    wall = mean_std([r["summary"]["wall_time_s"] / 60 for r in rs])[0]
+    lines.append(f"| {s} | {len(rs)} | {fm:.4f} ± {fs:.4f} | {bm:.4f} ± {bs:.4f} | {delta} | {cycles:.1f} | "
+                 + " | ".join(f"{c:.4f}" for c in curve) + f" | {wall:.1f} |")
+  lines += ["", "Per seed (final / best dense test accuracy):", "", "| schedule | seed | final | best | run |",
+            "|---|---:|---:|---:|---|"]
+  for s, rs in groups.items():
+    for r in rs:
+      lines.append(f"| {s} | {r['summary']['seed']} | {r['summary']['test_accuracy']:.4f} | "
+                   f"{r['summary']['best_test_accuracy']:.4f} | `{r['path']}` |")
+  if figures:
+    lines += [""] + [f"![{f}]({f})" for f in figures]
+  return "\n".join(lines) + "\n"
+
+
+def plot_comparison(runs, outdir: str | Path) -> list[Path]:
+  """accuracy.png (dense test accuracy vs epoch, mean over seeds per schedule), keep.png (first seed's keep
+  trajectory per schedule), keep_curve.png (mean test accuracy vs test-time keep)."""
+  outdir = Path(outdir)
+  outdir.mkdir(parents=True, exist_ok=True)
+  groups = _by_schedule(runs)
+  paths = []
+
+  fig = Figure(figsize=(7, 4))
+  ax = fig.subplots()
+  for s, rs in groups.items():
+    n = min(len(r["history"]) for r in rs)
+    acc = np.mean([[h["test_accuracy"] for h in r["history"][:n]] for r in rs], axis=0)
+    ax.plot(range(1, n + 1), acc, label=f"{s} (n={len(rs)})")
+  ax.set(xlabel="epoch", ylabel="dense test accuracy", title="Test accuracy (mean over seeds)")
+  ax.legend()
+  paths.append(_save(fig, outdir / "accuracy.png"))
+
+  fig = Figure(figsize=(7, 1.2 + 1.0 * len(groups)))
+  axes = np.atleast_1d(fig.subplots(len(groups), 1, sharex=True))
+  for ax, (s, rs) in zip(axes, groups.items()):
+    h = rs[0]["history"]
+    ax.step([r["epoch"] for r in h], [r["keep"] for r in h], where="post")
+    ax.set(ylabel="keep", ylim=(0, 1.05))
+    ax.set_title(s, fontsize=9, loc="left")
+  axes[-1].set_xlabel("epoch")
+  paths.append(_save(fig, outdir / "keep.png"))
+
+  fig = Figure(figsize=(5.5, 4))
+  ax = fig.subplots()
+  for s, rs in groups.items():
+    keeps = sorted({float(k) for r in rs for k in r["summary"]["keep_curve"]})
+    acc = [mean_std([r["summary"]["keep_curve"][str(k)] for r in rs])[0] for k in keeps]
+    ax.plot(keeps, acc, marker="o", label=s)
+  ax.set(xscale="log", xlabel="test-time keep ratio", ylabel="test accuracy", title="Keep curve (mean over seeds)")
+  ax.legend()
+  paths.append(_save(fig, outdir / "keep_curve.png"))
+  return paths

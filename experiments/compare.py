@@ -1,0 +1,43 @@
+"""Aggregate run directories (schedule x seed) into one markdown table and figures.
+
+  python experiments/compare.py runs/cpu_* --out docs/study --title "CPU study"
+
+Reads each run's summary.json and metrics.jsonl; writes <out>/results.md (mean ± std per schedule and per
+seed, difference to dense with a 95% t-interval) and <out>/*.png (accuracy vs epoch, keep trajectories, keep
+curves).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from jaxsparse import report  # noqa: E402
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("runs", nargs="+", help="run directories (each with summary.json and metrics.jsonl)")
+  p.add_argument("--out", required=True, help="output directory for results.md and figures")
+  p.add_argument("--title", default="Comparison")
+  p.add_argument("--baseline", default="dense", help="schedule the others are compared with")
+  args = p.parse_args(argv)
+  try:
+    runs = report.load_runs(args.runs)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  figures = report.plot_comparison(runs, out)
+  text = report.comparison_markdown(runs, title=args.title, baseline=args.baseline,
+                                    figures=[f.name for f in figures])
+  (out / "results.md").write_text(text)
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
