@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from jaxsparse import topk
 from jaxsparse.topk import nonzero_fraction, topk_mask, topk_threshold
 
 METHODS = ("radix", "bisect", "sort")
@@ -62,7 +63,7 @@ def special_array(rng, shape, dtype=np.float32):
 # ------------------------------------------------------------ reference agreement
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     shape=st.just((3, 2, 3, 5)),
     dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
@@ -101,6 +102,17 @@ def test_every_method_equals_reference(dtype, score):
     np.testing.assert_array_equal(np.asarray(thr), ref, err_msg=method)
 
 
+def test_float16_and_many_row_chunks(monkeypatch):
+  monkeypatch.setattr(topk, "_CHUNK_UNITS", 700)  # 7 rows of 300 -> 7 chunks of 1 row
+  x = special_array(np.random.default_rng(7), (7, 300), np.float16)
+  keep = _f32([0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0])
+  ref, _ = ref_threshold(x, keep)
+  np.testing.assert_array_equal(jax.jit(topk_threshold)(x, keep), ref)
+  y = jax.jit(topk_mask)(x, keep)
+  assert y.dtype == jnp.float16
+  np.testing.assert_array_equal(y.astype(jnp.float32), ref_mask(x, ref))
+
+
 def test_distinct_scores_keep_exactly_k():
   x = jnp.asarray(np.random.default_rng(0).permutation(4 * 8 * 8 * 3).reshape(4, 8, 8, 3) - 100.0)
   for keep in (0.01, 0.3, 0.7, 1.0):
@@ -136,6 +148,7 @@ def test_infinities_and_signed_zeros(method):
   y = np.asarray(_mask(x, _f32(0.25), method=method))
   np.testing.assert_array_equal(y, [[0, np.inf, 0, 0], [0, 0, 0, 0]])
   assert np.signbit(y[1, 1]) and not np.signbit(y[1, 0])
+  assert not np.signbit(_thr(-x, _f32(0.5), method=method)[1, 0])  # zero threshold is +0.0
   # A dropped -inf becomes 0, also under the straight-through estimator.
   y = _mask(x, _f32(0.5), gradient="straight_through", method=method)
   np.testing.assert_array_equal(y, [[0, np.inf, 1, 0], [0, 0, 0, 0]])
