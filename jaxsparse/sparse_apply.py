@@ -75,9 +75,9 @@ def sparse_apply(model: nn.Module, variables: Mapping[str, Any], *args, keep,
                  **apply_kwargs):
   """Like `model.apply`, with global per-example top-k applied to the selected hidden activations.
 
-  Sites. A site is a call of a submodule's `__call__` selected by `where`; on `position="inputs"`
-  the first positional argument (the activation) is masked before the layer runs, on
-  `position="outputs"` the returned array is masked. `where` is one of:
+  Sites. A site is a call of a submodule's `__call__` (never the root module's) selected by
+  `where`; on `position="inputs"` the first positional argument (the activation) is masked before
+  the layer runs, on `position="outputs"` the returned array is masked. `where` is one of:
 
   * None (default, inputs only): every `nn.Conv`, `nn.ConvTranspose`, `nn.ConvLocal`, `nn.Dense`,
     `nn.DenseGeneral` and `nn.Einsum` (`WEIGHT_LAYERS`), except the input layers below;
