@@ -212,7 +212,12 @@ def _rows_k(keep, lead: tuple[int, ...], n: int):
 
 
 def _chunk_rows(rows: int, n: int) -> int:
-  """Rows per chunk: the largest divisor of rows with <= _CHUNK_UNITS units."""
+  """Rows per chunk: the largest divisor of rows with <= _CHUNK_UNITS units.
+
+  Only on CPU: an accelerator wants all rows in flight at once (not measured).
+  """
+  if jax.default_backend() != "cpu":
+    return rows
   target = max(1, _CHUNK_UNITS // max(n, 1))
   return max(c for c in range(1, min(rows, target) + 1) if rows % c == 0)
 
