@@ -222,6 +222,14 @@ def _chunk_rows(rows: int, n: int) -> int:
   return max(c for c in range(1, min(rows, target) + 1) if rows % c == 0)
 
 
+def _explicitly_sharded(x) -> bool:
+  """Whether x's type carries a device sharding (jax.sharding.AxisType.Explicit)."""
+  try:
+    return any(p is not None for p in jax.typeof(x).sharding.spec)
+  except AttributeError:
+    return False
+
+
 def _threshold_keys(x, keep, axes, score: str, method: str):
   """k-th largest key per row, shaped like x with the reduced axes of size 1."""
   x_RxN, lead, other = _to_rows(lax.stop_gradient(x), axes)
@@ -241,9 +249,22 @@ def _threshold_keys(x, keep, axes, score: str, method: str):
 
   # The passes run chunk by chunk so each chunk's keys stay in cache: on the CPU
   # this is ~3x faster than whole-array passes at (128, 65536), and the full key
-  # array is never written to memory.
+  # array is never written to memory. Chunk j holds rows j, j + n_chunks, ... so
+  # a batch sharded over devices stays sharded (no loop over a sharded axis).
   c = _chunk_rows(rows, n)
-  kth_R = lax.map(chunk, (x_RxN.reshape(rows // c, c, n), k_R.reshape(rows // c, c)))
+  n_chunks = rows // c
+  if n_chunks == 1 or _explicitly_sharded(x_RxN):
+    kth_R = chunk((x_RxN, k_R))
+  else:
+    x_CxJxN, k_CxJ = x_RxN.reshape(c, n_chunks, n), k_R.reshape(c, n_chunks)
+
+    def body(j, out_CxJ):
+      args = (lax.dynamic_index_in_dim(x_CxJxN, j, 1, keepdims=False),
+              lax.dynamic_index_in_dim(k_CxJ, j, 1, keepdims=False))
+      return lax.dynamic_update_index_in_dim(out_CxJ, chunk(args)[:, None], j, 1)
+
+    kth_R = lax.fori_loop(0, n_chunks, body, jnp.zeros((c, n_chunks), jnp.uint32))
+    kth_R = kth_R.reshape(rows)
   out_shape = [1] * x.ndim
   for a in other:
     out_shape[a] = x.shape[a]
