@@ -1,4 +1,8 @@
 """Tests for jaxsparse.topk: exact per-example global top-k with a traced keep."""
+import os
+import subprocess
+import sys
+
 
 import chex
 import hypothesis.extra.numpy as hnp
@@ -316,3 +320,28 @@ def test_nonzero_fraction():
   assert nonzero_fraction(y).dtype == jnp.float32
   np.testing.assert_allclose(nonzero_fraction(y), 3 / 8)
   np.testing.assert_allclose(nonzero_fraction(y, axes=1), [0.5, 0.25])
+
+
+_SHARDED_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jaxsparse import topk
+topk._CHUNK_UNITS = 8 * 256  # several chunks of 8 rows
+x_np = np.random.default_rng(0).normal(size=(64, 4, 4, 16)).astype(np.float32)
+ref = np.asarray(jax.jit(topk.topk_mask)(x_np, jnp.float32(0.3)))
+for axis_type in (AxisType.Explicit, AxisType.Auto):
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+  x = jax.device_put(x_np, NamedSharding(mesh, P("data")))
+  f = jax.jit(topk.topk_mask)
+  assert "all-gather" not in f.lower(x, jnp.float32(0.3)).compile().as_text()
+  np.testing.assert_array_equal(np.asarray(f(x, jnp.float32(0.3))), ref)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_batch_sharded_over_8_cpu_devices():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
