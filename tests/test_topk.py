@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 
-
 import chex
 import hypothesis.extra.numpy as hnp
 import jax
