@@ -1,8 +1,8 @@
 """`sparse_apply`: global top-k on the hidden activations of any Linen model, scoped to one call.
 
-The masking is installed with `flax.linen.intercept_methods` inside the function that runs the model,
-so it lives only in that call (and in the jit trace that contains it): nothing is patched globally and
-the model's code is not edited.
+The masking is installed with `flax.linen.intercept_methods` inside the function that runs the
+model, so it lives only in that call (and in the jit trace that contains it): nothing is patched
+globally and the model's code is not edited.
 """
 from __future__ import annotations
 
@@ -76,29 +76,31 @@ def sparse_apply(model: nn.Module, variables: Mapping[str, Any], *args, keep,
   """Like `model.apply`, with global per-example top-k applied to the selected hidden activations.
 
   Sites. A site is a call of a submodule's `__call__` (never the root module's) selected by
-  `where`; on `position="inputs"` the first positional argument (the activation) is masked before
-  the layer runs, on `position="outputs"` the returned array is masked. `where` is one of:
+  `where`; on `position="inputs"` its first positional argument (or `inputs=`: the activation) is
+  masked before the layer runs, on `position="outputs"` the returned array is masked. `where` is one
+  of:
 
   * None (default, inputs only): every `nn.Conv`, `nn.ConvTranspose`, `nn.ConvLocal`, `nn.Dense`,
     `nn.DenseGeneral` and `nn.Einsum` (`WEIGHT_LAYERS`), except the input layers below;
   * a Module class (matches subclasses too);
-  * a glob string on the '/'-joined module path, e.g. ``"block*/conv2"`` (`fnmatch`, case-sensitive);
+  * a glob string on the '/'-joined module path, e.g. ``"block*/conv2"`` (case-sensitive
+    `fnmatch`);
   * a compiled regex (`re.compile(...)`), matched with `.search` on the path;
   * a predicate ``(module, path) -> bool``;
   * a tuple or list of the above (their union).
 
   Input layers. On inputs, a layer is never masked when its input is one of the arrays passed to
-  `apply` (`*args`, compared by identity), or is the very array that the first `WEIGHT_LAYERS`
-  call (in program order, selected or not) received: masking the data is not activation sparsity. So a CNN's stem conv, an
-  MLP's first Dense (also after a reshape), and every layer sharing that first input (e.g. the
-  query/key/value projections of a first self-attention layer) are skipped.
+  `apply` (`*args`, compared by identity), or is the very array that the first `WEIGHT_LAYERS` call
+  (in program order, selected or not) received: masking the data is not activation sparsity. So a
+  CNN's stem conv, an MLP's first Dense (also after a reshape), and every layer sharing that first
+  input (e.g. the query/key/value projections of a first self-attention layer) are skipped.
 
   Args:
     model: any `flax.linen.Module`.
     variables: as for `model.apply`.
     *args: positional arguments of `model.apply` (the model inputs).
-    keep: keep ratio in (0, 1], a Python float or a (traced) float32 scalar; 1.0 is dense. Changing a
-      traced keep never recompiles.
+    keep: keep ratio in (0, 1], a Python float or a (traced) float32 scalar; 1.0 is dense.
+      Changing a traced keep never recompiles.
     where: site selector (see above).
     position: "inputs" or "outputs" ("outputs" needs an explicit `where`).
     gradient: top-k gradient, "masked" or "straight_through".
@@ -155,20 +157,22 @@ def sparse_apply(model: nn.Module, variables: Mapping[str, Any], *args, keep,
     module = ctx.module
     if ctx.method_name != "__call__" or not module.path:
       return next_fun(*call_args, **call_kwargs)
-    x = call_args[0] if call_args else None
     if seen["first_input"] is None and isinstance(module, WEIGHT_LAYERS):
-      seen["first_input"] = x
+      seen["first_input"] = call_args[0] if call_args else call_kwargs.get("inputs")
     if not matches(module, _path(module)):
       return next_fun(*call_args, **call_kwargs)
     if position == "outputs":
       return mask(module, next_fun(*call_args, **call_kwargs))
-    if not call_args:
-      raise TypeError(f"sparse_apply: site {_path(module)!r} got no positional input to mask")
-    rest = call_args[1:]
+    if not call_args and "inputs" not in call_kwargs:
+      raise TypeError(f"sparse_apply: site {_path(module)!r} got no input to mask (neither a "
+                      "positional argument nor `inputs=`)")
+    x = call_args[0] if call_args else call_kwargs["inputs"]
     if x is seen["first_input"] or any(x is a for a in model_inputs):
       seen["skipped"] += 1
       return next_fun(*call_args, **call_kwargs)
-    return next_fun(mask(module, x), *rest, **call_kwargs)
+    if call_args:
+      return next_fun(mask(module, x), *call_args[1:], **call_kwargs)
+    return next_fun(**{**call_kwargs, "inputs": mask(module, x)})
 
   mutable = apply_kwargs.pop("mutable", False)
   if return_density:

@@ -1,4 +1,4 @@
-"""Tests for jaxsparse.models.wrn: structure, parameter count, sites, dtypes, norms, no recompiles."""
+"""Tests for jaxsparse.models.wrn: structure, parameter count, sites, dtypes, norms, recompiles."""
 import math
 
 import jax

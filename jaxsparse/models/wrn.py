@@ -15,18 +15,19 @@ Basic block (pre-activation)::
   out = conv2(a2) + (shortcut(a1) if the shape changes else x)   1x1 projection, stride s
 
 So the model has ``2 * 3 * n + 1`` top-k sites: 25 for WRN-28-4, 13 for WRN-16-2, 7 for WRN-10-1,
-named ``group{g}_block{b}/act1``, ``group{g}_block{b}/act2`` and ``final_act``. Each site is the input of
-a weight layer, and the classifier is applied per position *before* the (linear) average pool, which is
-mathematically the same as pool -> dense but makes the pre-pool activation the classifier's input.
-Hence ``jaxsparse.sparse_apply`` with its default sites on a ``sites=False`` model masks exactly the
-same tensors as the built-in sites.
+named ``group{g}_block{b}/act1``, ``group{g}_block{b}/act2`` and ``final_act``. Each site is the
+input of a weight layer: the classifier is applied per position *before* the (linear) average pool,
+which equals pool -> dense but makes the pre-pool activation the classifier's input. Hence
+``jaxsparse.sparse_apply`` with its default sites on a ``sites=False`` model masks exactly the same
+tensors as the built-in sites (it also lists the shortcut conv, fed the same masked ``act1``).
 
 Initialisation: convs use He/kaiming normal with fan_out (the WRN convention) and no bias; the
-classifier uses LeCun normal with zero bias; norm scales start at 1. With ``zero_init_residual=True``
-(default) the last conv of every residual branch (conv2) starts at zero, so each block is the identity
-(plus projection) at step 0 (Goyal et al. 2017; "SkipInit"). This keeps the un-normalised residual
-stream from growing with depth and is our answer to the pilot in which an RMSNorm WRN-16-2 at SGD lr 0.1
-collapsed to chance; it does not replace the lr warm-up.
+classifier uses LeCun normal with zero bias; norm scales start at 1. With
+``zero_init_residual=True`` (default) the last conv of every residual branch (conv2) starts at zero,
+so each block is the identity (plus projection) at step 0 (Goyal et al. 2017; "SkipInit"). This
+keeps the un-normalised residual stream from growing with depth at the start of training; it is
+meant to help where a pilot saw an RMSNorm WRN-16-2 at SGD lr 0.1 collapse to chance, but it has not
+been validated by a training run here and does not replace the lr warm-up.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class _Norm(nn.Module):
 
 
 def _site(module: nn.Module, name: str, x, keep, sites: bool, gradient: str, score: str):
-  """Top-k site: masks `x` and sows its achieved density only if "density" is mutable (not in init)."""
+  """Top-k site: masks `x`; sows its achieved density only if "density" is mutable (not in init)."""
   if not sites:
     return x
   y = topk_mask(x, keep, score=score, gradient=gradient)
@@ -147,7 +148,7 @@ class WideResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxHxWxC, keep=1.0, train: bool = False):
-    """Logits (float32, shape (B, num_classes)) at keep ratio `keep` (traced float32; 1.0 = dense)."""
+    """Logits (float32, (B, num_classes)) at keep ratio `keep` (traced float32; 1.0 = dense)."""
     if (self.depth - 4) % 6 or self.depth < 10:
       raise ValueError(f"WRN depth must be 6n + 4 with n >= 1, got {self.depth}")
     if self.norm not in NORMS:
