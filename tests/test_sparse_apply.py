@@ -249,16 +249,12 @@ def test_no_matching_site_warns_with_model_class(mlp):
 
 
 def _snippet() -> str:
-  """The python block between the snippet markers of README.md, else of the docs file."""
-  marks = ("<!-- snippet:sparse_apply -->", "<!-- /snippet:sparse_apply -->")
-  for path in (ROOT / "README.md", ROOT / "docs" / "sparse_apply_snippet.md"):
-    text = path.read_text() if path.exists() else ""
-    if marks[0] in text:
-      block = text.split(marks[0], 1)[1].split(marks[1], 1)[0]
-      found = re.search(r"```python\n(.*?)```", block, re.S)
-      if found:  # README may still hold a placeholder between the markers
-        return found.group(1)
-  raise AssertionError("no sparse_apply snippet in README.md or docs/sparse_apply_snippet.md")
+  """The python block between the snippet markers of README.md."""
+  text = (ROOT / "README.md").read_text()
+  start, end = "<!-- snippet:sparse_apply -->", "<!-- /snippet:sparse_apply -->"
+  assert start in text and end in text, "README.md lost its sparse_apply snippet markers"
+  block = text[text.index(start) + len(start):text.index(end)]
+  return block.split("```python", 1)[1].split("```", 1)[0]
 
 
 def test_readme_snippet_runs(capsys):
