@@ -310,7 +310,8 @@ def test_assert_max_traces_with_chex():
 def test_vmap_matches_batched_call():
   x = special_array(np.random.default_rng(6), (3, 4, 5))
   keep = _f32([0.2, 1.0, 0.6])
-  per_example = jax.vmap(lambda xi, ki: topk_mask(xi[None], ki)[0])(x, keep)
+  # method='sort' only to keep this test's compile short; all methods agree.
+  per_example = jax.vmap(lambda xi, ki: topk_mask(xi[None], ki, method="sort")[0])(x, keep)
   np.testing.assert_array_equal(per_example, _mask(x, keep))
 
 
