@@ -139,7 +139,8 @@ def test_ties_at_threshold_are_all_kept(method):
 def test_negative(method):
   x = jnp.array([[-5.0, -1.0, -3.0, -2.0], [-1e-30, -1e30, 1e-30, 0.0]])
   np.testing.assert_array_equal(_thr(x, _f32(0.5), method=method), [[-2.0], [0.0]])
-  np.testing.assert_array_equal(_mask(x, _f32(0.5), method=method), [[0, -1, 0, -2], [0, 0, x[1, 2], 0]])
+  np.testing.assert_array_equal(
+      _mask(x, _f32(0.5), method=method), [[0, -1, 0, -2], [0, 0, x[1, 2], 0]])
 
 
 @pytest.mark.parametrize("method", METHODS)
