@@ -4,12 +4,25 @@ Public API:
   topk_mask, topk_threshold, nonzero_fraction   exact per-example global top-k with a traced keep ratio
   sparse_apply                                  top-k on the hidden activations of any Linen model
   schedules, controllers                        keep-ratio schedules (step -> keep) and epoch controllers
-  models.WideResNet                             the paper's backbone with explicit top-k sites
-  Config, train_and_evaluate                    (from jaxsparse.config / jaxsparse.loop) whole runs
+  models                                        models.WideResNet: the paper's backbone with explicit top-k sites
+  Config, preset, train_and_evaluate            whole runs (loaded on first use: they pull in Orbax and the data code)
 """
+import importlib
+
 from jaxsparse import controllers, models, schedules
 from jaxsparse.sparse_apply import sparse_apply
 from jaxsparse.topk import nonzero_fraction, topk_mask, topk_threshold
 
-__all__ = ["topk_mask", "topk_threshold", "nonzero_fraction", "sparse_apply", "schedules", "controllers", "models"]
+__all__ = ["topk_mask", "topk_threshold", "nonzero_fraction", "sparse_apply", "schedules", "controllers", "models",
+           "Config", "preset", "train_and_evaluate"]
 __version__ = "0.1.0"
+
+_LAZY = {"Config": ("jaxsparse.config", "Config"), "preset": ("jaxsparse.config", "preset"),
+         "train_and_evaluate": ("jaxsparse.loop", "train_and_evaluate")}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    module, attr = _LAZY[name]
+    return getattr(importlib.import_module(module), attr)
+  raise AttributeError(f"module 'jaxsparse' has no attribute {name!r}")

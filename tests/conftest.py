@@ -1,12 +1,19 @@
-"""Shared test fixtures: paths to the read-only CIFAR-10 copies beside the repository."""
+"""Shared test fixtures and process-wide test settings."""
+import tempfile
 from pathlib import Path
 
+import jax
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 GENUINE_NPZ = SHARED_DATA / "cifar10-genuine-subset.npz"
 JPEG_TGZ = SHARED_DATA / "cifar10-jpeg.tar.gz"
+
+# Many tests compile the same small programs (e.g. each end-to-end run compiles the same train step): a
+# session-local persistent compilation cache turns the repeats into cache hits.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jaxsparse-test-xla-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @pytest.fixture(scope="session")

@@ -12,11 +12,18 @@ def _tiny(**kw):
   return WideResNet(depth=10, widen=1, **kw)
 
 
-def _state(model=None, lr=0.05, wd=5e-4):
+_STATES = {}
+
+
+def _state(model=None):
+  """A fresh-from-init train state, built once per model (pytrees are immutable; steps return new states)."""
   model = model or _tiny()
-  tx = train_lib.make_optimizer(lr, weight_decay=wd)
-  return train_lib.create_train_state(jax.random.PRNGKey(0), model, tx, controllers.get("dense"),
-                                      image_shape=(8, 8, 3))
+  if model not in _STATES:
+    tx = train_lib.make_optimizer(0.05, weight_decay=5e-4)
+    init = jax.jit(lambda rng: train_lib.create_train_state(rng, model, tx, controllers.get("dense"),
+                                                             image_shape=(8, 8, 3)))
+    _STATES[model] = init(jax.random.PRNGKey(0))
+  return _STATES[model]
 
 
 def _batch(n=8, seed=0):
@@ -70,8 +77,9 @@ def test_train_step_compiles_once_for_every_keep():
 def test_keep_one_equals_the_plain_model():
   plain, sparse = _state(_tiny(sites=False)), _state(_tiny())
   batch = _batch()
-  s1, m1 = train_lib.train_step(plain, batch, jnp.float32(1.0))
-  s2, m2 = train_lib.train_step(sparse, batch, jnp.float32(1.0))
+  step = jax.jit(train_lib.train_step)
+  s1, m1 = step(plain, batch, jnp.float32(1.0))
+  s2, m2 = step(sparse, batch, jnp.float32(1.0))
   np.testing.assert_array_equal(m1["loss"], m2["loss"])
   jax.tree.map(np.testing.assert_array_equal, s1.params, s2.params)
 
@@ -82,8 +90,8 @@ def test_eval_step_ignores_padding():
   real = {k: v[:5] for k, v in batch.items()}
   real["mask"] = np.ones(5, np.float32)
   padded = dict(batch, mask=np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32))
-  a = train_lib.eval_step(state, real, jnp.float32(0.3))
-  b = train_lib.eval_step(state, padded, jnp.float32(0.3))
+  a = jax.jit(train_lib.eval_step)(state, real, jnp.float32(0.3))
+  b = jax.jit(train_lib.eval_step)(state, padded, jnp.float32(0.3))
   assert float(b["count"]) == 5.0
   np.testing.assert_allclose(float(a["loss"]), float(b["loss"]), rtol=1e-6)
   assert float(a["correct"]) == float(b["correct"])
@@ -92,7 +100,7 @@ def test_eval_step_ignores_padding():
 def test_batchnorm_state_is_updated():
   state = _state(_tiny(norm="batchnorm"))
   assert "batch_stats" in state.model_state
-  new, _ = train_lib.train_step(state, _batch(), jnp.float32(0.5))
+  new, _ = jax.jit(train_lib.train_step)(state, _batch(), jnp.float32(0.5))
   before = jax.tree.leaves(state.model_state)
   after = jax.tree.leaves(new.model_state)
   assert any(not np.array_equal(a, b) for a, b in zip(before, after))
