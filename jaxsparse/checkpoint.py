@@ -1,15 +1,17 @@
 """Orbax checkpoints for runs whose keep ratio is cycled and reset.
 
-One checkpoint per epoch end, stored as Orbax step ``epoch`` with two items: ``state`` (any pytree of
-jax arrays, e.g. a flax TrainState) and ``meta`` (a small JSON dict). Retention keeps the newest
-``keep_latest`` checkpoints plus, for good, every checkpoint saved with ``cycle_end=c``. That mark is
+Each checkpoint is keyed by an increasing int ``step`` (the loop uses the global optimizer step, so
+epoch-end and mid-epoch checkpoints share one order) and holds two items: ``state`` (any pytree of
+jax arrays, e.g. a flax TrainState) and ``meta`` (a small JSON dict: the loop keeps the data
+position and partial-epoch metrics there). Retention keeps the newest ``keep_latest`` checkpoints
+plus, for good, every checkpoint saved with ``cycle_end=c``. That mark is
 written into the step's Orbax custom metadata, so the keep-forever set is rebuilt whenever a
 directory is reopened (Orbax preservation policies hold no state across restarts).
 
 ``restore_latest`` never hands back a checkpoint that fails to load: it walks back from the newest
-one, reports every one it skipped and why, and moves the skipped ones aside (``<epoch>.corrupt``) so
-the loop can save those epochs again. Interrupted saves never become checkpoints: Orbax writes into
-``<epoch>.orbax-checkpoint-tmp`` and renames on commit; such leftovers are ignored and deleted.
+one, reports every one it skipped and why, and moves the skipped ones aside (``<step>.corrupt``) so
+the loop can save those steps again. Interrupted saves never become checkpoints: Orbax writes into
+``<step>.orbax-checkpoint-tmp`` and renames on commit; such leftovers are ignored and deleted.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -38,17 +40,22 @@ class Restored(NamedTuple):
   Attributes:
     state: the restored pytree, same structure and types as the template, placed with its shardings.
     meta: the JSON dict saved with it (tuples come back as lists, dict keys as strings).
-    epoch: the epoch of the checkpoint that was restored.
-    skipped: ``(epoch, reason)`` for each newer checkpoint that failed to load, newest first.
+    step: the key of the checkpoint that was restored.
+    skipped: ``(step, reason)`` for each newer checkpoint that failed to load, newest first.
   """
   state: PyTree
   meta: dict[str, Any]
-  epoch: int
+  step: int
   skipped: tuple[tuple[int, str], ...]
+
+  @property
+  def epoch(self) -> int:
+    """Alias of `step` (checkpoints used to be keyed by epoch)."""
+    return self.step
 
 
 @dataclasses.dataclass
-class _KeepEpochs:
+class _KeepSteps:
   """Orbax preservation policy: keep every checkpoint whose step is a key of ``cycle_of``."""
   cycle_of: Mapping[int, int]
 
@@ -65,7 +72,7 @@ def _absolute(directory: str | os.PathLike[str]) -> str:
 
 
 class Checkpointer:
-  """Per-epoch checkpoints: the latest few plus one kept forever per reset cycle.
+  """Step-keyed checkpoints: the latest few plus one kept forever per reset cycle.
 
   Example::
 
@@ -73,10 +80,11 @@ class Checkpointer:
       start = 0
       restored = ckpt.restore_latest(state)          # None on a fresh run
       if restored is not None:
-        state, meta, start = restored.state, restored.meta, restored.epoch + 1
+        state, start = restored.state, restored.meta["epoch"] + 1
       for epoch in range(start, num_epochs):
         state = train_one_epoch(state)
-        ckpt.save(epoch, state, meta={"epoch": epoch}, cycle_end=cycle if reset_next else None)
+        ckpt.save(int(state.step), state, meta={"epoch": epoch},
+                  cycle_end=cycle if reset_next else None)
 
   Single host only for the quarantine of unloadable checkpoints (done by process 0, no barrier).
   """
@@ -100,9 +108,9 @@ class Checkpointer:
     if keep_latest < 1:
       raise ValueError(f"keep_latest must be >= 1, got {keep_latest}")
     self._log = log
-    self._cycle_of: dict[int, int] = {}  # epoch -> cycle whose end it marks
+    self._cycle_of: dict[int, int] = {}  # step -> cycle whose end it marks
     policy = ocp_managers.AnyPreservationPolicy(
-        [ocp_managers.LatestN(n=keep_latest), _KeepEpochs(self._cycle_of)])
+        [ocp_managers.LatestN(n=keep_latest), _KeepSteps(self._cycle_of)])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=async_save, create=True,
         cleanup_tmp_directories=True)
@@ -117,47 +125,48 @@ class Checkpointer:
     """The absolute checkpoint directory."""
     return os.fspath(self._manager.directory)
 
-  def save(self, epoch: int, state: PyTree, *, meta: Mapping[str, Any],
+  def save(self, step: int, state: PyTree, *, meta: Mapping[str, Any],
            cycle_end: int | None = None) -> bool:
-    """Saves the state at the end of `epoch` (asynchronously unless `async_save=False`).
+    """Saves the state as checkpoint `step` (asynchronously unless `async_save=False`).
 
     The arrays are copied to host before this returns, so the caller may donate or delete the
     state's buffers right away. Older checkpoints beyond the retention are deleted once the write
     commits.
 
     Args:
-      epoch: the Orbax step; must be greater than every epoch already saved.
+      step: the checkpoint key (e.g. the global optimizer step); must be greater than every step
+        already saved.
       state: pytree of jax arrays (params, optimizer state, controller state, step, PRNG key...).
       meta: JSON-serialisable dict (epoch, data position, cycle, config hash...); checked here.
-      cycle_end: ``c`` if this epoch ends keep-ratio cycle ``c``: this checkpoint is kept for good.
+      cycle_end: ``c`` if this checkpoint ends keep-ratio cycle ``c``: it is kept for good.
 
     Returns:
-      True if written; False (and a log line) if `epoch` is not newer than the latest checkpoint.
+      True if written; False (and a log line) if `step` is not newer than the latest checkpoint.
 
     Example::
 
-      ckpt.save(9, state, meta={"epoch": 9, "cycle": 0}, cycle_end=0)
+      ckpt.save(360, state, meta={"epoch": 9, "cycle": 0}, cycle_end=0)
     """
     json.dumps(meta)  # fail here, not later in Orbax's background thread
     latest = self._manager.latest_step()
-    if latest is not None and epoch <= latest:
-      self._warn(f"checkpoint for epoch {epoch} not saved: epoch {latest} is already saved")
+    if latest is not None and step <= latest:
+      self._warn(f"checkpoint for step {step} not saved: step {latest} is already saved")
       return False
     custom = {}
     if cycle_end is not None:
-      self._cycle_of[epoch] = int(cycle_end)  # before saving: pruning runs when the write commits
+      self._cycle_of[step] = int(cycle_end)  # before saving: pruning runs when the write commits
       custom = {_CYCLE_KEY: int(cycle_end)}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta)))
-    saved = self._manager.save(epoch, args=args, custom_metadata=custom)
+    saved = self._manager.save(step, args=args, custom_metadata=custom)
     if not saved:
-      self._cycle_of.pop(epoch, None)
+      self._cycle_of.pop(step, None)
     return saved
 
-  def restore(self, epoch: int, abstract_state: PyTree) -> tuple[PyTree, dict[str, Any]]:
-    """Restores one epoch's checkpoint exactly as saved, raising if it cannot be read.
+  def restore(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict[str, Any]]:
+    """Restores checkpoint `step` exactly as saved, raising if it cannot be read.
 
     Args:
-      epoch: which checkpoint.
+      step: which checkpoint.
       abstract_state: a template with the saved structure: concrete arrays or
         `jax.ShapeDtypeStruct`s with shardings, e.g.
         ``jax.tree.map(ocp.utils.to_shape_dtype_struct, state)``. NamedTuples, flax dataclasses
@@ -168,21 +177,21 @@ class Checkpointer:
 
     Example::
 
-      state, meta = ckpt.restore(9, abstract_state)
+      state, meta = ckpt.restore(360, abstract_state)
     """
     self._manager.wait_until_finished()
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    restored = self._manager.restore(epoch, args=ocp.args.Composite(
+    restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     if restored.meta is None:
-      raise ValueError(f"checkpoint of epoch {epoch} has no meta item")
+      raise ValueError(f"checkpoint of step {step} has no meta item")
     return restored.state, restored.meta
 
   def restore_latest(self, abstract_state: PyTree) -> Restored | None:
     """Restores the newest checkpoint that loads, falling back to older ones.
 
     Checkpoints newer than the restored one failed to load; they are logged, returned in
-    `Restored.skipped` and renamed ``<epoch>.corrupt`` so that those epochs can be saved again.
+    `Restored.skipped` and renamed ``<step>.corrupt`` so that those steps can be saved again.
     If no checkpoint loads, nothing is renamed and `RuntimeError` is raised: that usually means
     the template does not match, not that every file is damaged.
 
@@ -195,49 +204,61 @@ class Checkpointer:
     Example::
 
       restored = ckpt.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
-      start_epoch = 0 if restored is None else restored.epoch + 1
+      start_step = 0 if restored is None else restored.step
     """
     self._manager.wait_until_finished()
     self._manager.reload()
     skipped = []
-    for epoch in sorted(self._manager.all_steps(), reverse=True):
+    for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        state, meta = self.restore(epoch, abstract_state)
+        state, meta = self.restore(step, abstract_state)
       except Exception as e:  # pylint: disable=broad-except
         # Any reader error (missing/truncated file, bad JSON, checksum) makes it unusable.
         reason = f"{type(e).__name__}: {e}"[:_MAX_REASON_CHARS]
-        self._warn(f"checkpoint of epoch {epoch} failed to load, skipped: {reason}")
-        skipped.append((epoch, reason))
+        self._warn(f"checkpoint {self._path(step)} failed to load, skipped: {reason}")
+        skipped.append((step, reason))
         continue
       if skipped:
-        self._quarantine([e for e, _ in skipped])
-        self._warn(f"restored epoch {epoch} after skipping epochs {[e for e, _ in skipped]}")
-      return Restored(state, meta, epoch, tuple(skipped))
+        self._quarantine([s for s, _ in skipped])
+        self._warn(f"fell back to checkpoint {self._path(step)}: newer checkpoint(s) at step(s) "
+                   f"{[s for s, _ in skipped]} could not be read and were moved aside")
+      return Restored(state, meta, step, tuple(skipped))
     if skipped:
       raise RuntimeError(
           f"no checkpoint in {self.directory} could be restored (template mismatch?): {skipped}")
     return None
 
   def cycle_checkpoints(self) -> dict[int, int]:
-    """Returns ``{cycle: epoch}`` of the preserved cycle-end checkpoints (waits for saves).
+    """Returns ``{cycle: step}`` of the preserved cycle-end checkpoints (waits for saves).
 
     Example::
 
-      ckpt.cycle_checkpoints()  # {0: 3, 1: 7}
+      ckpt.cycle_checkpoints()  # {0: 120, 1: 280}
     """
     self._manager.wait_until_finished()
     present = set(self._manager.all_steps())
-    return {cycle: epoch for epoch, cycle in sorted(self._cycle_of.items()) if epoch in present}
+    return {cycle: step for step, cycle in sorted(self._cycle_of.items()) if step in present}
 
-  def all_epochs(self) -> list[int]:
-    """Returns the epochs of all committed checkpoints, ascending (waits for saves).
+  def all_steps(self) -> list[int]:
+    """Returns the steps of all committed checkpoints, ascending (waits for saves).
 
     Example::
 
-      ckpt.all_epochs()  # [3, 7, 9, 10]
+      ckpt.all_steps()  # [120, 280, 360, 400]
     """
     self._manager.wait_until_finished()
     return sorted(self._manager.all_steps())
+
+  all_epochs = all_steps  # the name from when checkpoints were keyed by epoch
+
+  def path(self, step: int) -> str:
+    """The directory of checkpoint `step` (whether or not it exists).
+
+    Example::
+
+      ckpt.path(360)  # '/abs/run/checkpoints/360'
+    """
+    return self._path(step)
 
   def wait(self) -> None:
     """Blocks until pending saves and deletions are done; raises a background save's error."""
@@ -253,27 +274,30 @@ class Checkpointer:
   def __exit__(self, *exc_info) -> None:
     self.close()
 
-  def _read_cycle_marks(self, epochs: Sequence[int]) -> dict[int, int]:
+  def _path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _read_cycle_marks(self, steps: Sequence[int]) -> dict[int, int]:
     cycle_of = {}
-    for epoch in epochs:
+    for step in steps:
       try:
-        custom = self._manager.metadata(epoch).custom_metadata or {}
+        custom = self._manager.metadata(step).custom_metadata or {}
       except Exception as e:  # pylint: disable=broad-except
-        self._warn(f"cannot read metadata of epoch {epoch}, not kept as a cycle end: {e}")
+        self._warn(f"cannot read metadata of step {step}, not kept as a cycle end: {e}")
         continue
       if custom.get(_CYCLE_KEY) is not None:
-        cycle_of[epoch] = int(custom[_CYCLE_KEY])
+        cycle_of[step] = int(custom[_CYCLE_KEY])
     return cycle_of
 
-  def _quarantine(self, epochs: Sequence[int]) -> None:
-    for epoch in epochs:
-      self._cycle_of.pop(epoch, None)
-      source = self._manager.directory / str(epoch)
-      target = self._manager.directory / f"{epoch}{_QUARANTINE_SUFFIX}"
+  def _quarantine(self, steps: Sequence[int]) -> None:
+    for step in steps:
+      self._cycle_of.pop(step, None)
+      source = self._manager.directory / str(step)
+      target = self._manager.directory / f"{step}{_QUARANTINE_SUFFIX}"
       n = 1
       while target.exists():
         n += 1
-        target = self._manager.directory / f"{epoch}{_QUARANTINE_SUFFIX}{n}"
+        target = self._manager.directory / f"{step}{_QUARANTINE_SUFFIX}{n}"
       if jax.process_index() == 0:
         source.rename(target)
       self._warn(f"moved unloadable checkpoint {source} to {target}")

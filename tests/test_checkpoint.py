@@ -186,7 +186,7 @@ def test_corrupted_latest_falls_back_and_can_be_saved_again(tmp_path, corrupt):
     assert isinstance(restored, Restored)
     assert restored.epoch == 2 and [e for e, _ in restored.skipped] == [3]
     assert_bitwise_equal(restored.state, make_state(2))
-    assert any("epoch 3 failed to load" in m for m in messages)
+    assert any("3 failed to load" in m for m in messages)
     assert (tmp_path / "3.corrupt").is_dir()
     assert ckpt.all_epochs() == [1, 2] and ckpt.cycle_checkpoints() == {}
     assert ckpt.save(3, make_state(33), meta={"epoch": 3})
@@ -230,7 +230,7 @@ def test_save_rejects_old_epochs_and_non_json_meta(tmp_path):
     assert ckpt.save(4, make_state(4), meta={"epoch": 4})
     assert not ckpt.save(4, make_state(5), meta={"epoch": 4}, cycle_end=0)
     assert not ckpt.save(3, make_state(3), meta={"epoch": 3})
-    assert len(messages) == 2 and "epoch 4 is already saved" in messages[0]
+    assert len(messages) == 2 and "step 4 is already saved" in messages[0]
     with pytest.raises(TypeError):
       ckpt.save(5, make_state(5), meta={"array": np.zeros(2)})
     assert ckpt.all_epochs() == [4] and ckpt.cycle_checkpoints() == {}
