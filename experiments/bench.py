@@ -1,0 +1,413 @@
+"""Performance benchmarks of jaxsparse; prints one JSON object to stdout.
+
+Sections (``--sections``, comma-separated; default all):
+
+* ``step``: the WRN train step (``jaxsparse.train.train_step`` jitted like ``jaxsparse.loop``:
+  shardings on a 1-D mesh and buffer donation) at keep 0.3 and keep 1.0 (one compiled program) and
+  the same model without top-k sites (``WideResNet(sites=False)``), timed in interleaved rounds
+  (A B C A B C ...) so load changes hit every variant; ratios are medians of per-round ratios.
+  Also the compile time, and proof that changing keep does not recompile (``jax.no_tracing`` around
+  the keep changes, the count of backend compilations, and the jit cache size).
+* ``torch``: the same step in PyTorch (pre-activation WRN, RMSNorm over channels, SGD Nesterov 0.9,
+  weight decay 5e-4 on kernels, channels_last, float32), interleaved with the JAX keep-1.0 step.
+  Skipped with a reason (ratio null) when torch is not installed.
+* ``topk``: ``topk_threshold`` by method (radix, bisect, sort) and ``topk_mask`` (forward and
+  forward+backward) at the model's real site shapes, with the per-step selection cost summed over
+  the model's sites, plus the (128, 65536) row case quoted in jaxsparse/topk.py.
+* ``pipeline``: host batches/s of ``jaxsparse.data.train_batches`` over 50,000 random uint8
+  images against train steps/s.
+
+  .venv/bin/python experiments/bench.py --quick     # WRN-16-2, a few minutes on 2 CPU cores
+  .venv/bin/python experiments/bench.py             # WRN-28-4, ~15 minutes on 2 CPU cores
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsparse import controllers, data, parallel
+from jaxsparse import train as train_lib
+from jaxsparse.models.wrn import WideResNet
+from jaxsparse.topk import topk_mask, topk_threshold
+
+SECTIONS = ("step", "torch", "topk", "pipeline")
+MODELS = {"wrn28_4": (28, 4), "wrn16_4": (16, 4), "wrn16_2": (16, 2), "wrn16_1": (16, 1), "wrn10_1": (10, 1)}
+GOALS = {"sparse_over_dense": 1.10, "keep1_over_plain": 1.01, "jax_over_torch": 1.0}
+SPARSE_KEEP = 0.3
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _timed(fn) -> float:
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def _rusage() -> tuple[int, float]:
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_minflt, r.ru_stime
+
+
+def interleaved(fns: dict, rounds: int) -> tuple[dict[str, list[float]], dict[str, dict]]:
+  """Calls each fn once per round, in order, `rounds` times.
+
+  Returns:
+    (seconds per call by name, {name: median minor page faults and system seconds per call}).
+  """
+  times = {name: [] for name in fns}
+  faults, sys_s = {name: [] for name in fns}, {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      flt, st = _rusage()
+      times[name].append(_timed(fn))
+      flt2, st2 = _rusage()
+      faults[name].append(flt2 - flt)
+      sys_s[name].append(st2 - st)
+  os_cost = {name: {"minor_page_faults": int(statistics.median(faults[name])),
+                    "system_s": round(statistics.median(sys_s[name]), 3)} for name in fns}
+  return times, os_cost
+
+
+def ratio(times: dict, num: str, den: str) -> dict:
+  """Median and min of per-round ratios num/den, and the ratio of best times."""
+  per_round = [a / b for a, b in zip(times[num], times[den])]
+  return {"median": round(statistics.median(per_round), 4), "min": round(min(per_round), 4),
+          "best_over_best": round(min(times[num]) / min(times[den]), 4)}
+
+
+def summary(seconds: list[float]) -> dict:
+  return {"median_s": round(statistics.median(seconds), 4), "min_s": round(min(seconds), 4),
+          "all_s": [round(s, 4) for s in seconds]}
+
+
+class CompileCounter:
+  """Counts XLA backend compilations (and their seconds) while active."""
+
+  def __init__(self):
+    self.count, self.seconds, self._on = 0, 0.0, False
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, event, duration, **_):
+    if self._on and event == _COMPILE_EVENT:
+      self.count, self.seconds = self.count + 1, self.seconds + duration
+
+  def __enter__(self):
+    self.count, self.seconds, self._on = 0, 0.0, True
+    return self
+
+  def __exit__(self, *exc):
+    self._on = False
+
+
+# ----------------------------------------------------------------------------- JAX step
+
+
+class JaxStep:
+  """One WRN train state and its jitted train step, as jaxsparse.loop builds them."""
+
+  def __init__(self, depth: int, widen: int, batch_size: int, *, sites: bool, counter: CompileCounter):
+    mesh = parallel.make_mesh()
+    rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    model = WideResNet(depth=depth, widen=widen, sites=sites)
+    tx = train_lib.make_optimizer(train_lib.lr_schedule(0.1, total_steps=351 * 200, warmup_steps=5 * 351))
+    init_fn = jax.jit(lambda rng: train_lib.create_train_state(rng, model, tx, controllers.get("dense")),
+                      out_shardings=rep)
+    self.state = init_fn(jax.random.PRNGKey(0))
+    self.fn = jax.jit(train_lib.train_step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep),
+                      donate_argnums=0)
+    rng = np.random.default_rng(0)
+    self.batch = parallel.to_global({
+        "image": rng.standard_normal((batch_size, 32, 32, 3), np.float32),
+        "label": rng.integers(0, 10, batch_size).astype(np.int32)}, mesh)
+    self._rep = rep
+    with counter:
+      self.first_call_s = _timed(lambda: self.step(1.0))
+    self.compile_s, self.compiles = counter.seconds, counter.count
+
+  def keep(self, value: float) -> jax.Array:
+    return jax.device_put(jnp.float32(value), self._rep)
+
+  def step(self, keep: float) -> None:
+    self.state, metrics = self.fn(self.state, self.batch, self.keep(keep))
+    jax.block_until_ready((self.state, metrics))
+
+
+def bench_step(args, counter: CompileCounter, with_torch: bool) -> tuple[dict, dict]:
+  """The step section (and the torch comparison when asked); returns (results, ratios)."""
+  depth, widen = MODELS[args.model]
+  sparse = JaxStep(depth, widen, args.batch_size, sites=True, counter=counter)
+  plain = JaxStep(depth, widen, args.batch_size, sites=False, counter=counter)
+  fns = {"keep0.3": lambda: sparse.step(SPARSE_KEEP), "keep1.0": lambda: sparse.step(1.0),
+         "plain": lambda: plain.step(1.0)}
+  torch_step, torch_info = (make_torch_step(depth, widen, args.batch_size) if with_torch else (None, None))
+  if torch_step is not None:
+    fns["torch"] = torch_step
+    fns["torch_1thread"] = _one_thread(torch_step)
+  for fn in fns.values():  # warm-up: every variant once, keep 0.3 included
+    fn()
+  cache_before = sparse.fn._cache_size()  # shared by both jit objects: one entry per model
+  with counter:
+    times, os_cost = interleaved(fns, args.repeats)
+  compiles, cache_after = counter.count, sparse.fn._cache_size()
+  # A retrace (hence a recompile) for a new keep value would raise under no_tracing.
+  with jax.no_tracing(True):
+    sparse.step(0.05)
+  recompile = {"keeps_called": [1.0, SPARSE_KEEP, 0.05], "backend_compiles_in_timed_rounds": compiles,
+               "train_step_jit_cache_entries_before_after": [cache_before, cache_after],
+               "keep_0.05_step_under_jax_no_tracing": "ok"}
+  model = f"{args.model} batch {args.batch_size}"
+  results = {
+      "model": model, "rounds": args.repeats, "order": list(fns),
+      "times": {name: dict(summary(t), **os_cost[name]) for name, t in times.items()},
+      "compile": {"sites_first_call_s": round(sparse.first_call_s, 2),
+                  "sites_backend_compile_s": round(sparse.compile_s, 2),
+                  "sites_backend_compiles": sparse.compiles,
+                  "plain_first_call_s": round(plain.first_call_s, 2),
+                  "plain_backend_compile_s": round(plain.compile_s, 2)},
+      "no_recompile": recompile}
+  ratios = {"sparse_over_dense": dict(ratio(times, "keep0.3", "keep1.0"), model=model),
+            "keep1_over_plain": dict(ratio(times, "keep1.0", "plain"), model=model)}
+  if torch_step is not None:
+    # Against the faster torch thread setting of this run (OpenMP suffers most from shared cores).
+    best = min(("torch", "torch_1thread"), key=lambda k: statistics.median(times[k]))
+    ratios["jax_over_torch"] = dict(ratio(times, "keep1.0", best), model=model, torch_variant=best,
+                                    plain_over_torch=ratio(times, "plain", best)["median"])
+    results["torch"] = torch_info
+  elif with_torch:
+    ratios["jax_over_torch"] = {"median": None, "reason": torch_info, "model": model}
+  return results, ratios
+
+
+# ----------------------------------------------------------------------------- PyTorch step
+
+
+def _one_thread(step):
+  import torch  # pylint: disable=import-outside-toplevel
+
+  def run():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+      step()
+    finally:
+      torch.set_num_threads(threads)
+
+  return run
+
+
+def make_torch_step(depth: int, widen: int, batch_size: int):
+  """Returns (step fn, info) for the PyTorch WRN train step, or (None, reason)."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    return None, f"torch not installed ({e}); pip install torch==2.13.0 (the 'bench' extra)"
+  from torch import nn  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+
+  class RMSNorm2d(nn.Module):
+    """RMSNorm over channels: on a channels_last tensor the NHWC view is contiguous."""
+
+    def __init__(self, c):
+      super().__init__()
+      self.weight = nn.Parameter(torch.ones(c))
+
+    def forward(self, x):
+      y = nn.functional.rms_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, 1e-6)
+      return y.permute(0, 3, 1, 2)
+
+  class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.norm1, self.norm2 = RMSNorm2d(cin), RMSNorm2d(cout)
+      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.shortcut = (nn.Conv2d(cin, cout, 1, stride, bias=False)
+                       if cin != cout or stride != 1 else None)
+
+    def forward(self, x):
+      a1 = torch.relu(self.norm1(x))
+      h = self.conv2(torch.relu(self.norm2(self.conv1(a1))))
+      return h + (self.shortcut(a1) if self.shortcut is not None else x)
+
+  n, layers, cin = (depth - 4) // 6, [nn.Conv2d(3, 16, 3, 1, 1, bias=False)], 16
+  for g, stride in enumerate((1, 2, 2)):
+    for b in range(n):
+      layers.append(Block(cin, 16 * widen * 2**g, stride if b == 0 else 1))
+      cin = 16 * widen * 2**g
+  layers += [RMSNorm2d(cin), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10)]
+  model = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+  decay = [p for p in model.parameters() if p.ndim > 1]
+  no_decay = [p for p in model.parameters() if p.ndim <= 1]
+  opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
+                        lr=0.1, momentum=0.9, nesterov=True)
+  gen = torch.Generator().manual_seed(0)
+  x = torch.randn(batch_size, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+  y = torch.randint(0, 10, (batch_size,), generator=gen)
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    loss.item()
+
+  info = {"version": torch.__version__, "threads": torch.get_num_threads(),
+          "params": sum(p.numel() for p in model.parameters())}
+  return step, info
+
+
+# ----------------------------------------------------------------------------- top-k
+
+
+def site_shapes(depth: int, widen: int, batch: int) -> collections.Counter:
+  """(B, H, W, C) of every top-k site of WideResNet(depth, widen), with multiplicity."""
+  shapes, hw, c = collections.Counter(), 32, 16
+  for g, stride in enumerate((1, 2, 2)):
+    for b in range((depth - 4) // 6):
+      out = 16 * widen * 2**g
+      shapes[(batch, hw, hw, c)] += 1            # act1: the block's (pre-stride) input
+      hw = hw // stride if b == 0 else hw
+      shapes[(batch, hw, hw, out)] += 1          # act2: conv1's output
+      c = out
+  shapes[(batch, hw, hw, c)] += 1                # final_act
+  return shapes
+
+
+def _best_ms(fn, *args, reps: int) -> tuple[float, float]:
+  """(first call ms incl. compile, best of reps ms)."""
+  first = _timed(lambda: jax.block_until_ready(fn(*args)))
+  best = min(_timed(lambda: jax.block_until_ready(fn(*args))) for _ in range(reps))
+  return round(first * 1e3, 1), round(best * 1e3, 2)
+
+
+def bench_topk(args) -> dict:
+  """Threshold per method and mask fwd / fwd+bwd at each distinct site shape."""
+  depth, widen = MODELS[args.model]
+  shapes = site_shapes(depth, widen, args.batch_size)
+  reps = max(2, args.repeats)
+  methods = ("radix", "bisect", "sort")
+  rows, per_step = [], collections.defaultdict(float)
+  cases = [(s, shapes[s]) for s in sorted(shapes, key=lambda s: -np.prod(s))]
+  if not args.quick:
+    cases.append(((128, 65536), 0))  # the row case quoted in jaxsparse/topk.py
+  keep = jnp.float32(SPARSE_KEEP)
+  for shape, count in cases:
+    x = jax.nn.relu(jax.random.normal(jax.random.key(0), shape, jnp.float32))
+    row = {"shape": list(shape), "sites": count}
+    for method in methods:
+      fn = jax.jit(lambda x, k, m=method: topk_threshold(x, k, method=m))
+      row[f"threshold_{method}_ms"] = _best_ms(fn, x, keep, reps=reps)[1]
+    mask = jax.jit(topk_mask)
+    grad = jax.jit(jax.grad(lambda x, k: jnp.sum(topk_mask(x, k) * x)))
+    ident = jax.jit(lambda x, k: x * 1)  # one real pass over x, as a fused layer would do
+    row["identity_ms"] = _best_ms(ident, x, keep, reps=reps)[1]
+    row["mask_keep1_ms"] = _best_ms(mask, x, jnp.float32(1.0), reps=reps)[1]
+    row["mask_ms"] = _best_ms(mask, x, keep, reps=reps)[1]
+    row["mask_fwd_bwd_ms"] = _best_ms(grad, x, keep, reps=reps)[1]
+    for key in ("mask_ms", "mask_fwd_bwd_ms", "mask_keep1_ms"):
+      per_step[key] += count * row[key]
+    rows.append(row)
+  return {"keep": SPARSE_KEEP, "dtype": "float32", "data": "relu(normal)", "reps": reps,
+          "shapes": rows, "model": args.model,
+          "per_step_sum_over_sites_ms": {k: round(v, 1) for k, v in per_step.items()}}
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def bench_pipeline(args, steps_per_s: float | None) -> dict:
+  """train_batches (normalise + gather) over 50,000 random uint8 images; optionally device-put too."""
+  rng = np.random.default_rng(0)
+  split = data.Split(images=rng.integers(0, 256, (50_000, 32, 32, 3), dtype=np.uint8),
+                     labels=rng.integers(0, 10, 50_000).astype(np.int32))
+  mean, std = data.channel_stats(split.images[:5000])
+  n = 60 if args.quick else 200
+  mesh = parallel.make_mesh()
+
+  def run(to_device: bool) -> float:
+    batches = data.train_batches(split, args.batch_size, mean=mean, std=std, seed=0, epoch=0)
+    t = time.perf_counter()
+    for _, batch in zip(range(n), batches):
+      if to_device:
+        jax.block_until_ready(parallel.to_global(batch, mesh))
+    return n / (time.perf_counter() - t)
+
+  host = max(run(False) for _ in range(2))
+  device = max(run(True) for _ in range(2))
+  out = {"batches": n, "batch_size": args.batch_size, "host_batches_per_s": round(host, 1),
+         "host_and_device_put_batches_per_s": round(device, 1)}
+  if steps_per_s:
+    out["train_steps_per_s"] = round(steps_per_s, 3)
+    out["pipeline_headroom"] = round(device / steps_per_s, 1)
+  return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def machine() -> dict:
+  dev = jax.devices()[0]
+  return {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
+          "backend": jax.default_backend(), "device_kind": dev.device_kind, "device_count": jax.device_count(),
+          "cpu_count": os.cpu_count()}
+
+
+def parse(argv):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="WRN-16-2 and 3 rounds (a few minutes on CPU)")
+  parser.add_argument("--model", choices=sorted(MODELS), default=None, help="default wrn28_4 (quick: wrn16_2)")
+  parser.add_argument("--batch-size", type=int, default=128)
+  parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; quick: 3)")
+  parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+  args = parser.parse_args(argv)
+  args.model = args.model or ("wrn16_2" if args.quick else "wrn28_4")
+  args.repeats = args.repeats or (3 if args.quick else 5)
+  args.sections = [s for s in args.sections.split(",") if s]
+  unknown = set(args.sections) - set(SECTIONS)
+  if unknown:
+    parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+  return args
+
+
+def main(argv=None):
+  args = parse(argv)
+  t0, load_start = time.perf_counter(), os.getloadavg()
+  out = {"machine": machine(), "args": vars(args), "goals": GOALS}
+  out.update({key: None for key in GOALS})
+  counter = CompileCounter()
+  steps_per_s = None
+  if "step" in args.sections or "torch" in args.sections:
+    out["step"], ratios = bench_step(args, counter, with_torch="torch" in args.sections)
+    if "step" not in args.sections:
+      ratios = {k: v for k, v in ratios.items() if k == "jax_over_torch"}
+    for key, r in ratios.items():
+      out[key] = r["median"]
+      out.setdefault("ratio_details", {})[key] = dict(r, goal=GOALS[key],
+                                                      met=None if r["median"] is None else r["median"] <= GOALS[key])
+    steps_per_s = 1 / out["step"]["times"]["keep1.0"]["median_s"]
+  if "topk" in args.sections:
+    out["topk"] = bench_topk(args)
+  if "pipeline" in args.sections:
+    out["pipeline"] = bench_pipeline(args, steps_per_s)
+  out["machine"].update(loadavg_start=load_start, loadavg_end=os.getloadavg())
+  out["total_s"] = round(time.perf_counter() - t0, 1)
+  json.dump(out, sys.stdout, indent=1)
+  print()
+
+
+if __name__ == "__main__":
+  main()
