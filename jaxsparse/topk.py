@@ -38,7 +38,7 @@ passes hit cache and the full key array is never written. The mask compares keys
 not floats, which is also exact for the ties above. On the shared 2-core CPU
 this was measured on, at (128, 65536) float32: radix 24 ms, chunked bisect 86 ms,
 chunked sort 333 ms, and the earlier whole-array 32-pass bisection 284 ms in the
-same session (see experiments/bench_topk.py). Not measured on GPU/TPU.
+same session (see experiments/bench.py --sections=topk). Not measured on GPU/TPU.
 """
 from __future__ import annotations
 
