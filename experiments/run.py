@@ -4,11 +4,15 @@
   python experiments/run.py --schedule=adaptive_b --preset=cpu --data=../shared/data/cifar10-jpeg.tar.gz
 
 Re-running the same command resumes from the run directory's checkpoints; --fresh starts over.
+Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the current step, prints where, and exits with 130 or 143;
+the same command then continues the run mid-epoch. A second signal aborts at once (the last checkpoint stays).
+Exit codes: 0 done, 1 a run error (bad data, unwritable run directory, non-finite loss...), 2 bad flags.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -97,7 +101,31 @@ def config_from_args(args: argparse.Namespace) -> config_lib.Config:
   if wrong:
     raise ValueError(f"--{wrong[0].replace('_', '-')} does not apply to --schedule={args.schedule}; its options "
                      f"are: {', '.join('--' + o.replace('_', '-') for o in accepted) or 'none'}")
-  return config_lib.preset(args.preset, schedule=args.schedule, controller_options=options, **overrides)
+  config = config_lib.preset(args.preset, schedule=args.schedule, controller_options=options, **overrides)
+  from jaxsparse.loop import check_config
+  check_config(config)
+  return config
+
+
+class _StopRequest:
+  """SIGINT / SIGTERM -> a flag the loop polls after every step; a second signal aborts at once."""
+
+  def __init__(self):
+    self.signum: int | None = None
+
+  def __call__(self) -> bool:
+    return self.signum is not None
+
+  def handle(self, signum, frame):
+    del frame
+    if self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+    print(f"\n{signal.Signals(signum).name}: saving a checkpoint after the current step "
+          f"(send it again to abort at once)", file=sys.stderr)
+
+  def install(self) -> dict:
+    return {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 def main(argv=None) -> int:
@@ -112,19 +140,29 @@ def main(argv=None) -> int:
     jax.distributed.initialize()
   from tqdm.auto import tqdm
   from jaxsparse import data as data_lib
-  from jaxsparse.loop import train_and_evaluate
+  from jaxsparse.loop import Interrupted, WorkdirError, train_and_evaluate
   logging.basicConfig(level=logging.WARNING)
   workdir = args.workdir or f"runs/{args.preset}_{config.schedule}_s{config.seed}"
   print(f"run directory: {workdir}", file=sys.stderr)
+  stop = _StopRequest()
+  previous = stop.install()
   try:
-    train_and_evaluate(config, workdir, fresh=args.fresh, progress=not args.no_progress, log=tqdm.write)
-  except (ValueError, FileNotFoundError, data_lib.DataError, FloatingPointError) as e:
+    train_and_evaluate(config, workdir, fresh=args.fresh, progress=not args.no_progress, log=tqdm.write,
+                       should_stop=stop)
+  except (ValueError, data_lib.DataError, FloatingPointError, WorkdirError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  except KeyboardInterrupt:
-    print(f"interrupted; the last epoch checkpoint is in {workdir}/checkpoints — run the same command to resume",
-          file=sys.stderr)
-    return 130
+  except OSError as e:  # e.g. an unreadable --data or --cache-dir
+    print(f"error: {e}; check the path, its permissions and the free disk space", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt as e:  # Interrupted, or a second signal
+    if not isinstance(e, Interrupted):
+      e = f"aborted; the last checkpoint in {workdir}/checkpoints is intact; run the same command to resume"
+    print(f"{e}", file=sys.stderr)
+    return 128 + (stop.signum or signal.SIGINT)
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
   return 0
 
 

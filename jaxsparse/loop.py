@@ -3,9 +3,16 @@
 Side effects live here (files, logs, checkpoints, device transfers); the steps and controllers it drives are pure.
 Run directory layout:
   workdir/config.json  metrics.jsonl  summary.json  checkpoints/  plots/*.png
+
+Interruptions lose nothing. Checkpoints are keyed by the global optimizer step: every epoch end is saved, and a
+stop request (`should_stop`, or a KeyboardInterrupt during the train steps) saves the current step with the data
+position and the partial epoch's metric sums in its meta, so the resumed run continues mid-epoch and ends bitwise
+identical to an uninterrupted one. A checkpoint that fails to load is skipped, logged and moved aside. Every
+failure to write the run directory (read-only, disk full) is a `WorkdirError` naming the file and the fix.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -37,6 +44,23 @@ class ConfigMismatchError(ValueError):
   """The run directory holds a run made with a different config."""
 
 
+class WorkdirError(OSError):
+  """The run directory cannot be written (permissions, full disk); what was saved before is intact."""
+
+
+class Interrupted(KeyboardInterrupt):
+  """The run stopped on request (`should_stop`, Ctrl-C); its message says what was saved and how to resume.
+
+  Attributes:
+    checkpoint: directory of the checkpoint to resume from; None if none was saved yet.
+    step: the global optimizer step of that checkpoint (0 if none).
+  """
+
+  def __init__(self, message: str = "interrupted", *, checkpoint: str | None = None, step: int = 0):
+    super().__init__(message)
+    self.checkpoint, self.step = checkpoint, step
+
+
 def build_model(config: Config) -> WideResNet:
   depth, widen = MODELS[config.model]
   return WideResNet(depth=depth, widen=widen, num_classes=10, norm=config.norm, dropout=config.dropout,
@@ -47,8 +71,24 @@ def build_controller(config: Config) -> controllers_lib.Controller:
   return controllers_lib.get(config.schedule, **config.controller_options)
 
 
+def check_config(config: Config) -> controllers_lib.Controller:
+  """Checks what a Config cannot check alone (the controller and its options); returns the controller.
+
+  Raises:
+    ValueError: naming the bad option and the fix, e.g. for `preset("smoke", schedule="adaptive_b", val_size=0)`:
+      "schedule 'adaptive_b' needs a validation split: set val_size > 0 (--val-size)".
+  """
+  controller = build_controller(config)
+  if controller.needs_validation and config.val_size < 1:
+    raise ValueError(f"schedule {config.schedule!r} needs a validation split: set val_size > 0 (--val-size)")
+  return controller
+
+
 def prepare_workdir(config: Config, workdir: Path, *, fresh: bool) -> None:
   """Creates `workdir`, or checks that the run already there was made with the same config.
+
+  A directory whose run never saved a checkpoint (e.g. it stopped on bad input) has nothing to lose: its
+  config.json is replaced, so a corrected command is not refused.
 
   Raises:
     ConfigMismatchError: an existing run used another config (nothing is overwritten).
@@ -60,10 +100,16 @@ def prepare_workdir(config: Config, workdir: Path, *, fresh: bool) -> None:
     for name in ("config.json", "metrics.jsonl", "summary.json"):
       (workdir / name).unlink(missing_ok=True)
   if saved.exists():
-    old = json.loads(saved.read_text())
+    try:
+      old = json.loads(saved.read_text())
+    except json.JSONDecodeError as e:
+      raise ConfigMismatchError(f"{saved} is unreadable ({e}); pass --fresh to start the run over, or choose "
+                                f"another --workdir") from e
     new = json.loads(config.to_json())
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if diff:
+    if diff and not _has_checkpoints(workdir / "checkpoints"):
+      _atomic_write(saved, config.to_json())
+    elif diff:
       details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
       raise ConfigMismatchError(
           f"{workdir} holds a run with a different config ({details}); pass --fresh to start it over, or "
@@ -73,19 +119,48 @@ def prepare_workdir(config: Config, workdir: Path, *, fresh: bool) -> None:
   _atomic_write(saved, config.to_json())
 
 
+@contextlib.contextmanager
+def _writing(what: object):
+  """Turns an OSError while writing `what` (read-only directory, full disk) into a WorkdirError with the fix."""
+  try:
+    yield
+  except WorkdirError:
+    raise
+  except OSError as e:
+    raise WorkdirError(f"cannot write {what}: {e.strerror or e}; free disk space or choose a writable --workdir "
+                       f"(checkpoints saved before are intact; run the same command again to resume)") from e
+
+
+def _has_checkpoints(directory: Path) -> bool:
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 def _atomic_write(path: Path, text: str) -> None:
   tmp = path.with_suffix(path.suffix + ".tmp")
   tmp.write_text(text)
   os.replace(tmp, path)
 
 
-def _read_history(path: Path, upto_epoch: int) -> list[dict]:
+def _append_line(path: Path, text: str) -> None:
+  with path.open("a") as f:
+    f.write(text + "\n")
+
+
+def _read_history(path: Path, upto_epoch: int, log: Callable[[str], None]) -> list[dict]:
   """Epoch records already written, dropping any beyond the restored checkpoint (they will be redone)."""
   if not path.exists():
     return []
-  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  records = []
+  for line in lines:
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:  # a line cut short when the process was killed while appending it
+      log(f"dropped an unreadable line of {path}: {line[:80]!r}")
   records = [r for r in records if r["epoch"] <= upto_epoch]
-  _atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
+  if len(records) != len(lines):
+    with _writing(path):
+      _atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
   return records
 
 
@@ -124,27 +199,136 @@ def _device_summary() -> str:
   return f"{len(d)} x {d[0].device_kind} ({d[0].platform})"
 
 
+class _EpochSums:
+  """Per-step metrics of one epoch summed in step order in float64: exact through JSON, so an epoch resumed from
+  a mid-epoch checkpoint averages to the same bits as an uninterrupted one."""
+
+  def __init__(self, sums: dict[str, float] | None = None, count: int = 0):
+    self.sums, self.count = dict(sums or {}), int(count)
+
+  def add(self, metrics: dict) -> None:
+    for k, v in metrics.items():
+      self.sums[k] = self.sums.get(k, 0.0) + float(v)
+    self.count += 1
+
+  def means(self) -> dict[str, float]:
+    return {k: v / self.count for k, v in self.sums.items()}
+
+
+def _position(epoch: int, step_in_epoch: int, sums: _EpochSums, wall_time_s: float, cycle: int) -> dict:
+  """A checkpoint's meta: completed epochs, steps done in the next one and their metric sums, wall time."""
+  return {"epoch": epoch, "step_in_epoch": step_in_epoch, "partial_sums": sums.sums,
+          "partial_count": sums.count, "wall_time_s": wall_time_s, "cycle": cycle}
+
+
+def _restore(ckpt: checkpoint_lib.Checkpointer, state, steps_per_epoch: int, log: Callable[[str], None]):
+  """(state, position meta) of the newest checkpoint that loads; the fresh state at position 0 if none."""
+  try:
+    restored = ckpt.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+  except RuntimeError as e:
+    raise ConfigMismatchError(
+        f"no checkpoint in {ckpt.directory} fits this config's model (see the log above); pass --fresh to start "
+        f"over, or choose another --workdir") from e
+  if restored is None:
+    return state, _position(0, 0, _EpochSums(), 0.0, 0)
+  meta = {"step_in_epoch": 0, "partial_sums": {}, "partial_count": 0, **restored.meta}
+  epoch, in_epoch = int(meta["epoch"]), int(meta["step_in_epoch"])
+  if int(restored.state.step) != epoch * steps_per_epoch + in_epoch:
+    raise ConfigMismatchError(
+        f"checkpoint {ckpt.path(restored.step)} is at step {int(restored.state.step)}, which is not epoch {epoch} "
+        f"+ {in_epoch} steps of {steps_per_epoch}; pass --fresh to start over, or choose another --workdir")
+  if restored.skipped:
+    log(f"resuming from an older checkpoint: the newer one(s) at step(s) {[s for s, _ in restored.skipped]} "
+        f"could not be read (moved aside as <step>.corrupt; their steps will be redone)")
+  log(f"resumed from {ckpt.path(restored.step)}: step {restored.step} (epoch {epoch + 1}, step {in_epoch} of "
+      f"{steps_per_epoch})" if in_epoch else f"resumed from {ckpt.path(restored.step)}: step {restored.step} "
+      f"(end of epoch {epoch})")
+  return restored.state, meta
+
+
+def _is_alive(state) -> bool:
+  return not any(leaf.is_deleted() for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array))
+
+
+def _run_steps(train_fn, state, batches, keep, sums: _EpochSums, *, first_step: int, check, should_stop, bar):
+  """Runs train steps over `batches`, adding each step's metrics to `sums`; returns (state, stopped).
+
+  The metrics of step t are read after step t+1 is dispatched (no pipeline stall). Stops early, with every
+  finished step counted in `sums`, when `should_stop()` or on a KeyboardInterrupt. If the interrupt hit where the
+  state and `sums` disagree (e.g. inside the donated step call), raises a bare `Interrupted` instead.
+  """
+  pending, stopped = None, False
+  try:
+    for batch in batches:
+      state, metrics = train_fn(state, batch, keep)
+      if pending is not None:
+        sums.add(check(jax.device_get(pending), int(state.step) - 1))
+      pending = metrics
+      bar.update(1)
+      if should_stop():
+        stopped = True
+        break
+  except KeyboardInterrupt:
+    stopped = True
+    consistent = _is_alive(state) and sums.count + (pending is not None) == int(state.step) - first_step
+    if not consistent:
+      raise Interrupted() from None
+  if pending is not None:
+    sums.add(check(jax.device_get(pending), int(state.step)))
+  return state, stopped
+
+
+def _interrupted(ckpt: checkpoint_lib.Checkpointer, steps_per_epoch: int) -> Interrupted:
+  """The Interrupted error naming the newest checkpoint and how to resume."""
+  with _writing(ckpt.directory):
+    steps = ckpt.all_steps()
+  if not steps:
+    return Interrupted("interrupted before the first checkpoint; run the same command again to start over")
+  step = steps[-1]
+  epoch, in_epoch = divmod(step, steps_per_epoch)
+  where = f"epoch {epoch + 1}, step {in_epoch} of {steps_per_epoch}" if in_epoch else f"end of epoch {epoch}"
+  return Interrupted(f"interrupted; checkpoint {ckpt.path(step)} holds step {step} ({where}); run the same "
+                     f"command again (or train_and_evaluate with the same config and workdir) to resume",
+                     checkpoint=ckpt.path(step), step=step)
+
+
 def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: bool = False,
-                       progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+                       progress: bool = True, log: Callable[[str], None] | None = None,
+                       should_stop: Callable[[], bool] | None = None) -> dict:
   """Trains `config` in `workdir`, resuming from its checkpoints if any, and returns the summary dict.
 
   Args:
     config: the run's config (see `jaxsparse.config`).
-    workdir: run directory; created if missing. If it holds checkpoints of the same config the run resumes.
+    workdir: run directory; created if missing. If it holds checkpoints of the same config the run resumes,
+      mid-epoch if it was stopped mid-epoch, and ends exactly as an uninterrupted run would.
     fresh: delete this run's previous outputs in `workdir` first.
     progress: show a progress bar (tqdm, on stderr).
-    log: receives one human-readable line per epoch and at the end (default: the "jaxsparse" logger).
+    log: receives one human-readable line per epoch, resume, checkpoint fallback and at the end (default: the
+      "jaxsparse" logger).
+    should_stop: polled after every train step (e.g. a signal handler's flag); when it returns True the current
+      step is checkpointed and `Interrupted` is raised.
 
   Returns:
     The summary (also written to workdir/summary.json): test_accuracy (final, dense), best_test_accuracy,
     keep_curve {keep: test accuracy}, cycles, epochs, wall_time_s, device, data_source, ...
+
+  Raises:
+    Interrupted: on `should_stop()` or Ctrl-C (a KeyboardInterrupt); the message names the checkpoint to resume
+      from. ConfigMismatchError: `workdir` holds another config's run. WorkdirError: `workdir` cannot be written.
+    FloatingPointError: a non-finite training loss (names the step and the last good checkpoint). ValueError,
+    data.DataError: a bad option or data source.
+
+  Example:
+    >>> summary = train_and_evaluate(preset("smoke", data="cifar10.npz"), "runs/smoke")
+    >>> summary["test_accuracy"]
   """
+  ckpt_log = log or _logger.warning      # checkpoint fallbacks must be seen even with the default logger
   log = log or _logger.info
+  should_stop = should_stop or (lambda: False)
   workdir = Path(workdir)
-  controller = build_controller(config)     # validates the schedule and its options before any work
-  if controller.needs_validation and config.val_size < 1:
-    raise ValueError(f"schedule {config.schedule!r} needs a validation split: set val_size > 0")
-  prepare_workdir(config, workdir, fresh=fresh)
+  controller = check_config(config)     # validates the schedule and its options before any work
+  with _writing(f"the run directory {workdir}"):
+    prepare_workdir(config, workdir, fresh=fresh)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   ds = _load_data(config, progress=progress)
@@ -160,96 +344,106 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
   init_fn = jax.jit(lambda rng: train_lib.create_train_state(rng, model, tx, controller), out_shardings=rep)
   state = init_fn(jax.random.PRNGKey(config.seed))
 
-  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep_latest=config.keep_checkpoints, log=log)
-  restored = ckpt.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
-  start_epoch, wall_before = 0, 0.0
-  if restored is not None:
-    state, meta = restored.state, restored.meta
-    start_epoch, wall_before = int(meta["epoch"]), float(meta["wall_time_s"])
-    log(f"resumed from {ckpt.directory} at epoch {start_epoch} (step {int(state.step)})")
-  metrics_path = workdir / "metrics.jsonl"
-  history = _read_history(metrics_path, start_epoch)
+  with _writing(workdir / "checkpoints"):
+    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep_latest=config.keep_checkpoints, log=ckpt_log)
+  with ckpt:
+    state, position = _restore(ckpt, state, steps_per_epoch, log)
+    metrics_path = workdir / "metrics.jsonl"
+    history = _read_history(metrics_path, position["epoch"], log)
 
-  train_fn = jax.jit(train_lib.train_step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep),
-                     donate_argnums=0)
-  eval_fn = jax.jit(train_lib.eval_step, in_shardings=(rep, bat, rep), out_shardings=rep)
-  update_fn = jax.jit(controller.update)
-  eval_kw = dict(batch_size=2 * config.batch_size, mean=ds.mean, std=ds.std, mesh=mesh)
+    train_fn = jax.jit(train_lib.train_step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep),
+                       donate_argnums=0)
+    eval_fn = jax.jit(train_lib.eval_step, in_shardings=(rep, bat, rep), out_shardings=rep)
+    update_fn = jax.jit(controller.update)
+    eval_kw = dict(batch_size=2 * config.batch_size, mean=ds.mean, std=ds.std, mesh=mesh)
 
-  t_start = time.time()
-  bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, disable=not progress, unit="step",
-             dynamic_ncols=True, desc="train")
-  try:
-    for epoch in range(start_epoch, config.epochs):
-      t_epoch = time.time()
-      keep_value = float(state.controller.keep)
-      cycle = int(state.controller.cycle)
-      keep = jax.device_put(jnp.float32(keep_value), rep)
-      batches = data_lib.train_batches(
-          ds.train, config.batch_size, mean=ds.mean, std=ds.std, seed=config.seed,
-          epoch=epoch, augment=config.augment, process_index=jax.process_index(),
-          process_count=jax.process_count())
-      step_metrics, pending = [], None
-      for batch in parallel.prefetch_to_mesh(batches, mesh):
-        state, metrics = train_fn(state, batch, keep)
-        if pending is not None:   # read step t-1 after dispatching step t: no pipeline stall
-          step_metrics.append(_check_finite(jax.device_get(pending), int(state.step) - 1, epoch, ckpt))
-        pending = metrics
-        bar.update(1)
-      step_metrics.append(_check_finite(jax.device_get(pending), int(state.step), epoch, ckpt))
-      train = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+    def save(state, meta, cycle_end=None):
+      with _writing(f"checkpoint {ckpt.path(int(state.step))}"):
+        ckpt.save(int(state.step), state, meta=meta, cycle_end=cycle_end)
 
-      val = evaluate(eval_fn, state, ds.val, keep=1.0, **eval_kw) if ds.val is not None else None
-      test = evaluate(eval_fn, state, ds.test, keep=1.0, **eval_kw)
-      epoch_metrics = controllers_lib.EpochMetrics(
-          train_accuracy=jnp.float32(train["accuracy"]), train_loss=jnp.float32(train["loss"]),
-          val_accuracy=jnp.float32(val["accuracy"] if val else math.nan))
-      state = state.replace(controller=update_fn(state.controller, epoch_metrics))
-      cycle_end = cycle if int(state.controller.cycle) > cycle else None
-      wall = wall_before + time.time() - t_start
-      record = {
-          "epoch": epoch + 1, "step": int(state.step), "keep": keep_value, "cycle": cycle,
-          "reset_after": cycle_end is not None, "next_keep": float(state.controller.keep),
-          "lr": float(lr_schedule(int(state.step) - 1)),
-          "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-          "val_accuracy": val["accuracy"] if val else None, "test_accuracy": test["accuracy"],
-          "test_loss": test["loss"],
-          "density": {k[len("density/"):]: v for k, v in train.items() if k.startswith("density/")},
-          "epoch_time_s": time.time() - t_epoch, "wall_time_s": wall,
-      }
-      history.append(record)
-      with metrics_path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-      ckpt.save(epoch + 1, state, meta={"epoch": epoch + 1, "wall_time_s": wall, "cycle": cycle},
-                cycle_end=cycle_end)
-      line = (f"epoch {epoch + 1:3d}/{config.epochs} keep {keep_value:.3f} cycle {cycle:2d} "
-              f"loss {train['loss']:.4f} train {train['accuracy']:.4f} "
-              + (f"val {val['accuracy']:.4f} " if val else "")
-              + f"test {test['accuracy']:.4f} ({record['epoch_time_s']:.1f}s)"
-              + (" | reset" if cycle_end is not None else ""))
-      log(line)
-  finally:
-    bar.close()
-    ckpt.wait()
+    t_start = time.time()
+    wall = lambda: float(position["wall_time_s"]) + time.time() - t_start  # noqa: E731
+    bar = tqdm(total=total_steps, initial=int(state.step), disable=not progress, unit="step", dynamic_ncols=True,
+               desc="train")
+    try:
+      if should_stop():
+        raise Interrupted()
+      for epoch in range(position["epoch"], config.epochs):
+        t_epoch = time.time()
+        resumed = epoch == position["epoch"] and position["step_in_epoch"] > 0
+        start_step = position["step_in_epoch"] if resumed else 0
+        sums = (_EpochSums(position["partial_sums"], position["partial_count"]) if resumed else _EpochSums())
+        keep_value = float(state.controller.keep)
+        cycle = int(state.controller.cycle)
+        keep = jax.device_put(jnp.float32(keep_value), rep)
+        batches = data_lib.train_batches(
+            ds.train, config.batch_size, mean=ds.mean, std=ds.std, seed=config.seed, epoch=epoch,
+            start_step=start_step, augment=config.augment, process_index=jax.process_index(),
+            process_count=jax.process_count())
+        state, stopped = _run_steps(
+            train_fn, state, parallel.prefetch_to_mesh(batches, mesh), keep, sums,
+            first_step=epoch * steps_per_epoch, should_stop=should_stop, bar=bar,
+            check=lambda m, step: _check_finite(m, step, epoch, ckpt))
+        done = int(state.step) - epoch * steps_per_epoch
+        if stopped and done < steps_per_epoch:  # else finish the epoch (evaluate, save), then stop
+          save(state, _position(epoch, done, sums, wall(), cycle))
+          raise Interrupted()
+        train = sums.means()
 
-  keep_curve = {}
-  for k in config.eval_keeps:
-    keep_curve[k] = evaluate(eval_fn, state, ds.test, keep=k, **eval_kw)["accuracy"]
-  summary = report.summarize(history, keep_curve=keep_curve, device=_device_summary(), data_source=ds.source,
-                             config=config.to_dict())
-  _atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
-  report.plot_run(history, keep_curve, workdir / "plots")
-  ckpt.close()
+        val = evaluate(eval_fn, state, ds.val, keep=1.0, **eval_kw) if ds.val is not None else None
+        test = evaluate(eval_fn, state, ds.test, keep=1.0, **eval_kw)
+        epoch_metrics = controllers_lib.EpochMetrics(
+            train_accuracy=jnp.float32(train["accuracy"]), train_loss=jnp.float32(train["loss"]),
+            val_accuracy=jnp.float32(val["accuracy"] if val else math.nan))
+        state = state.replace(controller=update_fn(state.controller, epoch_metrics))
+        cycle_end = cycle if int(state.controller.cycle) > cycle else None
+        record = {
+            "epoch": epoch + 1, "step": int(state.step), "keep": keep_value, "cycle": cycle,
+            "reset_after": cycle_end is not None, "next_keep": float(state.controller.keep),
+            "lr": float(lr_schedule(int(state.step) - 1)),
+            "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+            "val_accuracy": val["accuracy"] if val else None, "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"],
+            "density": {k[len("density/"):]: v for k, v in train.items() if k.startswith("density/")},
+            "epoch_time_s": time.time() - t_epoch, "wall_time_s": wall(),
+        }
+        history.append(record)
+        with _writing(metrics_path):
+          _append_line(metrics_path, json.dumps(record))
+        save(state, _position(epoch + 1, 0, _EpochSums(), record["wall_time_s"], cycle), cycle_end=cycle_end)
+        log(f"epoch {epoch + 1:3d}/{config.epochs} keep {keep_value:.3f} cycle {cycle:2d} "
+            f"loss {train['loss']:.4f} train {train['accuracy']:.4f} "
+            + (f"val {val['accuracy']:.4f} " if val else "")
+            + f"test {test['accuracy']:.4f} ({record['epoch_time_s']:.1f}s)"
+            + (" | reset" if cycle_end is not None else ""))
+        if stopped or should_stop():
+          raise Interrupted()
+    except KeyboardInterrupt:
+      raise _interrupted(ckpt, steps_per_epoch) from None
+    finally:
+      bar.close()
+
+    keep_curve = {}
+    for k in config.eval_keeps:
+      keep_curve[k] = evaluate(eval_fn, state, ds.test, keep=k, **eval_kw)["accuracy"]
+    summary = report.summarize(history, keep_curve=keep_curve, device=_device_summary(),
+                               data_source=ds.source, config=config.to_dict())
+    with _writing(workdir / "summary.json"):
+      _atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
+    with _writing(workdir / "plots"):
+      report.plot_run(history, keep_curve, workdir / "plots")
+    with _writing(ckpt.directory):
+      ckpt.wait()
   log(report.format_summary(summary))
   return summary
 
 
-def _check_finite(metrics: dict, step: int, epoch: int, ckpt) -> dict:
+def _check_finite(metrics: dict, step: int, epoch: int, ckpt: checkpoint_lib.Checkpointer) -> dict:
   if not np.isfinite(metrics["loss"]):
-    last = max(ckpt.all_epochs(), default=None)
-    where = (f"the last good checkpoint is epoch {last} in {ckpt.directory}" if last is not None
+    steps = ckpt.all_steps()
+    where = (f"the last good checkpoint is {ckpt.path(steps[-1])} (step {steps[-1]})" if steps
              else "no checkpoint was saved yet")
     raise FloatingPointError(
         f"non-finite training loss ({metrics['loss']}) at step {step} (epoch {epoch + 1}); stopping. {where}; "
-        f"lower the learning rate or check the data")
+        f"lower the learning rate (with --fresh or another --workdir) or check the data")
   return metrics
