@@ -129,10 +129,15 @@ class JaxStep:
     self.state = init_fn(jax.random.PRNGKey(0))
     self.fn = jax.jit(train_lib.train_step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep),
                       donate_argnums=0)
+    self.eval_fn = jax.jit(train_lib.eval_step, in_shardings=(rep, bat, rep), out_shardings=rep)
     rng = np.random.default_rng(0)
     self.batch = parallel.to_global({
         "image": rng.standard_normal((batch_size, 32, 32, 3), np.float32),
         "label": rng.integers(0, 10, batch_size).astype(np.int32)}, mesh)
+    self.eval_batch = parallel.to_global({
+        "image": rng.standard_normal((2 * batch_size, 32, 32, 3), np.float32),
+        "label": rng.integers(0, 10, 2 * batch_size).astype(np.int32),
+        "mask": np.ones(2 * batch_size, np.float32)}, mesh)
     self._rep = rep
     with counter:
       self.first_call_s = _timed(lambda: self.step(1.0))
@@ -141,9 +146,22 @@ class JaxStep:
   def keep(self, value: float) -> jax.Array:
     return jax.device_put(jnp.float32(value), self._rep)
 
+  def eval(self) -> None:
+    jax.block_until_ready(self.eval_fn(self.state, self.eval_batch, self.keep(1.0)))
+
   def step(self, keep: float) -> None:
     self.state, metrics = self.fn(self.state, self.batch, self.keep(keep))
     jax.block_until_ready((self.state, metrics))
+
+
+def epoch_estimate(times: dict, batch_size: int) -> dict:
+  """Images/s and one paper-preset epoch: 351 train steps + eval of 15,000 images (val + test)."""
+  step_s = statistics.median(times["keep1.0"])
+  eval_s = statistics.median(times["eval_2x_batch"])
+  eval_batches = -(-15_000 // (2 * batch_size))
+  return {"train_images_per_s": round(batch_size / step_s, 1),
+          "epoch_s": round(351 * step_s + eval_batches * eval_s, 1),
+          "formula": f"351 x keep1.0 step + {eval_batches} x eval step (batch {2 * batch_size})"}
 
 
 def bench_step(args, counter: CompileCounter, with_torch: bool) -> tuple[dict, dict]:
@@ -156,7 +174,9 @@ def bench_step(args, counter: CompileCounter, with_torch: bool) -> tuple[dict, d
   torch_step, torch_info = (make_torch_step(depth, widen, args.batch_size) if with_torch else (None, None))
   if torch_step is not None:
     fns["torch"] = torch_step
-    fns["torch_1thread"] = _one_thread(torch_step)
+    if torch_info["device"] == "cpu":
+      fns["torch_1thread"] = _one_thread(torch_step)
+  fns["eval_2x_batch"] = sparse.eval
   for fn in fns.values():  # warm-up: every variant once, keep 0.3 included
     fn()
   cache_before = sparse.fn._cache_size()  # shared by both jit objects: one entry per model
@@ -178,12 +198,13 @@ def bench_step(args, counter: CompileCounter, with_torch: bool) -> tuple[dict, d
                   "sites_backend_compiles": sparse.compiles,
                   "plain_first_call_s": round(plain.first_call_s, 2),
                   "plain_backend_compile_s": round(plain.compile_s, 2)},
-      "no_recompile": recompile}
+      "no_recompile": recompile,
+      "paper_epoch_estimate": epoch_estimate(times, args.batch_size)}
   ratios = {"sparse_over_dense": dict(ratio(times, "keep0.3", "keep1.0"), model=model),
             "keep1_over_plain": dict(ratio(times, "keep1.0", "plain"), model=model)}
   if torch_step is not None:
     # Against the faster torch thread setting of this run (OpenMP suffers most from shared cores).
-    best = min(("torch", "torch_1thread"), key=lambda k: statistics.median(times[k]))
+    best = min((k for k in ("torch", "torch_1thread") if k in times), key=lambda k: statistics.median(times[k]))
     ratios["jax_over_torch"] = dict(ratio(times, "keep1.0", best), model=model, torch_variant=best,
                                     plain_over_torch=ratio(times, "plain", best)["median"])
     results["torch"] = torch_info
@@ -217,6 +238,7 @@ def make_torch_step(depth: int, widen: int, batch_size: int):
     return None, f"torch not installed ({e}); pip install torch==2.13.0 (the 'bench' extra)"
   from torch import nn  # pylint: disable=import-outside-toplevel
   torch.manual_seed(0)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
 
   class RMSNorm2d(nn.Module):
     """RMSNorm over channels: on a channels_last tensor the NHWC view is contiguous."""
@@ -249,23 +271,23 @@ def make_torch_step(depth: int, widen: int, batch_size: int):
       layers.append(Block(cin, 16 * widen * 2**g, stride if b == 0 else 1))
       cin = 16 * widen * 2**g
   layers += [RMSNorm2d(cin), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10)]
-  model = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+  model = nn.Sequential(*layers).to(device, memory_format=torch.channels_last)
   decay = [p for p in model.parameters() if p.ndim > 1]
   no_decay = [p for p in model.parameters() if p.ndim <= 1]
   opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
                         lr=0.1, momentum=0.9, nesterov=True)
   gen = torch.Generator().manual_seed(0)
-  x = torch.randn(batch_size, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
-  y = torch.randint(0, 10, (batch_size,), generator=gen)
+  x = torch.randn(batch_size, 3, 32, 32, generator=gen).to(device, memory_format=torch.channels_last)
+  y = torch.randint(0, 10, (batch_size,), generator=gen).to(device)
 
   def step():
     opt.zero_grad(set_to_none=True)
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
     opt.step()
-    loss.item()
+    loss.item()  # waits for the step (also on a GPU)
 
-  info = {"version": torch.__version__, "threads": torch.get_num_threads(),
+  info = {"version": torch.__version__, "device": device, "threads": torch.get_num_threads(),
           "params": sum(p.numel() for p in model.parameters())}
   return step, info
 
