@@ -84,6 +84,9 @@ class Config:
     object.__setattr__(self, "controller_options", dict(self.controller_options))
 
   def replace(self, **changes) -> "Config":
+    unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+    if unknown:
+      raise ValueError(f"unknown config fields: {sorted(unknown)}")
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain tqdm: tqdm.auto warns in Jupyter without ipywidgets
 
 from jaxsparse import checkpoint as checkpoint_lib
 from jaxsparse import controllers as controllers_lib

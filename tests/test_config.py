@@ -40,3 +40,5 @@ def test_unknown_preset_and_field():
     config_lib.preset("huge")
   with pytest.raises(ValueError, match="unknown config fields"):
     config_lib.Config.from_dict({"lr": 0.1})
+  with pytest.raises(ValueError, match=r"unknown config fields: \['bogus'\]"):
+    config_lib.preset("smoke", bogus=1)
