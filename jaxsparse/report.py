@@ -57,10 +57,12 @@ def plot_run(history: Sequence[Mapping], keep_curve: Mapping[float, float], outd
 
   fig = Figure(figsize=(7, 3))
   ax = fig.subplots()
-  ax.step(epochs, [r["keep"] for r in history], where="post", label="keep ratio")
+  # Epoch e trains at its keep from boundary e-1 to e; resets sit on the boundary after their epoch.
+  keeps = [r["keep"] for r in history]
+  ax.step([e - 1 for e in epochs] + [epochs[-1]], keeps + keeps[-1:], where="post", label="keep ratio")
   for i, e in enumerate(resets):
     ax.axvline(e, color="tab:red", alpha=0.3, lw=1, label="reset" if i == 0 else None)
-  ax.set(xlabel="epoch", ylabel="keep ratio", ylim=(0, 1.05), title="Keep-ratio trajectory")
+  ax.set(xlabel="epochs completed", ylabel="keep ratio", ylim=(0, 1.05), title="Keep-ratio trajectory")
   ax.legend(loc="lower left")
   paths.append(_save(fig, outdir / "keep.png"))
 
@@ -190,10 +192,11 @@ def plot_comparison(runs, outdir: str | Path) -> list[Path]:
   axes = np.atleast_1d(fig.subplots(len(groups), 1, sharex=True))
   for ax, (s, rs) in zip(axes, groups.items()):
     h = rs[0]["history"]
-    ax.step([r["epoch"] for r in h], [r["keep"] for r in h], where="post")
+    keeps = [r["keep"] for r in h]
+    ax.step([r["epoch"] - 1 for r in h] + [h[-1]["epoch"]], keeps + keeps[-1:], where="post")
     ax.set(ylabel="keep", ylim=(0, 1.05))
     ax.set_title(s, fontsize=9, loc="left")
-  axes[-1].set_xlabel("epoch")
+  axes[-1].set_xlabel("epochs completed")
   paths.append(_save(fig, outdir / "keep.png"))
 
   fig = Figure(figsize=(5.5, 4))
