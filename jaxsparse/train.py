@@ -11,8 +11,9 @@ import optax
 from flax import struct
 
 from jaxsparse import controllers as controllers_lib
+from jaxsparse.models import site_densities
 
-DENSITY = "density"   # the model's collection of achieved densities, one scalar per top-k site
+from jaxsparse.models.wrn import DENSITY  # the collection of achieved densities, one scalar per top-k site
 
 
 class TrainState(struct.PyTreeNode):
@@ -76,11 +77,6 @@ def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTrans
                     apply_fn=model.apply, tx=tx)
 
 
-def _densities(collection) -> dict[str, jax.Array]:
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(collection), sep="/")
-  return {k: (v[-1] if isinstance(v, tuple) else v) for k, v in flat.items()}
-
-
 def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
@@ -108,7 +104,7 @@ def train_step(state: TrainState, batch: dict, keep: jax.Array) -> tuple[TrainSt
 
   (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_vars = flax.core.unfreeze(new_vars)
-  densities = _densities(new_vars.pop(DENSITY, {}))
+  densities = site_densities(new_vars.pop(DENSITY, {}))
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}

@@ -21,3 +21,9 @@ def genuine_npz() -> Path:
   if not GENUINE_NPZ.exists():
     pytest.skip(f"{GENUINE_NPZ} not found (the shared data copy sits beside the repository)")
   return GENUINE_NPZ
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> Path:
+  """A decoded-data cache shared by the end-to-end tests (the first load decodes, later ones hit)."""
+  return tmp_path_factory.mktemp("data_cache")

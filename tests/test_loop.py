@@ -28,11 +28,6 @@ def _records(workdir):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def full_run(genuine_npz, cache, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("full")
   summary = train_and_evaluate(_config(genuine_npz, cache), workdir, progress=False)

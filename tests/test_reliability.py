@@ -46,11 +46,6 @@ def _tree(directory: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("data_cache")
-
-
-@pytest.fixture(scope="module")
 def baseline(genuine_npz, cache, tmp_path_factory):
   """One uninterrupted CLI run: the reference every interrupted run must reproduce."""
   workdir = tmp_path_factory.mktemp("baseline")
