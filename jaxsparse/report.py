@@ -104,16 +104,32 @@ def load_runs(paths) -> list[dict]:
     if not summary_path.exists() or not metrics_path.exists():
       raise FileNotFoundError(f"{p} is not a finished run (no summary.json / metrics.jsonl)")
     history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    runs.append({"path": str(p), "summary": json.loads(summary_path.read_text()), "history": history})
+    summary = json.loads(summary_path.read_text())
+    config_path = p / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {"schedule": summary["schedule"]}
+    runs.append({"path": str(p), "summary": summary, "history": history, "label": run_label(config)})
   if not runs:
     raise ValueError("no runs given")
   return runs
 
 
+def run_label(config: Mapping) -> str:
+  """A run's group in comparisons: the schedule, its options and any dropout, e.g. ``dense+dropout0.3`` or
+  ``cyclic(cycles=3,period=5)``; seeds of the same variant share it.
+
+  >>> run_label({"schedule": "dense", "dropout": 0.3})
+  'dense+dropout0.3'
+  """
+  options = config.get("controller_options") or {}
+  label = config["schedule"] + (f"({','.join(f'{k}={v}' for k, v in sorted(options.items()))})" if options else "")
+  return label + (f"+dropout{config['dropout']:g}" if config.get("dropout") else "")
+
+
 def _by_schedule(runs) -> dict[str, list[dict]]:
   groups: dict[str, list[dict]] = {}
-  for r in sorted(runs, key=lambda r: (r["summary"]["schedule"], r["summary"]["seed"])):
-    groups.setdefault(r["summary"]["schedule"], []).append(r)
+  label = lambda r: r.get("label") or r["summary"]["schedule"]  # noqa: E731
+  for r in sorted(runs, key=lambda r: (label(r), r["summary"]["seed"])):
+    groups.setdefault(label(r), []).append(r)
   return groups
 
 

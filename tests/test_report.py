@@ -7,9 +7,11 @@ import pytest
 from jaxsparse import report
 
 
-def _fake_run(root, schedule, seed, final, keeps=(1.0, 0.5)):
+def _fake_run(root, schedule, seed, final, keeps=(1.0, 0.5), config=None):
   d = root / f"{schedule}_s{seed}"
   d.mkdir()
+  if config is not None:
+    (d / "config.json").write_text(json.dumps({"schedule": schedule, "seed": seed, **config}))
   history = [{"epoch": e, "step": 10 * e, "keep": 1.0 if e % 2 else 0.5, "cycle": e // 2,
               "reset_after": e % 2 == 0, "train_accuracy": 0.5, "val_accuracy": 0.4,
               "test_accuracy": final - 0.01 * (2 - e), "wall_time_s": 60.0 * e} for e in (1, 2)]
@@ -50,3 +52,16 @@ def test_comparison_table_and_figures(tmp_path):
   assert all(p.exists() and p.stat().st_size > 1000 for p in paths)
   with pytest.raises(FileNotFoundError, match="not a finished run"):
     report.load_runs([tmp_path / "out"])
+
+
+def test_variants_of_one_schedule_are_grouped_apart(tmp_path):
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  dirs = [_fake_run(tmp_path / "a", "dense", 0, 0.80, config={"dropout": 0.0}),
+          _fake_run(tmp_path / "b", "dense", 0, 0.78, config={"dropout": 0.3}),
+          _fake_run(tmp_path, "cyclic", 0, 0.81, config={"controller_options": {"period": 5, "cycles": 3}})]
+  runs = report.load_runs(dirs)
+  assert [r["label"] for r in runs] == ["dense", "dense+dropout0.3", "cyclic(cycles=3,period=5)"]
+  md = report.comparison_markdown(runs, title="T", baseline="dense")
+  assert "| dense+dropout0.3 | 1 | 0.7800 ± 0.0000 | 0.7800 ± 0.0000 | -0.0200 (n=1) |" in md
+  assert "| cyclic(cycles=3,period=5) | 1 | 0.8100" in md
