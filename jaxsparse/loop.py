@@ -164,6 +164,45 @@ def _read_history(path: Path, upto_epoch: int, log: Callable[[str], None]) -> li
   return records
 
 
+def _lr_schedule(config: Config, steps_per_epoch: int):
+  """The run's learning-rate schedule (linear warm-up, then cosine decay over all steps)."""
+  total_steps = steps_per_epoch * config.epochs
+  return train_lib.lr_schedule(config.learning_rate, total_steps=total_steps,
+                               warmup_steps=min(config.warmup_epochs * steps_per_epoch, total_steps))
+
+
+def initial_state(config: Config, steps_per_epoch: int, mesh, controller=None) -> train_lib.TrainState:
+  """The run's state before its first step (model, optimizer and controller from `config`), replicated."""
+  controller = controller or build_controller(config)
+  tx = train_lib.make_optimizer(_lr_schedule(config, steps_per_epoch), momentum=config.momentum,
+                                nesterov=config.nesterov, weight_decay=config.weight_decay)
+  model = build_model(config)
+  init_fn = jax.jit(lambda rng: train_lib.create_train_state(rng, model, tx, controller),
+                    out_shardings=parallel.replicated(mesh))
+  return init_fn(jax.random.PRNGKey(config.seed))
+
+
+def load_trained(workdir: str | os.PathLike, *, mesh=None) -> tuple[Config, train_lib.TrainState, data_lib.Dataset]:
+  """(config, state, data) of the run in `workdir`: its saved config, its newest checkpoint and its dataset.
+
+  For evaluating a trained run on other data (normalise with ``data.mean`` / ``data.std``, as in training).
+  Raises FileNotFoundError when `workdir` has no config.json or no checkpoint.
+  """
+  workdir = Path(workdir)
+  config_path = workdir / "config.json"
+  if not config_path.exists():
+    raise FileNotFoundError(f"{workdir} is not a run directory (no config.json)")
+  config = Config.from_dict(json.loads(config_path.read_text()))
+  mesh = mesh or parallel.make_mesh()
+  ds = _load_data(config, progress=False)
+  state = initial_state(config, data_lib.steps_per_epoch(len(ds.train.labels), config.batch_size), mesh)
+  with checkpoint_lib.Checkpointer(workdir / "checkpoints") as ckpt:
+    restored = ckpt.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+  if restored is None:
+    raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no checkpoint")
+  return config, restored.state, ds
+
+
 def _load_data(config: Config, *, progress: bool) -> data_lib.Dataset:
   bar = None
 
@@ -334,15 +373,9 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
   ds = _load_data(config, progress=progress)
   steps_per_epoch = data_lib.steps_per_epoch(len(ds.train.labels), config.batch_size)
   total_steps = steps_per_epoch * config.epochs
-  model = build_model(config)
-  lr_schedule = train_lib.lr_schedule(config.learning_rate, total_steps=total_steps,
-                                      warmup_steps=min(config.warmup_epochs * steps_per_epoch, total_steps))
-  tx = train_lib.make_optimizer(lr_schedule, momentum=config.momentum, nesterov=config.nesterov,
-                                weight_decay=config.weight_decay)
-
+  state = initial_state(config, steps_per_epoch, mesh, controller)
+  lr_at = _lr_schedule(config, steps_per_epoch)
   rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  init_fn = jax.jit(lambda rng: train_lib.create_train_state(rng, model, tx, controller), out_shardings=rep)
-  state = init_fn(jax.random.PRNGKey(config.seed))
 
   with _writing(workdir / "checkpoints"):
     ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep_latest=config.keep_checkpoints, log=ckpt_log)
@@ -400,7 +433,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
         record = {
             "epoch": epoch + 1, "step": int(state.step), "keep": keep_value, "cycle": cycle,
             "reset_after": cycle_end is not None, "next_keep": float(state.controller.keep),
-            "lr": float(lr_schedule(int(state.step) - 1)),
+            "lr": float(lr_at(int(state.step) - 1)),
             "train_loss": train["loss"], "train_accuracy": train["accuracy"],
             "val_accuracy": val["accuracy"] if val else None, "test_accuracy": test["accuracy"],
             "test_loss": test["loss"],
