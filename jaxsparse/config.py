@@ -120,6 +120,10 @@ PRESETS: dict[str, Config] = {
     # Fits a 2-core CPU in under 20 minutes: a small WRN on a stratified 5k-image subset, where training
     # without augmentation overfits within the run.
     "cpu": Config(model="wrn16_1", train_size=5000, val_size=1000, epochs=20, warmup_epochs=1),
+    # The CPU study (docs/results.md): 15 runs (5 variants x 3 seeds) in ~1.5 h on 2 cores, two runs at a time.
+    # 4k training images without augmentation, 12 epochs of 63 steps; batch 64 for twice the updates per epoch.
+    "study": Config(model="wrn16_1", train_size=4000, val_size=1000, epochs=12, warmup_epochs=1, batch_size=64,
+                    learning_rate=0.05, eval_keeps=(1.0, 0.5, 0.3, 0.2, 0.1, 0.05)),
     # Seconds: plumbing checks (tests, CI, notebooks).
     "smoke": Config(model="wrn10_1", train_size=256, val_size=128, epochs=3, batch_size=64,
                     warmup_epochs=1, learning_rate=0.05, eval_keeps=(1.0, 0.3)),

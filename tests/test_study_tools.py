@@ -1,0 +1,77 @@
+"""experiments/study.py (planning, resume, bad flags) and experiments/jpeg_shift.py (matching, end to end)."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxsparse import config as config_lib
+from jaxsparse.loop import load_trained, train_and_evaluate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import jpeg_shift  # noqa: E402
+import study  # noqa: E402
+
+
+def test_plan_is_seed_major_with_one_workdir_per_run(tmp_path):
+  jobs = study.plan(["dense", "dropout"], [0, 1], tmp_path)
+  assert [name for name, _, _ in jobs] == ["dense_s0", "dropout_s0", "dense_s1", "dropout_s1"]
+  name, workdir, flags = jobs[1]
+  assert workdir == tmp_path / "dropout_s0"
+  assert flags == ["--schedule=dense", "--dropout=0.3", "--seed=0"]
+
+
+def test_variant_flags_are_accepted_by_run_py():
+  import run as run_cli
+  for flags in study.VARIANTS.values():
+    run_cli.config_from_args(run_cli.parse_args(flags + ["--preset=smoke"]))
+
+
+def test_finished_runs_are_skipped(tmp_path, capsys):
+  for name in ("dense_s0", "dense_s1"):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "summary.json").write_text("{}")
+  assert study.main(["--out", str(tmp_path), "--variants", "dense", "--seeds", "0,1", "--lanes", "2"]) == 0
+  out = capsys.readouterr().out
+  assert out.count("already finished") == 2 and "2/2 runs finished" in out
+
+
+@pytest.mark.parametrize("flags", [["--variants", "sparse"], ["--seeds", "a"], ["--lanes", "0"]])
+def test_bad_study_flags_exit_2(tmp_path, flags):
+  with pytest.raises(SystemExit) as e:
+    study.main(["--out", str(tmp_path), *flags])
+  assert e.value.code == 2
+
+
+def test_match_jpeg_takes_the_rth_image_of_each_class():
+  copy_labels = np.repeat(np.arange(3), 4)           # class-major, like the image-folder copy
+  genuine = np.array([2, 0, 2, 1, 0])
+  assert jpeg_shift.match_jpeg(genuine, copy_labels).tolist() == [8, 0, 9, 4, 1]
+  with pytest.raises(ValueError, match="class 0: 5 genuine images but only 4"):
+    jpeg_shift.match_jpeg(np.zeros(5, int), copy_labels)
+
+
+def test_check_pairs_refuses_different_pictures():
+  rng = np.random.default_rng(0)
+  a = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+  near = np.clip(a.astype(int) + rng.integers(-6, 7, a.shape), 0, 255).astype(np.uint8)
+  assert 0 < jpeg_shift.check_pairs(a, near) < 6
+  with pytest.raises(ValueError, match="do not match their JPEG partner"):
+    jpeg_shift.check_pairs(a, a[::-1])
+
+
+def test_jpeg_shift_end_to_end_on_a_trained_run(genuine_npz, cache, tmp_path):
+  # Trained and tested on the genuine subset, so its "JPEG versions" are the genuine images themselves: the shift
+  # must be exactly zero and the accuracy must equal the run's own final test accuracy.
+  config = config_lib.preset("smoke", data=str(genuine_npz), cache_dir=str(cache), train_size=128, val_size=64,
+                             batch_size=32, epochs=1, schedule="dense", eval_keeps=(1.0, 0.3))
+  summary = train_and_evaluate(config, tmp_path / "run", progress=False)
+  loaded_config, state, _ = load_trained(tmp_path / "run")
+  assert loaded_config == config and int(state.step) == summary["steps"]
+  r = jpeg_shift.evaluate_run(str(tmp_path / "run"), str(genuine_npz), [1.0, 0.3])
+  assert r["pixel_diff"] == 0.0 and r["genuine"] == r["jpeg"]
+  assert r["genuine"][1.0] == summary["keep_curve"]["1.0"] and r["genuine"][0.3] == summary["keep_curve"]["0.3"]
+  text = jpeg_shift.markdown([r], [1.0, 0.3])
+  assert "| dense | 0 |" in text and "+0.00 ± 0.00" in text
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    load_trained(tmp_path)
