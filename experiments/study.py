@@ -30,7 +30,11 @@ VARIANTS = {
     "cyclic": ["--schedule=cyclic", "--period=4"],
     "adaptive_a": ["--schedule=adaptive_a"],
     "adaptive_b": ["--schedule=adaptive_b"],
+    # Follow-ups to the main study: gentler sparsity, and gradients through the masked units.
+    "adaptive_b_min0.3": ["--schedule=adaptive_b", "--min-keep=0.3"],
+    "adaptive_b_st": ["--schedule=adaptive_b", "--topk-gradient=straight_through"],
 }
+MAIN = ("dense", "dropout", "cyclic", "adaptive_a", "adaptive_b")
 
 
 def plan(variants, seeds, out: Path):
@@ -73,7 +77,8 @@ def main(argv=None) -> int:
   argv = argv[:argv.index("--")] if "--" in argv else argv
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="study directory")
-  p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
+  p.add_argument("--variants", default=",".join(MAIN),
+                 help=f"comma-separated, from: {', '.join(VARIANTS)} (default: %(default)s)")
   p.add_argument("--seeds", default="0,1,2", help="comma-separated integers (default: %(default)s)")
   p.add_argument("--lanes", type=int, default=1, help="runs at once (default: %(default)s)")
   p.add_argument("--pin", action="store_true", help="bind each lane to one CPU core (Linux)")

@@ -10,6 +10,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy import stats
 
+from jaxsparse.config import Config
+
 
 def summarize(history: Sequence[Mapping], *, keep_curve: Mapping[float, float], device: str, data_source: str,
               config: Mapping) -> dict:
@@ -113,16 +115,26 @@ def load_runs(paths) -> list[dict]:
   return runs
 
 
+# Config fields that make a variant of a schedule when they differ from their default (seeds never do).
+_VARIANT_FIELDS = ("dropout", "norm", "topk_gradient", "topk_score", "augment")
+
+
 def run_label(config: Mapping) -> str:
-  """A run's group in comparisons: the schedule, its options and any dropout, e.g. ``dense+dropout0.3`` or
-  ``cyclic(cycles=3,period=5)``; seeds of the same variant share it.
+  """A run's group in comparisons: the schedule, its options and any non-default model/data choice, e.g.
+  ``dense+dropout0.3``, ``cyclic(cycles=3,period=5)`` or ``adaptive_b+topk_gradient=straight_through``; seeds of
+  the same variant share it.
 
   >>> run_label({"schedule": "dense", "dropout": 0.3})
   'dense+dropout0.3'
   """
   options = config.get("controller_options") or {}
   label = config["schedule"] + (f"({','.join(f'{k}={v}' for k, v in sorted(options.items()))})" if options else "")
-  return label + (f"+dropout{config['dropout']:g}" if config.get("dropout") else "")
+  defaults = Config()
+  for name in _VARIANT_FIELDS:
+    value = config.get(name, getattr(defaults, name))
+    if value != getattr(defaults, name):
+      label += f"+dropout{value:g}" if name == "dropout" else f"+{name}={value}"
+  return label
 
 
 def _by_schedule(runs) -> dict[str, list[dict]]:

@@ -65,3 +65,6 @@ def test_variants_of_one_schedule_are_grouped_apart(tmp_path):
   md = report.comparison_markdown(runs, title="T", baseline="dense")
   assert "| dense+dropout0.3 | 1 | 0.7800 ± 0.0000 | 0.7800 ± 0.0000 | -0.0200 (n=1) |" in md
   assert "| cyclic(cycles=3,period=5) | 1 | 0.8100" in md
+  assert report.run_label({"schedule": "adaptive_b", "topk_gradient": "straight_through", "norm": "rmsnorm",
+                           "controller_options": {"min_keep": 0.3}}) == \
+      "adaptive_b(min_keep=0.3)+topk_gradient=straight_through"
