@@ -38,9 +38,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsparse.models.conv import shifted_matmul_conv
 from jaxsparse.topk import nonzero_fraction, topk_mask
 
 NORMS = ("rmsnorm", "batchnorm", "none")
+CONVS = {"xla": None, "matmul": shifted_matmul_conv}  # None: flax's default, lax.conv_general_dilated
 DENSITY = "density"
 
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -87,11 +89,12 @@ class BasicBlock(nn.Module):
   zero_init_residual: bool
   dtype: Any
   param_dtype: Any
+  conv: str = "xla"
 
   @nn.compact
   def __call__(self, x, keep, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init,
-                             dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init, dtype=self.dtype,
+                             param_dtype=self.param_dtype, conv_general_dilated=CONVS[self.conv])
     norm = functools.partial(_Norm, self.norm, self.dtype, self.param_dtype)
     site = functools.partial(_site, self, keep=keep, sites=self.sites,
                              gradient=self.gradient, score=self.score)
@@ -124,6 +127,8 @@ class WideResNet(nn.Module):
     zero_init_residual: start every block's conv2 at zero (see the module docstring).
     dtype: compute dtype (e.g. jnp.bfloat16); logits are always float32.
     param_dtype: parameter dtype.
+    conv: "xla" (``lax.conv_general_dilated``) or "matmul" (``conv.shifted_matmul_conv``: the same
+      convolution and parameters, several times faster on XLA's CPU backend).
 
   Example:
     >>> model = WRN10_1()
@@ -145,6 +150,7 @@ class WideResNet(nn.Module):
   zero_init_residual: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  conv: str = "xla"
 
   @nn.compact
   def __call__(self, x_BxHxWxC, keep=1.0, train: bool = False):
@@ -153,14 +159,16 @@ class WideResNet(nn.Module):
       raise ValueError(f"WRN depth must be 6n + 4 with n >= 1, got {self.depth}")
     if self.norm not in NORMS:
       raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+    if self.conv not in CONVS:
+      raise ValueError(f"conv must be one of {tuple(CONVS)}, got {self.conv!r}")
     n = (self.depth - 4) // 6
     x = nn.Conv(16, (3, 3), use_bias=False, kernel_init=_conv_init, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="stem")(x_BxHxWxC)
+                param_dtype=self.param_dtype, conv_general_dilated=CONVS[self.conv], name="stem")(x_BxHxWxC)
     for g, stride in enumerate((1, 2, 2)):
       for b in range(n):
         x = BasicBlock(16 * self.widen * 2**g, stride if b == 0 else 1, self.norm, self.dropout,
                        self.sites, self.gradient, self.score, self.zero_init_residual,
-                       self.dtype, self.param_dtype, name=f"group{g}_block{b}")(x, keep, train)
+                       self.dtype, self.param_dtype, self.conv, name=f"group{g}_block{b}")(x, keep, train)
     x = nn.relu(_Norm(self.norm, self.dtype, self.param_dtype, name="final_norm")(x, train))
     x = _site(self, "final_act", x, keep, self.sites, self.gradient, self.score)
     logits_BxHxWxK = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,

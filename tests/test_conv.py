@@ -1,0 +1,51 @@
+"""shifted_matmul_conv equals lax.conv_general_dilated (values and gradients) and slots into the WRN."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxsparse.models import conv as conv_lib
+from jaxsparse.models.wrn import WideResNet
+
+
+def _both(x, w, strides, padding, **kw):
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  args = dict(dimension_numbers=dn, precision=lax.Precision.HIGHEST, **kw)
+  return (lambda x, w: lax.conv_general_dilated(x, w, strides, padding, **args),
+          lambda x, w: conv_lib.shifted_matmul_conv(x, w, strides, padding, **args))
+
+
+@pytest.mark.parametrize("size,kernel,strides,padding", [
+    (8, 3, (1, 1), "SAME"), (9, 3, (2, 2), "SAME"), (8, 1, (2, 2), "SAME"), (7, 3, (1, 1), "VALID"),
+    (8, 3, (2, 1), ((2, 0), (1, 1))), (6, 5, (1, 1), "SAME")])
+def test_values_and_gradients_match_lax(size, kernel, strides, padding):
+  kx, kw = jax.random.split(jax.random.PRNGKey(0))
+  x = jax.random.normal(kx, (2, size, size, 3))
+  w = jax.random.normal(kw, (kernel, kernel, 3, 4))
+  ref, ours = _both(x, w, strides, padding)
+  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+  for g_ours, g_ref in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
+    np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_other_layouts_fall_back_to_lax_exactly():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 2, 4))
+  ref, ours = _both(x, w, (1, 1), "SAME", feature_group_count=2)  # grouped: not ours to handle
+  np.testing.assert_array_equal(ours(x, w), ref(x, w))
+  ref, ours = _both(x, jnp.ones((3, 3, 4, 4)), (1, 1), "SAME", rhs_dilation=(2, 2))
+  np.testing.assert_array_equal(ours(x, jnp.ones((3, 3, 4, 4))), ref(x, jnp.ones((3, 3, 4, 4))))
+
+
+def test_wrn_with_matmul_convs_has_the_same_parameters_and_outputs():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  xla, mm = WideResNet(depth=10, widen=1), WideResNet(depth=10, widen=1, conv="matmul")
+  variables = xla.init(jax.random.PRNGKey(1), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(mm.init(jax.random.PRNGKey(1), x))
+  for keep in (1.0, 0.3):
+    np.testing.assert_allclose(mm.apply(variables, x, keep=keep), xla.apply(variables, x, keep=keep),
+                               rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="conv must be one of"):
+    WideResNet(depth=10, widen=1, conv="fft").init(jax.random.PRNGKey(1), x)
