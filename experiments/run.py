@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--norm", choices=config_lib.NORMS)
   p.add_argument("--dropout", type=float)
   p.add_argument("--dtype", choices=config_lib.DTYPES)
+  p.add_argument("--conv", choices=config_lib.CONVS, help="convolution implementation (default xla; matmul: "
+                                                          "faster for wide WRNs on CPU, docs/performance.md)")
   p.add_argument("--batch-size", type=int)
   p.add_argument("--learning-rate", "--lr", type=float)
   p.add_argument("--warmup-epochs", type=int)
@@ -75,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--topk-gradient", choices=config_lib.GRADIENTS)
   p.add_argument("--topk-score", choices=config_lib.SCORES)
   p.add_argument("--eval-keeps", type=_keeps, help="test-time keep ratios for the final keep curve")
+  p.add_argument("--eval-every", type=int, help="dense test accuracy every N epochs and at the last (default 1)")
   p.add_argument("--workdir", help="run directory (default: runs/<preset>_<schedule>_s<seed>)")
   p.add_argument("--fresh", action="store_true", help="delete this run's previous outputs and start over")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -90,8 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> config_lib.Config:
   overrides = {f: getattr(args, f) for f in (
-      "data", "cache_dir", "epochs", "seed", "model", "norm", "dropout", "dtype", "batch_size", "learning_rate",
-      "warmup_epochs", "weight_decay", "train_size", "val_size", "topk_gradient", "topk_score", "eval_keeps")
+      "data", "cache_dir", "epochs", "seed", "model", "norm", "dropout", "dtype", "conv", "batch_size",
+      "learning_rate", "warmup_epochs", "weight_decay", "train_size", "val_size", "topk_gradient", "topk_score",
+      "eval_keeps", "eval_every")
       if getattr(args, f) is not None}
   if args.augment is not None:
     overrides["augment"] = None if args.augment == "none" else args.augment

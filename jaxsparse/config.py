@@ -20,6 +20,7 @@ MODELS = {
 }
 NORMS = ("rmsnorm", "batchnorm", "none")
 DTYPES = ("float32", "bfloat16")
+CONVS = ("xla", "matmul")
 GRADIENTS = ("masked", "straight_through")
 SCORES = ("value", "magnitude")
 AUGMENTS = (None, "flip_crop")
@@ -40,6 +41,7 @@ class Config:
   norm: str = "rmsnorm"
   dropout: float = 0.0
   dtype: str = "float32"              # compute dtype; parameters stay float32
+  conv: str = "xla"                   # "matmul": shifted matmuls, faster for wide convs on XLA's CPU backend
   topk_gradient: str = "masked"
   topk_score: str = "value"
   # Optimisation (ours: common WRN practice, plus a linear warm-up that RMSNorm WRNs need at lr 0.1).
@@ -54,6 +56,7 @@ class Config:
   schedule: str = "adaptive_b"
   controller_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   eval_keeps: tuple[float, ...] = PAPER_KEEPS
+  eval_every: int = 1                 # dense test accuracy every N epochs and at the last (validation: every epoch)
   # Bookkeeping.
   seed: int = 0
   keep_checkpoints: int = 2           # latest epochs kept, besides one checkpoint per reset cycle
@@ -62,10 +65,11 @@ class Config:
     _check_choice("model", self.model, tuple(MODELS))
     _check_choice("norm", self.norm, NORMS)
     _check_choice("dtype", self.dtype, DTYPES)
+    _check_choice("conv", self.conv, CONVS)
     _check_choice("topk_gradient", self.topk_gradient, GRADIENTS)
     _check_choice("topk_score", self.topk_score, SCORES)
     _check_choice("augment", self.augment, AUGMENTS)
-    for name in ("epochs", "batch_size", "keep_checkpoints"):
+    for name in ("epochs", "batch_size", "keep_checkpoints", "eval_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.train_size is not None and self.train_size < self.batch_size:

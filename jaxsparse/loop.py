@@ -64,7 +64,8 @@ class Interrupted(KeyboardInterrupt):
 def build_model(config: Config) -> WideResNet:
   depth, widen = MODELS[config.model]
   return WideResNet(depth=depth, widen=widen, num_classes=10, norm=config.norm, dropout=config.dropout,
-                    dtype=jnp.dtype(config.dtype), gradient=config.topk_gradient, score=config.topk_score)
+                    dtype=jnp.dtype(config.dtype), gradient=config.topk_gradient, score=config.topk_score,
+                    conv=config.conv)
 
 
 def build_controller(config: Config) -> controllers_lib.Controller:
@@ -424,7 +425,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
         train = sums.means()
 
         val = evaluate(eval_fn, state, ds.val, keep=1.0, **eval_kw) if ds.val is not None else None
-        test = evaluate(eval_fn, state, ds.test, keep=1.0, **eval_kw)
+        tested = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+        test = evaluate(eval_fn, state, ds.test, keep=1.0, **eval_kw) if tested else None
         epoch_metrics = controllers_lib.EpochMetrics(
             train_accuracy=jnp.float32(train["accuracy"]), train_loss=jnp.float32(train["loss"]),
             val_accuracy=jnp.float32(val["accuracy"] if val else math.nan))
@@ -435,8 +437,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
             "reset_after": cycle_end is not None, "next_keep": float(state.controller.keep),
             "lr": float(lr_at(int(state.step) - 1)),
             "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-            "val_accuracy": val["accuracy"] if val else None, "test_accuracy": test["accuracy"],
-            "test_loss": test["loss"],
+            "val_accuracy": val["accuracy"] if val else None,
+            "test_accuracy": test["accuracy"] if test else None, "test_loss": test["loss"] if test else None,
             "density": {k[len("density/"):]: v for k, v in train.items() if k.startswith("density/")},
             "epoch_time_s": time.time() - t_epoch, "wall_time_s": wall(),
         }
@@ -447,7 +449,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
         log(f"epoch {epoch + 1:3d}/{config.epochs} keep {keep_value:.3f} cycle {cycle:2d} "
             f"loss {train['loss']:.4f} train {train['accuracy']:.4f} "
             + (f"val {val['accuracy']:.4f} " if val else "")
-            + f"test {test['accuracy']:.4f} ({record['epoch_time_s']:.1f}s)"
+            + (f"test {test['accuracy']:.4f} " if test else "")
+            + f"({record['epoch_time_s']:.1f}s)"
             + (" | reset" if cycle_end is not None else ""))
         if stopped or should_stop():
           raise Interrupted()

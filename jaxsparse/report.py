@@ -19,9 +19,12 @@ def summarize(history: Sequence[Mapping], *, keep_curve: Mapping[float, float], 
   if not history:
     raise ValueError("no epochs recorded")
   last = history[-1]
-  best = max(history, key=lambda r: r["test_accuracy"])
+  tested = [r for r in history if r.get("test_accuracy") is not None]  # see Config.eval_every
+  if not tested:
+    raise ValueError("no epoch has a test accuracy")
+  best = max(tested, key=lambda r: r["test_accuracy"])
   return {
-      "test_accuracy": keep_curve.get(1.0, last["test_accuracy"]),
+      "test_accuracy": keep_curve.get(1.0, tested[-1]["test_accuracy"]),
       "best_test_accuracy": best["test_accuracy"],
       "best_epoch": best["epoch"],
       "keep_curve": {str(k): v for k, v in sorted(keep_curve.items(), reverse=True)},
@@ -73,7 +76,9 @@ def plot_run(history: Sequence[Mapping], keep_curve: Mapping[float, float], outd
   ax.plot(epochs, [r["train_accuracy"] for r in history], label="train (at epoch keep)")
   if any(r.get("val_accuracy") is not None for r in history):
     ax.plot(epochs, [r.get("val_accuracy") for r in history], label="val (dense)")
-  ax.plot(epochs, [r["test_accuracy"] for r in history], label="test (dense)")
+  tested = [r for r in history if r.get("test_accuracy") is not None]
+  ax.plot([r["epoch"] for r in tested], [r["test_accuracy"] for r in tested], marker="." if len(tested) < len(history)
+          else None, label="test (dense)")
   for e in resets:
     ax.axvline(e, color="tab:red", alpha=0.2, lw=1)
   ax.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
@@ -210,8 +215,9 @@ def plot_comparison(runs, outdir: str | Path) -> list[Path]:
   ax = fig.subplots()
   for s, rs in groups.items():
     n = min(len(r["history"]) for r in rs)
-    acc = np.mean([[h["test_accuracy"] for h in r["history"][:n]] for r in rs], axis=0)
-    ax.plot(range(1, n + 1), acc, label=f"{s} (n={len(rs)})")
+    epochs = [h["epoch"] for h in rs[0]["history"][:n] if h.get("test_accuracy") is not None]
+    acc = np.mean([[h["test_accuracy"] for h in r["history"][:n] if h["epoch"] in epochs] for r in rs], axis=0)
+    ax.plot(epochs, acc, label=f"{s} (n={len(rs)})")
   ax.set(xlabel="epoch", ylabel="dense test accuracy", title="Test accuracy (mean over seeds)")
   ax.legend()
   paths.append(_save(fig, outdir / "accuracy.png"))

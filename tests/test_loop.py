@@ -92,3 +92,14 @@ def test_cli_smoke_run_and_errors(genuine_npz, cache, tmp_path, capsys):
   assert run_cli.main(["--preset=smoke", f"--data={tmp_path / 'missing.npz'}", f"--workdir={tmp_path / 'm'}",
                        "--no-progress"]) == 1
   assert "missing.npz" in capsys.readouterr().err
+
+
+def test_eval_every_tests_every_nth_epoch_and_the_last(genuine_npz, cache, tmp_path):
+  config = _config(genuine_npz, cache, schedule="dense", controller_options={}, eval_every=2)
+  summary = train_and_evaluate(config, tmp_path, progress=False)
+  tested = [r["test_accuracy"] is not None for r in _records(tmp_path)]
+  assert tested == [False, True, True]
+  assert all(r["val_accuracy"] is not None for r in _records(tmp_path))
+  assert summary["best_epoch"] in (2, 3) and (tmp_path / "plots" / "accuracy.png").exists()
+  with pytest.raises(ValueError, match="eval_every must be >= 1"):
+    config.replace(eval_every=0)
