@@ -7,9 +7,12 @@ Sections (``--sections``, comma-separated; default all):
   the same model without top-k sites (``WideResNet(sites=False)``), timed in interleaved rounds
   (A B C A B C ...) so load changes hit every variant; ratios are medians of per-round ratios.
   Also the compile time, and proof that changing keep does not recompile (``jax.no_tracing`` around
-  the keep changes, the count of backend compilations, and the jit cache size).
+  the keep changes, the count of backend compilations, and the jit cache size). Unless
+  ``--no-conv-matmul``, the same step with ``WideResNet(conv="matmul")`` (convolutions as shifted
+  matmuls, jaxsparse/models/conv.py) joins the rounds: ``step.conv_xla_over_matmul``.
 * ``torch``: the same step in PyTorch (pre-activation WRN, RMSNorm over channels, SGD Nesterov 0.9,
-  weight decay 5e-4 on kernels, channels_last, float32), interleaved with the JAX keep-1.0 step.
+  weight decay 5e-4 on kernels, channels_last, float32), interleaved with the JAX keep-1.0 steps;
+  ``jax_over_torch`` uses the faster of the two JAX convolution implementations (both reported).
   Skipped with a reason (ratio null) when torch is not installed.
 * ``topk``: ``topk_threshold`` by method (radix, bisect, sort) and ``topk_mask`` (forward and
   forward+backward) at the model's real site shapes, with the per-step selection cost summed over
@@ -119,10 +122,11 @@ class CompileCounter:
 class JaxStep:
   """One WRN train state and its jitted train step, as jaxsparse.loop builds them."""
 
-  def __init__(self, depth: int, widen: int, batch_size: int, *, sites: bool, counter: CompileCounter):
+  def __init__(self, depth: int, widen: int, batch_size: int, *, sites: bool, counter: CompileCounter,
+               conv: str = "xla"):
     mesh = parallel.make_mesh()
     rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    model = WideResNet(depth=depth, widen=widen, sites=sites)
+    model = WideResNet(depth=depth, widen=widen, sites=sites, conv=conv)
     tx = train_lib.make_optimizer(train_lib.lr_schedule(0.1, total_steps=351 * 200, warmup_steps=5 * 351))
     init_fn = jax.jit(lambda rng: train_lib.create_train_state(rng, model, tx, controllers.get("dense")),
                       out_shardings=rep)
@@ -171,6 +175,10 @@ def bench_step(args, counter: CompileCounter, with_torch: bool) -> tuple[dict, d
   plain = JaxStep(depth, widen, args.batch_size, sites=False, counter=counter)
   fns = {"keep0.3": lambda: sparse.step(SPARSE_KEEP), "keep1.0": lambda: sparse.step(1.0),
          "plain": lambda: plain.step(1.0)}
+  matmul = None
+  if args.conv_matmul:  # the same model with convolutions as shifted matmuls (jaxsparse.models.conv)
+    matmul = JaxStep(depth, widen, args.batch_size, sites=True, counter=counter, conv="matmul")
+    fns.update({"matmul_keep0.3": lambda: matmul.step(SPARSE_KEEP), "matmul_keep1.0": lambda: matmul.step(1.0)})
   torch_step, torch_info = (make_torch_step(depth, widen, args.batch_size) if with_torch else (None, None))
   if torch_step is not None:
     fns["torch"] = torch_step
@@ -197,15 +205,23 @@ def bench_step(args, counter: CompileCounter, with_torch: bool) -> tuple[dict, d
                   "sites_backend_compile_s": round(sparse.compile_s, 2),
                   "sites_backend_compiles": sparse.compiles,
                   "plain_first_call_s": round(plain.first_call_s, 2),
-                  "plain_backend_compile_s": round(plain.compile_s, 2)},
+                  "plain_backend_compile_s": round(plain.compile_s, 2),
+                  **({"matmul_first_call_s": round(matmul.first_call_s, 2)} if matmul else {})},
       "no_recompile": recompile,
       "paper_epoch_estimate": epoch_estimate(times, args.batch_size)}
   ratios = {"sparse_over_dense": dict(ratio(times, "keep0.3", "keep1.0"), model=model),
             "keep1_over_plain": dict(ratio(times, "keep1.0", "plain"), model=model)}
+  if matmul is not None:
+    results["conv_xla_over_matmul"] = {"keep1.0": ratio(times, "keep1.0", "matmul_keep1.0"),
+                                       "keep0.3": ratio(times, "keep0.3", "matmul_keep0.3")}
+    results["matmul_sparse_over_dense"] = ratio(times, "matmul_keep0.3", "matmul_keep1.0")
   if torch_step is not None:
-    # Against the faster torch thread setting of this run (OpenMP suffers most from shared cores).
-    best = min((k for k in ("torch", "torch_1thread") if k in times), key=lambda k: statistics.median(times[k]))
-    ratios["jax_over_torch"] = dict(ratio(times, "keep1.0", best), model=model, torch_variant=best,
+    # Against the faster torch thread setting of this run (OpenMP suffers most from shared cores), and with the
+    # faster of jaxsparse's two convolution implementations (both reported).
+    fastest = lambda names: min((k for k in names if k in times), key=lambda k: statistics.median(times[k]))  # noqa: E731
+    best, jax_best = fastest(("torch", "torch_1thread")), fastest(("keep1.0", "matmul_keep1.0"))
+    ratios["jax_over_torch"] = dict(ratio(times, jax_best, best), model=model, torch_variant=best,
+                                    jax_variant=jax_best, xla_conv_over_torch=ratio(times, "keep1.0", best)["median"],
                                     plain_over_torch=ratio(times, "plain", best)["median"])
     results["torch"] = torch_info
   elif with_torch:
@@ -395,6 +411,8 @@ def parse(argv):
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; quick: 3)")
   parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+  parser.add_argument("--no-conv-matmul", dest="conv_matmul", action="store_false",
+                      help="skip the WideResNet(conv='matmul') variant of the step section")
   args = parser.parse_args(argv)
   args.model = args.model or ("wrn16_2" if args.quick else "wrn28_4")
   args.repeats = args.repeats or (3 if args.quick else 5)

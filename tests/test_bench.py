@@ -17,3 +17,4 @@ def test_bench_emits_the_three_ratios():
   result = json.loads(out.stdout)
   assert result["sparse_over_dense"] > 0 and result["keep1_over_plain"] > 0
   assert "jax_over_torch" in result
+  assert result["step"]["conv_xla_over_matmul"]["keep1.0"]["median"] > 0
