@@ -23,9 +23,15 @@ def main(argv=None) -> int:
   p.add_argument("--out", required=True, help="output directory for results.md and figures")
   p.add_argument("--title", default="Comparison")
   p.add_argument("--baseline", default="dense", help="schedule the others are compared with")
+  p.add_argument("--partial", action="store_true",
+                 help="skip run directories without a summary.json (a study still running) and list them")
   args = p.parse_args(argv)
+  paths, unfinished = args.runs, []
+  if args.partial:
+    unfinished = [d for d in paths if not (Path(d) / "summary.json").exists()]
+    paths = [d for d in paths if d not in unfinished]
   try:
-    runs = report.load_runs(args.runs)
+    runs = report.load_runs(paths)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -34,6 +40,8 @@ def main(argv=None) -> int:
   figures = report.plot_comparison(runs, out)
   text = report.comparison_markdown(runs, title=args.title, baseline=args.baseline,
                                     figures=[f.name for f in figures])
+  if unfinished:
+    text += f"\nNot finished yet, left out: {', '.join(f'`{d}`' for d in unfinished)}.\n"
   (out / "results.md").write_text(text)
   print(text)
   return 0

@@ -68,3 +68,19 @@ def test_variants_of_one_schedule_are_grouped_apart(tmp_path):
   assert report.run_label({"schedule": "adaptive_b", "topk_gradient": "straight_through", "norm": "rmsnorm",
                            "controller_options": {"min_keep": 0.3}}) == \
       "adaptive_b(min_keep=0.3)+topk_gradient=straight_through"
+
+
+def test_compare_cli_writes_the_table_and_skips_unfinished_runs_only_with_partial(tmp_path, capsys):
+  import sys
+  from pathlib import Path
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+  import compare
+  dirs = [str(_fake_run(tmp_path, s, seed, acc)) for s, seed, acc in [("dense", 0, 0.80), ("adaptive_b", 0, 0.83)]]
+  running = tmp_path / "cyclic_s0"
+  running.mkdir()
+  assert compare.main([*dirs, str(running), "--out", str(tmp_path / "out")]) == 1
+  assert "not a finished run" in capsys.readouterr().err
+  assert compare.main([*dirs, str(running), "--out", str(tmp_path / "out"), "--partial"]) == 0
+  text = (tmp_path / "out" / "results.md").read_text()
+  assert "| adaptive_b | 1 | 0.8300" in text and f"left out: `{running}`" in text
+  assert (tmp_path / "out" / "accuracy.png").exists()
