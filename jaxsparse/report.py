@@ -205,7 +205,7 @@ def comparison_markdown(runs, *, title: str, baseline: str = "dense", figures=()
 
 def plot_comparison(runs, outdir: str | Path) -> list[Path]:
   """accuracy.png (dense test accuracy vs epoch, mean over seeds per schedule), keep.png (first seed's keep
-  trajectory per schedule), keep_curve.png (mean test accuracy vs test-time keep)."""
+  trajectory per schedule, with the achieved density when recorded), keep_curve.png (mean test accuracy vs test-time keep)."""
   outdir = Path(outdir)
   outdir.mkdir(parents=True, exist_ok=True)
   groups = _by_schedule(runs)
@@ -227,9 +227,14 @@ def plot_comparison(runs, outdir: str | Path) -> list[Path]:
   for ax, (s, rs) in zip(axes, groups.items()):
     h = rs[0]["history"]
     keeps = [r["keep"] for r in h]
-    ax.step([r["epoch"] - 1 for r in h] + [h[-1]["epoch"]], keeps + keeps[-1:], where="post")
+    ax.step([r["epoch"] - 1 for r in h] + [h[-1]["epoch"]], keeps + keeps[-1:], where="post", label="keep ratio")
+    if all(r.get("density") for r in h):  # what the epoch really kept: ties at zero make high keeps no-ops
+      density = [float(np.mean(list(r["density"].values()))) for r in h]
+      ax.step([r["epoch"] - 1 for r in h] + [h[-1]["epoch"]], density + density[-1:], where="post", ls="--",
+              color="tab:orange", label="achieved density (mean over sites)")
     ax.set(ylabel="keep", ylim=(0, 1.05))
     ax.set_title(s, fontsize=9, loc="left")
+  axes[0].legend(fontsize=7, loc="upper right")
   axes[-1].set_xlabel("epochs completed")
   paths.append(_save(fig, outdir / "keep.png"))
 

@@ -14,7 +14,8 @@ def _fake_run(root, schedule, seed, final, keeps=(1.0, 0.5), config=None):
     (d / "config.json").write_text(json.dumps({"schedule": schedule, "seed": seed, **config}))
   history = [{"epoch": e, "step": 10 * e, "keep": 1.0 if e % 2 else 0.5, "cycle": e // 2,
               "reset_after": e % 2 == 0, "train_accuracy": 0.5, "val_accuracy": 0.4,
-              "test_accuracy": final - 0.01 * (2 - e), "wall_time_s": 60.0 * e} for e in (1, 2)]
+              "test_accuracy": final - 0.01 * (2 - e), "wall_time_s": 60.0 * e,
+              "density": {"a/act1": 0.4, "final_act": 0.3}} for e in (1, 2)]
   (d / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
   summary = report.summarize(history, keep_curve={k: final * k for k in keeps}, device="cpu",
                              data_source="fake", config={"schedule": schedule, "seed": seed, "model": "m"})
