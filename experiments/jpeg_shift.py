@@ -50,12 +50,10 @@ def check_pairs(genuine: np.ndarray, jpeg: np.ndarray) -> float:
 
 
 def evaluate_run(workdir: str, genuine_path: str, keeps) -> dict:
-  import jax
   from jaxsparse import data as data_lib
   from jaxsparse import loop
   from jaxsparse import parallel
   from jaxsparse import report
-  from jaxsparse import train as train_lib
 
   config, state, ds = loop.load_trained(workdir)
   with np.load(genuine_path) as f:
@@ -65,8 +63,7 @@ def evaluate_run(workdir: str, genuine_path: str, keeps) -> dict:
     raise ValueError("labels of matched pairs differ")
   pixel_diff = check_pairs(x, ds.test.images[index])
   mesh = parallel.make_mesh()
-  rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  eval_fn = jax.jit(train_lib.eval_step, in_shardings=(rep, bat, rep), out_shardings=rep)
+  eval_fn = loop.make_eval_fn(mesh)
   kw = dict(batch_size=2 * config.batch_size, mean=ds.mean, std=ds.std, mesh=mesh)
   splits = {"genuine": data_lib.Split(x, y), "jpeg": data_lib.Split(ds.test.images[index], y)}
   acc = {name: {k: loop.evaluate(eval_fn, state, split, keep=k, **kw)["accuracy"] for k in keeps}

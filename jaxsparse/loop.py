@@ -221,6 +221,12 @@ def _load_data(config: Config, *, progress: bool) -> data_lib.Dataset:
       bar.close()
 
 
+def make_eval_fn(mesh):
+  """`train.eval_step` jitted for `mesh`: replicated state and keep, batch sharded over `data`."""
+  rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return jax.jit(train_lib.eval_step, in_shardings=(rep, bat, rep), out_shardings=rep)
+
+
 def evaluate(eval_fn, state, split, *, keep: float, batch_size: int, mean, std, mesh) -> dict:
   """Exact accuracy and loss over every example of `split` (padded, masked batches)."""
   rep = parallel.replicated(mesh)
@@ -387,7 +393,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
 
     train_fn = jax.jit(train_lib.train_step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep),
                        donate_argnums=0)
-    eval_fn = jax.jit(train_lib.eval_step, in_shardings=(rep, bat, rep), out_shardings=rep)
+    eval_fn = make_eval_fn(mesh)
     update_fn = jax.jit(controller.update)
     eval_kw = dict(batch_size=2 * config.batch_size, mean=ds.mean, std=ds.std, mesh=mesh)
 
