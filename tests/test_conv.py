@@ -1,4 +1,4 @@
-"""shifted_matmul_conv equals lax.conv_general_dilated (values and gradients) and slots into the WRN."""
+"""The convs of jaxsparse.models.conv equal lax.conv_general_dilated (values and gradients) and slot into the WRN."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,33 +9,39 @@ from jaxsparse.models import conv as conv_lib
 from jaxsparse.models.wrn import WideResNet
 
 
-def _both(x, w, strides, padding, **kw):
+CONVS = [conv_lib.shifted_matmul_conv, conv_lib.wgrad_matmul_conv]
+
+
+def _both(x, w, strides, padding, fn=conv_lib.shifted_matmul_conv, **kw):
   dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
   args = dict(dimension_numbers=dn, precision=lax.Precision.HIGHEST, **kw)
   return (lambda x, w: lax.conv_general_dilated(x, w, strides, padding, **args),
-          lambda x, w: conv_lib.shifted_matmul_conv(x, w, strides, padding, **args))
+          lambda x, w: fn(x, w, strides, padding, **args))
 
 
 @pytest.mark.parametrize("size,kernel,strides,padding", [
     (8, 3, (1, 1), "SAME"), (9, 3, (2, 2), "SAME"), (8, 1, (2, 2), "SAME"), (7, 3, (1, 1), "VALID"),
-    (8, 3, (2, 1), ((2, 0), (1, 1))), (6, 5, (1, 1), "SAME")])
-def test_values_and_gradients_match_lax(size, kernel, strides, padding):
+    (8, 3, (2, 1), ((2, 0), (1, 1))), (6, 5, (1, 1), "SAME"), (16, 3, (1, 1), "SAME"),
+    (16, 3, (1, 1), ((2, 0), (0, 1)))])
+@pytest.mark.parametrize("fn", CONVS, ids=lambda f: f.__name__)
+def test_values_and_gradients_match_lax(size, kernel, strides, padding, fn):
   kx, kw = jax.random.split(jax.random.PRNGKey(0))
   x = jax.random.normal(kx, (2, size, size, 3))
   w = jax.random.normal(kw, (kernel, kernel, 3, 4))
-  ref, ours = _both(x, w, strides, padding)
+  ref, ours = _both(x, w, strides, padding, fn)
   np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
   loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
   for g_ours, g_ref in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
     np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-4)
 
 
-def test_other_layouts_fall_back_to_lax_exactly():
+@pytest.mark.parametrize("fn", CONVS, ids=lambda f: f.__name__)
+def test_other_layouts_fall_back_to_lax_exactly(fn):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
   w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 2, 4))
-  ref, ours = _both(x, w, (1, 1), "SAME", feature_group_count=2)  # grouped: not ours to handle
+  ref, ours = _both(x, w, (1, 1), "SAME", fn, feature_group_count=2)  # grouped: not ours to handle
   np.testing.assert_array_equal(ours(x, w), ref(x, w))
-  ref, ours = _both(x, jnp.ones((3, 3, 4, 4)), (1, 1), "SAME", rhs_dilation=(2, 2))
+  ref, ours = _both(x, jnp.ones((3, 3, 4, 4)), (1, 1), "SAME", fn, rhs_dilation=(2, 2))
   np.testing.assert_array_equal(ours(x, jnp.ones((3, 3, 4, 4))), ref(x, jnp.ones((3, 3, 4, 4))))
 
 
@@ -49,3 +55,27 @@ def test_wrn_with_matmul_convs_has_the_same_parameters_and_outputs():
                                rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="conv must be one of"):
     WideResNet(depth=10, widen=1, conv="fft").init(jax.random.PRNGKey(1), x)
+
+
+@pytest.mark.parametrize("strides,size", [((1, 1), 16), ((1, 1), 4), ((2, 2), 9)])
+def test_kernel_gradient_paths_equal_lax(strides, size):
+  """Both paths of kernel_gradient: flattened rows (stride 1, little padding) and strided windows."""
+  kx, kg = jax.random.split(jax.random.PRNGKey(2))
+  x = jax.random.normal(kx, (3, size, size, 5))
+  w = jnp.zeros((3, 3, 5, 2))
+  conv = lambda w: lax.conv_general_dilated(x, w, strides, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),  # noqa: E731
+                                            precision=lax.Precision.HIGHEST)
+  out, vjp = jax.vjp(conv, w)
+  g = jax.random.normal(kg, out.shape)
+  padding = lax.padtype_to_pads(x.shape[1:3], (3, 3), strides, "SAME")
+  ours = conv_lib.kernel_gradient(x, g, (3, 3), strides, padding, precision=lax.Precision.HIGHEST)
+  np.testing.assert_allclose(ours, vjp(g)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_wgrad_matmul_forward_and_input_gradient_are_xlas_bit_for_bit():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4))
+  ref, ours = _both(x, w, (1, 1), "SAME", conv_lib.wgrad_matmul_conv)
+  np.testing.assert_array_equal(jax.jit(ours)(x, w), jax.jit(ref)(x, w))
+  loss = lambda f: lambda x: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+  np.testing.assert_array_equal(jax.jit(jax.grad(loss(ours)))(x), jax.jit(jax.grad(loss(ref)))(x))

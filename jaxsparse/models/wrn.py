@@ -38,11 +38,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.models.conv import shifted_matmul_conv
+from jaxsparse.models.conv import shifted_matmul_conv, wgrad_matmul_conv
 from jaxsparse.topk import nonzero_fraction, topk_mask
 
 NORMS = ("rmsnorm", "batchnorm", "none")
-CONVS = {"xla": None, "matmul": shifted_matmul_conv}  # None: flax's default, lax.conv_general_dilated
+# None: flax's default, lax.conv_general_dilated. Same parameters and function for all three.
+CONVS = {"xla": None, "matmul": shifted_matmul_conv, "wgrad_matmul": wgrad_matmul_conv}
 DENSITY = "density"
 
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -127,8 +128,10 @@ class WideResNet(nn.Module):
     zero_init_residual: start every block's conv2 at zero (see the module docstring).
     dtype: compute dtype (e.g. jnp.bfloat16); logits are always float32.
     param_dtype: parameter dtype.
-    conv: "xla" (``lax.conv_general_dilated``) or "matmul" (``conv.shifted_matmul_conv``: the same
-      convolution and parameters, several times faster on XLA's CPU backend).
+    conv: "xla" (``lax.conv_general_dilated``), "matmul" (``conv.shifted_matmul_conv``: the same
+      convolution and parameters as shifted matmuls) or "wgrad_matmul" (``conv.wgrad_matmul_conv``:
+      XLA's forward and input gradient, kernel gradient as matmuls); the last two are several times
+      faster on XLA's CPU backend (docs/performance.md).
 
   Example:
     >>> model = WRN10_1()
