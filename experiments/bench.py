@@ -7,12 +7,12 @@ Sections (``--sections``, comma-separated; default all):
   the same model without top-k sites (``WideResNet(sites=False)``), timed in interleaved rounds
   (A B C A B C ...) so load changes hit every variant; ratios are medians of per-round ratios.
   Also the compile time, and proof that changing keep does not recompile (``jax.no_tracing`` around
-  the keep changes, the count of backend compilations, and the jit cache size). Unless
-  ``--no-conv-matmul``, the same step with ``WideResNet(conv="matmul")`` (convolutions as shifted
-  matmuls, jaxsparse/models/conv.py) joins the rounds: ``step.conv_xla_over_matmul``.
+  the keep changes, the count of backend compilations, and the jit cache size). The main models use
+  ``--conv``; the same step with each of ``--other-convs`` (default: every other implementation in
+  jaxsparse/models/conv.py) joins the rounds at keep 0.3 and 1.0: ``step.conv_<main>_over_<other>``.
 * ``torch``: the same step in PyTorch (pre-activation WRN, RMSNorm over channels, SGD Nesterov 0.9,
   weight decay 5e-4 on kernels, channels_last, float32), interleaved with the JAX keep-1.0 steps;
-  ``jax_over_torch`` uses the faster of the two JAX convolution implementations (both reported).
+  ``jax_over_torch`` uses the fastest JAX convolution implementation timed (each reported).
   Skipped with a reason (ratio null) when torch is not installed.
 * ``topk``: ``topk_threshold`` by method (radix, bisect, sort) and ``topk_mask`` (forward and
   forward+backward) at the model's real site shapes, with the per-step selection cost summed over
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import platform
@@ -41,7 +42,7 @@ import numpy as np
 
 from jaxsparse import controllers, data, parallel
 from jaxsparse import train as train_lib
-from jaxsparse.models.wrn import WideResNet
+from jaxsparse.models.wrn import CONVS, WideResNet
 from jaxsparse.topk import topk_mask, topk_threshold
 
 SECTIONS = ("step", "torch", "topk", "pipeline")
@@ -171,14 +172,15 @@ def epoch_estimate(times: dict, batch_size: int) -> dict:
 def bench_step(args, counter: CompileCounter, with_torch: bool) -> tuple[dict, dict]:
   """The step section (and the torch comparison when asked); returns (results, ratios)."""
   depth, widen = MODELS[args.model]
-  sparse = JaxStep(depth, widen, args.batch_size, sites=True, counter=counter)
-  plain = JaxStep(depth, widen, args.batch_size, sites=False, counter=counter)
+  sparse = JaxStep(depth, widen, args.batch_size, sites=True, counter=counter, conv=args.conv)
+  plain = JaxStep(depth, widen, args.batch_size, sites=False, counter=counter, conv=args.conv)
   fns = {"keep0.3": lambda: sparse.step(SPARSE_KEEP), "keep1.0": lambda: sparse.step(1.0),
          "plain": lambda: plain.step(1.0)}
-  matmul = None
-  if args.conv_matmul:  # the same model with convolutions as shifted matmuls (jaxsparse.models.conv)
-    matmul = JaxStep(depth, widen, args.batch_size, sites=True, counter=counter, conv="matmul")
-    fns.update({"matmul_keep0.3": lambda: matmul.step(SPARSE_KEEP), "matmul_keep1.0": lambda: matmul.step(1.0)})
+  others = {}  # the same model with other convolution implementations (jaxsparse.models.conv)
+  for conv in args.convs:
+    others[conv] = JaxStep(depth, widen, args.batch_size, sites=True, counter=counter, conv=conv)
+    fns.update({f"{conv}_keep0.3": functools.partial(others[conv].step, SPARSE_KEEP),
+                f"{conv}_keep1.0": functools.partial(others[conv].step, 1.0)})
   torch_step, torch_info = (make_torch_step(depth, widen, args.batch_size) if with_torch else (None, None))
   if torch_step is not None:
     fns["torch"] = torch_step
@@ -197,7 +199,7 @@ def bench_step(args, counter: CompileCounter, with_torch: bool) -> tuple[dict, d
   recompile = {"keeps_called": [1.0, SPARSE_KEEP, 0.05], "backend_compiles_in_timed_rounds": compiles,
                "train_step_jit_cache_entries_before_after": [cache_before, cache_after],
                "keep_0.05_step_under_jax_no_tracing": "ok"}
-  model = f"{args.model} batch {args.batch_size}"
+  model = f"{args.model} batch {args.batch_size} conv {args.conv}"
   results = {
       "model": model, "rounds": args.repeats, "order": list(fns),
       "times": {name: dict(summary(t), **os_cost[name]) for name, t in times.items()},
@@ -206,22 +208,25 @@ def bench_step(args, counter: CompileCounter, with_torch: bool) -> tuple[dict, d
                   "sites_backend_compiles": sparse.compiles,
                   "plain_first_call_s": round(plain.first_call_s, 2),
                   "plain_backend_compile_s": round(plain.compile_s, 2),
-                  **({"matmul_first_call_s": round(matmul.first_call_s, 2)} if matmul else {})},
+                  **{f"{conv}_first_call_s": round(st.first_call_s, 2) for conv, st in others.items()}},
       "no_recompile": recompile,
       "paper_epoch_estimate": epoch_estimate(times, args.batch_size)}
   ratios = {"sparse_over_dense": dict(ratio(times, "keep0.3", "keep1.0"), model=model),
             "keep1_over_plain": dict(ratio(times, "keep1.0", "plain"), model=model)}
-  if matmul is not None:
-    results["conv_xla_over_matmul"] = {"keep1.0": ratio(times, "keep1.0", "matmul_keep1.0"),
-                                       "keep0.3": ratio(times, "keep0.3", "matmul_keep0.3")}
-    results["matmul_sparse_over_dense"] = ratio(times, "matmul_keep0.3", "matmul_keep1.0")
+  for conv in others:  # > 1: the main model (args.conv) is slower than this one
+    results[f"conv_{args.conv}_over_{conv}"] = {"keep1.0": ratio(times, "keep1.0", f"{conv}_keep1.0"),
+                                                "keep0.3": ratio(times, "keep0.3", f"{conv}_keep0.3")}
+    results[f"{conv}_sparse_over_dense"] = ratio(times, f"{conv}_keep0.3", f"{conv}_keep1.0")
   if torch_step is not None:
     # Against the faster torch thread setting of this run (OpenMP suffers most from shared cores), and with the
-    # faster of jaxsparse's two convolution implementations (both reported).
+    # fastest of the convolution implementations timed (each reported).
     fastest = lambda names: min((k for k in names if k in times), key=lambda k: statistics.median(times[k]))  # noqa: E731
-    best, jax_best = fastest(("torch", "torch_1thread")), fastest(("keep1.0", "matmul_keep1.0"))
+    best = fastest(("torch", "torch_1thread"))
+    jax_best = fastest(["keep1.0"] + [f"{conv}_keep1.0" for conv in others])
+    per_conv = {args.conv: ratio(times, "keep1.0", best)["median"],
+                **{conv: ratio(times, f"{conv}_keep1.0", best)["median"] for conv in others}}
     ratios["jax_over_torch"] = dict(ratio(times, jax_best, best), model=model, torch_variant=best,
-                                    jax_variant=jax_best, xla_conv_over_torch=ratio(times, "keep1.0", best)["median"],
+                                    jax_variant=jax_best, by_conv=per_conv,
                                     plain_over_torch=ratio(times, "plain", best)["median"])
     results["torch"] = torch_info
   elif with_torch:
@@ -411,9 +416,16 @@ def parse(argv):
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; quick: 3)")
   parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-  parser.add_argument("--no-conv-matmul", dest="conv_matmul", action="store_false",
-                      help="skip the WideResNet(conv='matmul') variant of the step section")
+  parser.add_argument("--conv", choices=sorted(CONVS), default="xla",
+                      help="convolution of the step section's main models (keep 0.3, keep 1.0, plain)")
+  parser.add_argument("--other-convs", default=None,
+                      help="comma-separated convolutions also timed at keep 0.3 and 1.0 (default: all others; '' none)")
   args = parser.parse_args(argv)
+  others = [c for c in CONVS if c != args.conv] if args.other_convs is None else \
+      [c for c in args.other_convs.split(",") if c]
+  if set(others) - set(CONVS) or args.conv in others:
+    parser.error(f"--other-convs: choose from {sorted(set(CONVS) - {args.conv})}, got {others}")
+  args.convs = others
   args.model = args.model or ("wrn16_2" if args.quick else "wrn28_4")
   args.repeats = args.repeats or (3 if args.quick else 5)
   args.sections = [s for s in args.sections.split(",") if s]

@@ -11,10 +11,11 @@ from conftest import ROOT
 @pytest.mark.slow
 def test_bench_emits_the_three_ratios():
   out = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), "--model=wrn10_1",
-                        "--batch-size=16", "--repeats=2", "--sections=step"],
+                        "--batch-size=16", "--repeats=2", "--sections=step", "--other-convs=wgrad_matmul"],
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   result = json.loads(out.stdout)
   assert result["sparse_over_dense"] > 0 and result["keep1_over_plain"] > 0
   assert "jax_over_torch" in result
-  assert result["step"]["conv_xla_over_matmul"]["keep1.0"]["median"] > 0
+  assert result["step"]["conv_xla_over_wgrad_matmul"]["keep1.0"]["median"] > 0
+  assert "matmul_keep1.0" not in result["step"]["times"]
