@@ -12,12 +12,10 @@ failure to write the run directory (read-only, disk full) is a `WorkdirError` na
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,18 +32,12 @@ from jaxsparse import data as data_lib
 from jaxsparse import parallel
 from jaxsparse import report
 from jaxsparse import train as train_lib
+from jaxsparse import workdir as workdir_lib
 from jaxsparse.config import MODELS, Config
 from jaxsparse.models import WideResNet
+from jaxsparse.workdir import ConfigMismatchError, WorkdirError  # noqa: F401  (re-exported)
 
 _logger = logging.getLogger("jaxsparse")
-
-
-class ConfigMismatchError(ValueError):
-  """The run directory holds a run made with a different config."""
-
-
-class WorkdirError(OSError):
-  """The run directory cannot be written (permissions, full disk); what was saved before is intact."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -83,86 +75,6 @@ def check_config(config: Config) -> controllers_lib.Controller:
   if controller.needs_validation and config.val_size < 1:
     raise ValueError(f"schedule {config.schedule!r} needs a validation split: set val_size > 0 (--val-size)")
   return controller
-
-
-def prepare_workdir(config: Config, workdir: Path, *, fresh: bool) -> None:
-  """Creates `workdir`, or checks that the run already there was made with the same config.
-
-  A directory whose run never saved a checkpoint (e.g. it stopped on bad input) has nothing to lose: its
-  config.json is replaced, so a corrected command is not refused.
-
-  Raises:
-    ConfigMismatchError: an existing run used another config (nothing is overwritten).
-  """
-  saved = workdir / "config.json"
-  if fresh and workdir.exists():
-    for name in ("checkpoints", "plots"):
-      shutil.rmtree(workdir / name, ignore_errors=True)
-    for name in ("config.json", "metrics.jsonl", "summary.json"):
-      (workdir / name).unlink(missing_ok=True)
-  if saved.exists():
-    try:
-      old = json.loads(saved.read_text())
-    except json.JSONDecodeError as e:
-      raise ConfigMismatchError(f"{saved} is unreadable ({e}); pass --fresh to start the run over, or choose "
-                                f"another --workdir") from e
-    new = json.loads(config.to_json())
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if diff and not _has_checkpoints(workdir / "checkpoints"):
-      _atomic_write(saved, config.to_json())
-    elif diff:
-      details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
-      raise ConfigMismatchError(
-          f"{workdir} holds a run with a different config ({details}); pass --fresh to start it over, or "
-          f"choose another --workdir")
-    return
-  workdir.mkdir(parents=True, exist_ok=True)
-  _atomic_write(saved, config.to_json())
-
-
-@contextlib.contextmanager
-def _writing(what: object):
-  """Turns an OSError while writing `what` (read-only directory, full disk) into a WorkdirError with the fix."""
-  try:
-    yield
-  except WorkdirError:
-    raise
-  except OSError as e:
-    raise WorkdirError(f"cannot write {what}: {e.strerror or e}; free disk space or choose a writable --workdir "
-                       f"(checkpoints saved before are intact; run the same command again to resume)") from e
-
-
-def _has_checkpoints(directory: Path) -> bool:
-  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
-
-
-def _atomic_write(path: Path, text: str) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
-def _append_line(path: Path, text: str) -> None:
-  with path.open("a") as f:
-    f.write(text + "\n")
-
-
-def _read_history(path: Path, upto_epoch: int, log: Callable[[str], None]) -> list[dict]:
-  """Epoch records already written, dropping any beyond the restored checkpoint (they will be redone)."""
-  if not path.exists():
-    return []
-  lines = [line for line in path.read_text().splitlines() if line.strip()]
-  records = []
-  for line in lines:
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:  # a line cut short when the process was killed while appending it
-      log(f"dropped an unreadable line of {path}: {line[:80]!r}")
-  records = [r for r in records if r["epoch"] <= upto_epoch]
-  if len(records) != len(lines):
-    with _writing(path):
-      _atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
-  return records
 
 
 def _lr_schedule(config: Config, steps_per_epoch: int):
@@ -326,7 +238,7 @@ def _run_steps(train_fn, state, batches, keep, sums: _EpochSums, *, first_step: 
 
 def _interrupted(ckpt: checkpoint_lib.Checkpointer, steps_per_epoch: int) -> Interrupted:
   """The Interrupted error naming the newest checkpoint and how to resume."""
-  with _writing(ckpt.directory):
+  with workdir_lib.writing(ckpt.directory):
     steps = ckpt.all_steps()
   if not steps:
     return Interrupted("interrupted before the first checkpoint; run the same command again to start over")
@@ -373,8 +285,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
   should_stop = should_stop or (lambda: False)
   workdir = Path(workdir)
   controller = check_config(config)     # validates the schedule and its options before any work
-  with _writing(f"the run directory {workdir}"):
-    prepare_workdir(config, workdir, fresh=fresh)
+  with workdir_lib.writing(f"the run directory {workdir}"):
+    workdir_lib.prepare_workdir(config, workdir, fresh=fresh)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   ds = _load_data(config, progress=progress)
@@ -384,12 +296,12 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
   lr_at = _lr_schedule(config, steps_per_epoch)
   rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
-  with _writing(workdir / "checkpoints"):
+  with workdir_lib.writing(workdir / "checkpoints"):
     ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep_latest=config.keep_checkpoints, log=ckpt_log)
   with ckpt:
     state, position = _restore(ckpt, state, steps_per_epoch, log)
     metrics_path = workdir / "metrics.jsonl"
-    history = _read_history(metrics_path, position["epoch"], log)
+    history = workdir_lib.read_history(metrics_path, position["epoch"], log)
 
     train_fn = jax.jit(train_lib.train_step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep),
                        donate_argnums=0)
@@ -398,7 +310,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
     eval_kw = dict(batch_size=2 * config.batch_size, mean=ds.mean, std=ds.std, mesh=mesh)
 
     def save(state, meta, cycle_end=None):
-      with _writing(f"checkpoint {ckpt.path(int(state.step))}"):
+      with workdir_lib.writing(f"checkpoint {ckpt.path(int(state.step))}"):
         ckpt.save(int(state.step), state, meta=meta, cycle_end=cycle_end)
 
     t_start = time.time()
@@ -449,8 +361,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
             "epoch_time_s": time.time() - t_epoch, "wall_time_s": wall(),
         }
         history.append(record)
-        with _writing(metrics_path):
-          _append_line(metrics_path, json.dumps(record))
+        with workdir_lib.writing(metrics_path):
+          workdir_lib.append_line(metrics_path, json.dumps(record))
         save(state, _position(epoch + 1, 0, _EpochSums(), record["wall_time_s"], cycle), cycle_end=cycle_end)
         log(f"epoch {epoch + 1:3d}/{config.epochs} keep {keep_value:.3f} cycle {cycle:2d} "
             f"loss {train['loss']:.4f} train {train['accuracy']:.4f} "
@@ -470,11 +382,11 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
       keep_curve[k] = evaluate(eval_fn, state, ds.test, keep=k, **eval_kw)["accuracy"]
     summary = report.summarize(history, keep_curve=keep_curve, device=_device_summary(),
                                data_source=ds.source, config=config.to_dict())
-    with _writing(workdir / "summary.json"):
-      _atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
-    with _writing(workdir / "plots"):
+    with workdir_lib.writing(workdir / "summary.json"):
+      workdir_lib.atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
+    with workdir_lib.writing(workdir / "plots"):
       report.plot_run(history, keep_curve, workdir / "plots")
-    with _writing(ckpt.directory):
+    with workdir_lib.writing(ckpt.directory):
       ckpt.wait()
   log(report.format_summary(summary))
   return summary

@@ -16,6 +16,7 @@ import pytest
 from jaxsparse import config as config_lib
 from jaxsparse import data as data_lib
 from jaxsparse import loop
+from jaxsparse import workdir as workdir_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -252,7 +253,7 @@ def test_disk_full_mid_run_stops_clearly_and_damages_nothing(baseline, genuine_n
   def disk_full(path, text):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-  monkeypatch.setattr(loop, "_append_line", disk_full)
+  monkeypatch.setattr(workdir_lib, "append_line", disk_full)
   assert run_cli.main(_argv(genuine_npz, cache, workdir)) == 1
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert err == (f"error: cannot write {workdir / 'metrics.jsonl'}: No space left on device; free disk space or "
