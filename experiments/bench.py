@@ -14,6 +14,9 @@ Sections (``--sections``, comma-separated; default all):
   weight decay 5e-4 on kernels, channels_last, float32), interleaved with the JAX keep-1.0 steps;
   ``jax_over_torch`` uses the fastest JAX convolution implementation timed (each reported).
   Skipped with a reason (ratio null) when torch is not installed.
+* ``conv``: one stride-1 3x3 convolution, forward + backward, at each WRN group's shape, per
+  implementation (``xla``, ``matmul``, ``wgrad_matmul``) and in PyTorch; XLA's split into forward,
+  input gradient and kernel gradient, and `kernel_gradient` alone.
 * ``topk``: ``topk_threshold`` by method (radix, bisect, sort) and ``topk_mask`` (forward and
   forward+backward) at the model's real site shapes, with the per-step selection cost summed over
   the model's sites, plus the (128, 65536) row case quoted in jaxsparse/topk.py.
@@ -38,14 +41,17 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from jaxsparse import controllers, data, parallel
 from jaxsparse import train as train_lib
 from jaxsparse.models.wrn import CONVS, WideResNet
+from jaxsparse.models import conv as conv_lib
 from jaxsparse.topk import topk_mask, topk_threshold
+from torch_wrn import make_conv_step, make_torch_step
 
-SECTIONS = ("step", "torch", "topk", "pipeline")
+SECTIONS = ("step", "torch", "conv", "topk", "pipeline")
 MODELS = {"wrn28_4": (28, 4), "wrn16_4": (16, 4), "wrn16_2": (16, 2), "wrn16_1": (16, 1), "wrn10_1": (10, 1)}
 GOALS = {"sparse_over_dense": 1.10, "keep1_over_plain": 1.01, "jax_over_torch": 1.0}
 SPARSE_KEEP = 0.3
@@ -251,66 +257,53 @@ def _one_thread(step):
   return run
 
 
-def make_torch_step(depth: int, widen: int, batch_size: int):
-  """Returns (step fn, info) for the PyTorch WRN train step, or (None, reason)."""
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    return None, f"torch not installed ({e}); pip install torch==2.13.0 (the 'bench' extra)"
-  from torch import nn  # pylint: disable=import-outside-toplevel
-  torch.manual_seed(0)
-  device = "cuda" if torch.cuda.is_available() else "cpu"
+# ----------------------------------------------------------------------------- convolutions
 
-  class RMSNorm2d(nn.Module):
-    """RMSNorm over channels: on a channels_last tensor the NHWC view is contiguous."""
 
-    def __init__(self, c):
-      super().__init__()
-      self.weight = nn.Parameter(torch.ones(c))
+def conv_shapes(depth: int, widen: int) -> list[tuple[int, int, int]]:
+  """(H=W, channels, count) of the stride-1 3x3 convs of each WRN group (conv2 of every block, conv1 of the rest)."""
+  n = (depth - 4) // 6
+  return [(32 >> g, 16 * widen << g, 2 * n - 1) for g in range(3)]
 
-    def forward(self, x):
-      y = nn.functional.rms_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, 1e-6)
-      return y.permute(0, 3, 1, 2)
 
-  class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.norm1, self.norm2 = RMSNorm2d(cin), RMSNorm2d(cout)
-      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.shortcut = (nn.Conv2d(cin, cout, 1, stride, bias=False)
-                       if cin != cout or stride != 1 else None)
+def bench_conv(args) -> dict:
+  """One stride-1 3x3 conv, fwd + bwd, per implementation (and PyTorch), at each WRN group's shape.
 
-    def forward(self, x):
-      a1 = torch.relu(self.norm1(x))
-      h = self.conv2(torch.relu(self.norm2(self.conv1(a1))))
-      return h + (self.shortcut(a1) if self.shortcut is not None else x)
-
-  n, layers, cin = (depth - 4) // 6, [nn.Conv2d(3, 16, 3, 1, 1, bias=False)], 16
-  for g, stride in enumerate((1, 2, 2)):
-    for b in range(n):
-      layers.append(Block(cin, 16 * widen * 2**g, stride if b == 0 else 1))
-      cin = 16 * widen * 2**g
-  layers += [RMSNorm2d(cin), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10)]
-  model = nn.Sequential(*layers).to(device, memory_format=torch.channels_last)
-  decay = [p for p in model.parameters() if p.ndim > 1]
-  no_decay = [p for p in model.parameters() if p.ndim <= 1]
-  opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
-                        lr=0.1, momentum=0.9, nesterov=True)
-  gen = torch.Generator().manual_seed(0)
-  x = torch.randn(batch_size, 3, 32, 32, generator=gen).to(device, memory_format=torch.channels_last)
-  y = torch.randint(0, 10, (batch_size,), generator=gen).to(device)
-
-  def step():
-    opt.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    loss.item()  # waits for the step (also on a GPU)
-
-  info = {"version": torch.__version__, "device": device, "threads": torch.get_num_threads(),
-          "params": sum(p.numel() for p in model.parameters())}
-  return step, info
+  XLA's conv is also split into forward, input gradient and kernel gradient: the kernel gradient is
+  what `conv_lib.wgrad_matmul_conv` replaces.
+  """
+  depth, widen = MODELS[args.model]
+  reps, rows, per_step = max(2, args.repeats), [], collections.defaultdict(float)
+  dn = ("NHWC", "HWIO", "NHWC")
+  impls = {name: fn or lax.conv_general_dilated for name, fn in CONVS.items()}  # None: flax's default
+  for hw, c, count in conv_shapes(depth, widen):
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (args.batch_size, hw, hw, c))
+    w = jax.random.normal(kw, (3, 3, c, c)) * (2 / (9 * c)) ** 0.5
+    g = jax.random.normal(kg, x.shape)
+    row = {"shape": [args.batch_size, hw, hw, c], "convs_per_step": count}
+    for name, fn in impls.items():
+      conv = functools.partial(fn, window_strides=(1, 1), padding="SAME", dimension_numbers=dn)
+      fwd_bwd = jax.jit(lambda x, w, g, conv=conv: jax.vjp(lambda x, w: conv(x, w), x, w)[1](g))
+      row[f"{name}_fwd_bwd_ms"] = _best_ms(fwd_bwd, x, w, g, reps=reps)[1]
+      per_step[name] += count * row[f"{name}_fwd_bwd_ms"]
+    conv = functools.partial(lax.conv_general_dilated, window_strides=(1, 1), padding="SAME", dimension_numbers=dn)
+    row["xla_fwd_ms"] = _best_ms(jax.jit(conv), x, w, reps=reps)[1]
+    row["xla_input_grad_ms"] = _best_ms(jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)),
+                                        x, w, g, reps=reps)[1]
+    row["xla_kernel_grad_ms"] = _best_ms(jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)),
+                                         x, w, g, reps=reps)[1]
+    padding = ((1, 1), (1, 1))
+    row["matmul_kernel_grad_ms"] = _best_ms(
+        jax.jit(lambda x, g: conv_lib.kernel_gradient(x, g, (3, 3), (1, 1), padding)), x, g, reps=reps)[1]
+    torch_step, info = make_conv_step(*(np.asarray(a) for a in (x, w, g)))
+    if torch_step is not None:
+      torch_step()
+      row["torch_fwd_bwd_ms"] = round(min(_timed(torch_step) for _ in range(reps)) * 1e3, 2)
+      per_step["torch"] += count * row["torch_fwd_bwd_ms"]
+    rows.append(row)
+  return {"model": args.model, "dtype": "float32", "reps": reps, "shapes": rows, "torch": info,
+          "per_step_sum_over_stride1_3x3_convs_ms": {k: round(v, 1) for k, v in per_step.items()}}
 
 
 # ----------------------------------------------------------------------------- top-k
@@ -451,6 +444,8 @@ def main(argv=None):
       out.setdefault("ratio_details", {})[key] = dict(r, goal=GOALS[key],
                                                       met=None if r["median"] is None else r["median"] <= GOALS[key])
     steps_per_s = 1 / out["step"]["times"]["keep1.0"]["median_s"]
+  if "conv" in args.sections:
+    out["conv"] = bench_conv(args)
   if "topk" in args.sections:
     out["topk"] = bench_topk(args)
   if "pipeline" in args.sections:

@@ -11,7 +11,7 @@ from conftest import ROOT
 @pytest.mark.slow
 def test_bench_emits_the_three_ratios():
   out = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), "--model=wrn10_1",
-                        "--batch-size=16", "--repeats=2", "--sections=step", "--other-convs=wgrad_matmul"],
+                        "--batch-size=16", "--repeats=2", "--sections=step,conv", "--other-convs=wgrad_matmul"],
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   result = json.loads(out.stdout)
@@ -19,3 +19,6 @@ def test_bench_emits_the_three_ratios():
   assert "jax_over_torch" in result
   assert result["step"]["conv_xla_over_wgrad_matmul"]["keep1.0"]["median"] > 0
   assert "matmul_keep1.0" not in result["step"]["times"]
+  rows = result["conv"]["shapes"]
+  assert [r["shape"][1:] for r in rows] == [[32, 32, 16], [16, 16, 32], [8, 8, 64]]
+  assert all(r["wgrad_matmul_fwd_bwd_ms"] > 0 and r["xla_kernel_grad_ms"] > 0 for r in rows)
