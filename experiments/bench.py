@@ -46,7 +46,7 @@ import numpy as np
 
 from jaxsparse import controllers, data, parallel
 from jaxsparse import train as train_lib
-from jaxsparse.models.wrn import CONVS, WideResNet
+from jaxsparse.models.wrn import CONVS, WideResNet, resolve_conv
 from jaxsparse.models import conv as conv_lib
 from jaxsparse.topk import topk_mask, topk_threshold
 from torch_wrn import make_conv_step, make_torch_step
@@ -399,7 +399,8 @@ def machine() -> dict:
   dev = jax.devices()[0]
   return {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
           "backend": jax.default_backend(), "device_kind": dev.device_kind, "device_count": jax.device_count(),
-          "cpu_count": os.cpu_count()}
+          "cpu_count": os.cpu_count(),
+          "env": {k: os.environ[k] for k in ("GLIBC_TUNABLES", "XLA_FLAGS", "OMP_NUM_THREADS") if k in os.environ}}
 
 
 def parse(argv):
@@ -409,11 +410,13 @@ def parse(argv):
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; quick: 3)")
   parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-  parser.add_argument("--conv", choices=sorted(CONVS), default="xla",
-                      help="convolution of the step section's main models (keep 0.3, keep 1.0, plain)")
+  parser.add_argument("--conv", choices=sorted(CONVS), default=None,
+                      help="convolution of the step section's main models (keep 0.3, keep 1.0, plain); default: "
+                           "what conv='auto' means on this backend (wgrad_matmul on CPU, xla on GPU)")
   parser.add_argument("--other-convs", default=None,
                       help="comma-separated convolutions also timed at keep 0.3 and 1.0 (default: all others; '' none)")
   args = parser.parse_args(argv)
+  args.conv = args.conv or resolve_conv("auto")
   others = [c for c in CONVS if c != args.conv] if args.other_convs is None else \
       [c for c in args.other_convs.split(",") if c]
   if set(others) - set(CONVS) or args.conv in others:

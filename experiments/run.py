@@ -65,8 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--norm", choices=config_lib.NORMS)
   p.add_argument("--dropout", type=float)
   p.add_argument("--dtype", choices=config_lib.DTYPES)
-  p.add_argument("--conv", choices=config_lib.CONVS, help="convolution implementation (default xla; matmul: "
-                                                          "faster for wide WRNs on CPU, docs/performance.md)")
+  p.add_argument("--conv", choices=config_lib.CONVS, help="convolution implementation (default auto: wgrad_matmul "
+                                                          "on CPU, xla elsewhere; docs/performance.md)")
   p.add_argument("--batch-size", type=int)
   p.add_argument("--learning-rate", "--lr", type=float)
   p.add_argument("--warmup-epochs", type=int)

@@ -20,7 +20,7 @@ MODELS = {
 }
 NORMS = ("rmsnorm", "batchnorm", "none")
 DTYPES = ("float32", "bfloat16")
-CONVS = ("xla", "matmul")
+CONVS = ("auto", "xla", "matmul", "wgrad_matmul")  # jaxsparse.models.wrn.resolve_conv
 GRADIENTS = ("masked", "straight_through")
 SCORES = ("value", "magnitude")
 AUGMENTS = (None, "flip_crop")
@@ -41,7 +41,7 @@ class Config:
   norm: str = "rmsnorm"
   dropout: float = 0.0
   dtype: str = "float32"              # compute dtype; parameters stay float32
-  conv: str = "xla"                   # "matmul": shifted matmuls, faster for wide convs on XLA's CPU backend
+  conv: str = "auto"                  # wgrad_matmul on CPU (kernel gradient as matmuls: faster), xla elsewhere
   topk_gradient: str = "masked"
   topk_score: str = "value"
   # Optimisation (ours: common WRN practice, plus a linear warm-up that RMSNorm WRNs need at lr 0.1).

@@ -34,7 +34,7 @@ from jaxsparse import report
 from jaxsparse import train as train_lib
 from jaxsparse import workdir as workdir_lib
 from jaxsparse.config import MODELS, Config
-from jaxsparse.models import WideResNet
+from jaxsparse.models import WideResNet, resolve_conv
 from jaxsparse.workdir import ConfigMismatchError, WorkdirError  # noqa: F401  (re-exported)
 
 _logger = logging.getLogger("jaxsparse")
@@ -155,6 +155,10 @@ def evaluate(eval_fn, state, split, *, keep: float, batch_size: int, mean, std, 
 def _device_summary() -> str:
   d = jax.devices()
   return f"{len(d)} x {d[0].device_kind} ({d[0].platform})"
+
+
+def _conv_summary(config: Config) -> str:
+  return f"{config.conv} -> {resolve_conv(config.conv)}" if config.conv == "auto" else config.conv
 
 
 class _EpochSums:
@@ -382,6 +386,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
       keep_curve[k] = evaluate(eval_fn, state, ds.test, keep=k, **eval_kw)["accuracy"]
     summary = report.summarize(history, keep_curve=keep_curve, device=_device_summary(),
                                data_source=ds.source, config=config.to_dict())
+    summary["conv"] = _conv_summary(config)  # what "auto" meant on this backend
     with workdir_lib.writing(workdir / "summary.json"):
       workdir_lib.atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
     with workdir_lib.writing(workdir / "plots"):

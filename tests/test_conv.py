@@ -6,7 +6,9 @@ import pytest
 from jax import lax
 
 from jaxsparse.models import conv as conv_lib
-from jaxsparse.models.wrn import WideResNet
+from jaxsparse import config as config_lib
+from jaxsparse.models import wrn as wrn_lib
+from jaxsparse.models.wrn import WideResNet, resolve_conv
 
 
 CONVS = [conv_lib.shifted_matmul_conv, conv_lib.wgrad_matmul_conv]
@@ -47,13 +49,13 @@ def test_other_layouts_fall_back_to_lax_exactly(fn):
 
 def test_wrn_with_matmul_convs_has_the_same_parameters_and_outputs():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-  xla, mm = WideResNet(depth=10, widen=1), WideResNet(depth=10, widen=1, conv="matmul")
+  xla, mm = WideResNet(depth=10, widen=1, conv="xla"), WideResNet(depth=10, widen=1, conv="matmul")
   variables = xla.init(jax.random.PRNGKey(1), x)
   assert jax.tree.structure(variables) == jax.tree.structure(mm.init(jax.random.PRNGKey(1), x))
   for keep in (1.0, 0.3):
     np.testing.assert_allclose(mm.apply(variables, x, keep=keep), xla.apply(variables, x, keep=keep),
                                rtol=1e-4, atol=1e-4)
-  with pytest.raises(ValueError, match="conv must be one of"):
+  with pytest.raises(ValueError, match="conv must be 'auto' or one of"):
     WideResNet(depth=10, widen=1, conv="fft").init(jax.random.PRNGKey(1), x)
 
 
@@ -79,3 +81,10 @@ def test_wgrad_matmul_forward_and_input_gradient_are_xlas_bit_for_bit():
   np.testing.assert_array_equal(jax.jit(ours)(x, w), jax.jit(ref)(x, w))
   loss = lambda f: lambda x: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
   np.testing.assert_array_equal(jax.jit(jax.grad(loss(ours)))(x), jax.jit(jax.grad(loss(ref)))(x))
+
+
+def test_auto_conv_is_wgrad_matmul_on_cpu_and_every_config_choice_is_a_model_choice():
+  assert jax.default_backend() == "cpu"  # the test suite runs on CPU
+  assert resolve_conv("auto") == "wgrad_matmul" and resolve_conv("xla") == "xla"
+  assert set(config_lib.CONVS) == set(wrn_lib.CONVS) | {"auto"}
+  assert config_lib.Config().conv == "auto" and WideResNet().conv == "auto"

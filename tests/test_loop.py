@@ -43,6 +43,7 @@ def test_run_outputs_and_summary(full_run):
               "data_source"):
     assert key in summary, key
   assert summary["epochs"] == 3 and set(summary["keep_curve"]) == {"1.0", "0.5"}
+  assert summary["conv"] == "auto -> wgrad_matmul"  # the default conv, resolved on this CPU backend
   records = _records(workdir)
   # adaptive_a with tol=0.99 always compresses: 1.0 (dense reference epoch) -> 0.5 -> 0.25.
   assert [r["keep"] for r in records] == [1.0, 0.5, 0.25]

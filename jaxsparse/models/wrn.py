@@ -44,6 +44,20 @@ from jaxsparse.topk import nonzero_fraction, topk_mask
 NORMS = ("rmsnorm", "batchnorm", "none")
 # None: flax's default, lax.conv_general_dilated. Same parameters and function for all three.
 CONVS = {"xla": None, "matmul": shifted_matmul_conv, "wgrad_matmul": wgrad_matmul_conv}
+
+
+def resolve_conv(name: str) -> str:
+  """The conv implementation `name` stands for: "auto" is wgrad_matmul on CPU backends, xla elsewhere.
+
+  On XLA:CPU the kernel gradient of lax.conv_general_dilated is the slow part of a WRN step (WRN-28-4:
+  ~3x faster step with wgrad_matmul, equal on WRN-16-1; docs/performance.md); on GPU XLA's (cuDNN) convs
+  are kept.
+  """
+  if name == "auto":
+    return "wgrad_matmul" if jax.default_backend() == "cpu" else "xla"
+  if name not in CONVS:
+    raise ValueError(f"conv must be 'auto' or one of {tuple(CONVS)}, got {name!r}")
+  return name
 DENSITY = "density"
 
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -90,12 +104,12 @@ class BasicBlock(nn.Module):
   zero_init_residual: bool
   dtype: Any
   param_dtype: Any
-  conv: str = "xla"
+  conv: str = "auto"
 
   @nn.compact
   def __call__(self, x, keep, train: bool):
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init, dtype=self.dtype,
-                             param_dtype=self.param_dtype, conv_general_dilated=CONVS[self.conv])
+                             param_dtype=self.param_dtype, conv_general_dilated=CONVS[resolve_conv(self.conv)])
     norm = functools.partial(_Norm, self.norm, self.dtype, self.param_dtype)
     site = functools.partial(_site, self, keep=keep, sites=self.sites,
                              gradient=self.gradient, score=self.score)
@@ -129,9 +143,9 @@ class WideResNet(nn.Module):
     dtype: compute dtype (e.g. jnp.bfloat16); logits are always float32.
     param_dtype: parameter dtype.
     conv: "xla" (``lax.conv_general_dilated``), "matmul" (``conv.shifted_matmul_conv``: the same
-      convolution and parameters as shifted matmuls) or "wgrad_matmul" (``conv.wgrad_matmul_conv``:
-      XLA's forward and input gradient, kernel gradient as matmuls); the last two are several times
-      faster on XLA's CPU backend (docs/performance.md).
+      convolution and parameters as shifted matmuls), "wgrad_matmul" (``conv.wgrad_matmul_conv``:
+      XLA's forward and input gradient, kernel gradient as matmuls; the fastest on XLA's CPU backend)
+      or "auto" (default: `resolve_conv`, wgrad_matmul on CPU, xla elsewhere).
 
   Example:
     >>> model = WRN10_1()
@@ -153,7 +167,7 @@ class WideResNet(nn.Module):
   zero_init_residual: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  conv: str = "xla"
+  conv: str = "auto"
 
   @nn.compact
   def __call__(self, x_BxHxWxC, keep=1.0, train: bool = False):
@@ -162,11 +176,10 @@ class WideResNet(nn.Module):
       raise ValueError(f"WRN depth must be 6n + 4 with n >= 1, got {self.depth}")
     if self.norm not in NORMS:
       raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-    if self.conv not in CONVS:
-      raise ValueError(f"conv must be one of {tuple(CONVS)}, got {self.conv!r}")
+    conv = CONVS[resolve_conv(self.conv)]
     n = (self.depth - 4) // 6
     x = nn.Conv(16, (3, 3), use_bias=False, kernel_init=_conv_init, dtype=self.dtype,
-                param_dtype=self.param_dtype, conv_general_dilated=CONVS[self.conv], name="stem")(x_BxHxWxC)
+                param_dtype=self.param_dtype, conv_general_dilated=conv, name="stem")(x_BxHxWxC)
     for g, stride in enumerate((1, 2, 2)):
       for b in range(n):
         x = BasicBlock(16 * self.widen * 2**g, stride if b == 0 else 1, self.norm, self.dropout,
