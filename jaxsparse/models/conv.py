@@ -30,8 +30,13 @@ def _is_trivial(dilation) -> bool:
   return dilation is None or all(d == 1 for d in dilation)
 
 
-def _is_ours(lhs, dn, lhs_dilation, rhs_dilation, feature_group_count, batch_group_count) -> bool:
-  return (lhs.ndim == 4 and dn == _NHWC and _is_trivial(lhs_dilation) and _is_trivial(rhs_dilation)
+def _is_ours(lhs, rhs, dimension_numbers, lhs_dilation, rhs_dilation, feature_group_count,
+             batch_group_count) -> bool:
+  """Whether this module handles the conv: 2-D NHWC/HWIO, no dilation, one group (else lax does, unchanged)."""
+  if dimension_numbers is None or lhs.ndim != 4:
+    return False
+  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  return (dn == _NHWC and _is_trivial(lhs_dilation) and _is_trivial(rhs_dilation)
           and feature_group_count == 1 and batch_group_count == 1)
 
 
@@ -64,9 +69,7 @@ def shifted_matmul_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_di
     >>> shifted_matmul_conv(x, w, (2, 2), "SAME", dimension_numbers=dn).shape
     (2, 4, 4, 4)
   """
-  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) if dimension_numbers is not None \
-      else None
-  if not _is_ours(lhs, dn, lhs_dilation, rhs_dilation, feature_group_count, batch_group_count):
+  if not _is_ours(lhs, rhs, dimension_numbers, lhs_dilation, rhs_dilation, feature_group_count, batch_group_count):
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
@@ -89,7 +92,7 @@ def _out_hw(padded_shape, kernel_shape, strides) -> tuple[int, int]:
 
 
 # Above this ratio of padded to output pixels the flat kernel gradient wastes more work than its
-# contiguous slices save (measured: flat wins at 32x32 and 16x16 images, loses at 8x8; docs/performance.md).
+# contiguous slices save (measured on the 2-core CPU, batch 128: flat wins at 32x32 and 16x16 images, loses at 8x8).
 _FLAT_WASTE = 1.3
 
 
@@ -151,10 +154,9 @@ def wgrad_matmul_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dila
     >>> jax.grad(lambda w: wgrad_matmul_conv(x, w, (1, 1), "SAME", dimension_numbers=dn).sum())(w).shape
     (3, 3, 3, 4)
   """
-  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) if dimension_numbers is not None \
-      else None
   if (preferred_element_type is not None
-      or not _is_ours(lhs, dn, lhs_dilation, rhs_dilation, feature_group_count, batch_group_count)):
+      or not _is_ours(lhs, rhs, dimension_numbers, lhs_dilation, rhs_dilation, feature_group_count,
+                      batch_group_count)):
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
