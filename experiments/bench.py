@@ -49,7 +49,7 @@ from jaxsparse import train as train_lib
 from jaxsparse.models.wrn import CONVS, WideResNet, resolve_conv
 from jaxsparse.models import conv as conv_lib
 from jaxsparse.topk import topk_mask, topk_threshold
-from torch_wrn import make_conv_step, make_torch_step
+from torch_wrn import make_conv_step, make_torch_step, one_thread
 
 SECTIONS = ("step", "torch", "conv", "topk", "pipeline")
 MODELS = {"wrn28_4": (28, 4), "wrn16_4": (16, 4), "wrn16_2": (16, 2), "wrn16_1": (16, 1), "wrn10_1": (10, 1)}
@@ -191,7 +191,7 @@ def bench_step(args, counter: CompileCounter, with_torch: bool) -> tuple[dict, d
   if torch_step is not None:
     fns["torch"] = torch_step
     if torch_info["device"] == "cpu":
-      fns["torch_1thread"] = _one_thread(torch_step)
+      fns["torch_1thread"] = one_thread(torch_step)
   fns["eval_2x_batch"] = sparse.eval
   for fn in fns.values():  # warm-up: every variant once, keep 0.3 included
     fn()
@@ -238,23 +238,6 @@ def bench_step(args, counter: CompileCounter, with_torch: bool) -> tuple[dict, d
   elif with_torch:
     ratios["jax_over_torch"] = {"median": None, "reason": torch_info, "model": model}
   return results, ratios
-
-
-# ----------------------------------------------------------------------------- PyTorch step
-
-
-def _one_thread(step):
-  import torch  # pylint: disable=import-outside-toplevel
-
-  def run():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-      step()
-    finally:
-      torch.set_num_threads(threads)
-
-  return run
 
 
 # ----------------------------------------------------------------------------- convolutions

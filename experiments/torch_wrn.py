@@ -90,3 +90,18 @@ def make_conv_step(x, w, g):
     wt.grad.sum().item()  # waits (also on a GPU)
 
   return step, {"version": torch.__version__, "device": device, "threads": torch.get_num_threads()}
+
+
+def one_thread(step):
+  """`step` run with torch limited to one thread (restored afterwards)."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  def run():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+      step()
+    finally:
+      torch.set_num_threads(threads)
+
+  return run
