@@ -2,7 +2,7 @@
 
 Side effects live here (files, logs, checkpoints, device transfers); the steps and controllers it drives are pure.
 Run directory layout:
-  workdir/config.json  metrics.jsonl  summary.json  checkpoints/  plots/*.png
+  workdir/config.json  metrics.jsonl  summary.json  provenance.jsonl  checkpoints/  plots/*.png
 
 Interruptions lose nothing. Checkpoints are keyed by the global optimizer step: every epoch end is saved, and a
 stop request (`should_stop`, or a KeyboardInterrupt during the train steps) saves the current step with the data
@@ -30,6 +30,7 @@ from jaxsparse import checkpoint as checkpoint_lib
 from jaxsparse import controllers as controllers_lib
 from jaxsparse import data as data_lib
 from jaxsparse import parallel
+from jaxsparse import provenance
 from jaxsparse import report
 from jaxsparse import train as train_lib
 from jaxsparse import workdir as workdir_lib
@@ -291,6 +292,9 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
   controller = check_config(config)     # validates the schedule and its options before any work
   with workdir_lib.writing(f"the run directory {workdir}"):
     workdir_lib.prepare_workdir(config, workdir, fresh=fresh)
+  with workdir_lib.writing(workdir / "provenance.jsonl"):  # one line per (re)start: where each part of the run ran
+    workdir_lib.append_line(workdir / "provenance.jsonl", json.dumps(
+        {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **provenance.provenance()}))
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   ds = _load_data(config, progress=progress)
@@ -387,6 +391,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
     summary = report.summarize(history, keep_curve=keep_curve, device=_device_summary(),
                                data_source=ds.source, config=config.to_dict())
     summary["conv"] = _conv_summary(config)  # what "auto" meant on this backend
+    summary["provenance"] = provenance.provenance()
     with workdir_lib.writing(workdir / "summary.json"):
       workdir_lib.atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
     with workdir_lib.writing(workdir / "plots"):

@@ -168,13 +168,127 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float], confidence
   return float(d.mean()), float(half), int(d.size)
 
 
+UNRECORDED = "unrecorded machine"
+
+
+def hardware_label(provenance: Mapping | None) -> str:
+  """The hardware of a run's provenance in a few words: the CPU model and its widest vector units, and the
+  accelerators when there are any, e.g. ``AMD EPYC 9R14 (AVX-512+bf16)`` or ``2 x NVIDIA H100 on AMD EPYC 9R14
+  (AVX-512+bf16)``; "unrecorded machine" without provenance."""
+  if not provenance:
+    return UNRECORDED
+  cpu = provenance.get("cpu") if isinstance(provenance.get("cpu"), Mapping) else {}
+  vector = _vector_units(cpu.get("vector_extensions"))
+  label = str(cpu.get("model", "unknown")) + (f" ({vector})" if vector else "")
+  devices = provenance.get("devices")
+  accelerators = [d for d in devices if d.get("platform") != "cpu"] if isinstance(devices, list) else []
+  if accelerators:
+    label = ", ".join(f"{d.get('count', '?')} x {d.get('kind', 'unknown')}" for d in accelerators) + " on " + label
+  return label
+
+
+def _vector_units(extensions) -> str:
+  """The widest vector units among a CPU's extensions, e.g. "AVX-512+bf16+AMX", "AVX2", "SVE"; "" if unknown."""
+  if not isinstance(extensions, list):
+    return ""
+  have = set(extensions)
+  if "avx512f" in have:
+    units = "AVX-512" + "".join(f"+{x}" for x in ("bf16", "fp16") if f"avx512_{x}" in have)
+  else:
+    units = next((name for flag, name in (("avx2", "AVX2"), ("avx", "AVX"), ("sve2", "SVE2"), ("sve", "SVE"),
+                                          ("asimd", "NEON")) if flag in have), "")
+  return units + ("+AMX" if any(x.startswith("amx") for x in have) else "")
+
+
+def commit_label(provenance: Mapping | None) -> str:
+  """The short git commit of a run's provenance, ``+dirty`` when the tree had uncommitted changes; "unknown" when
+  not recorded."""
+  git = (provenance or {}).get("git")
+  commit = git.get("commit") if isinstance(git, Mapping) else None
+  if not isinstance(commit, str) or commit == "unknown":
+    return "unknown"
+  return commit[:7] + ("+dirty" if git.get("dirty") is True else "")
+
+
+def machine_label(summary: Mapping) -> str:
+  """Where a run was made, from its summary's provenance: hardware and commit, e.g. ``AMD EPYC 9R14 (AVX-512+bf16),
+  commit a63eee8``; "unrecorded machine" for a run that did not record it."""
+  provenance = summary.get("provenance")
+  if not provenance:
+    return UNRECORDED
+  return f"{hardware_label(provenance)}, commit {commit_label(provenance)}"
+
+
+def machines_markdown(runs) -> tuple[dict[str, str], list[str]]:
+  """({run path: machine tag like "M1"}, the markdown lines naming each machine and how many runs it made, and a
+  warning when the runs mix hardware or commits)."""
+  labels = {r["path"]: machine_label(r["summary"]) for r in runs}
+  machines = list(dict.fromkeys(sorted(labels.values(), key=lambda m: (m == UNRECORDED, m))))
+  tags = {m: f"M{i + 1}" for i, m in enumerate(machines)}
+  counts = {m: sum(v == m for v in labels.values()) for m in machines}
+  runs_of = lambda m: f"{counts[m]} run" + ("s" if counts[m] != 1 else "")  # noqa: E731
+  if len(machines) == 1:
+    lines = [f"Machine: {machines[0]} ({'all ' if counts[machines[0]] > 1 else ''}{runs_of(machines[0])})."]
+  else:
+    lines = ["Machines: " + "; ".join(f"{tags[m]} {m} ({runs_of(m)})" for m in machines) + "."]
+  return {path: tags[m] for path, m in labels.items()}, lines
+
+
+def mixed_machines_warning(runs) -> str | None:
+  """A one-line markdown warning when `runs` come from different hardware or commits, or some did not record
+  theirs; None when every run records the same hardware and commit."""
+  provenances = [r["summary"].get("provenance") for r in runs]
+  hardware = {hardware_label(p) for p in provenances if p}
+  commits = {commit_label(p) for p in provenances if p}
+  unrecorded = sum(not p for p in provenances)
+  problems = [f"{len(hardware)} kinds of hardware ({'; '.join(sorted(hardware))})"] if len(hardware) > 1 else []
+  problems += [f"{len(commits)} commits ({', '.join(sorted(commits))})"] if len(commits) > 1 else []
+  problems += [f"{unrecorded} of {len(runs)} runs that do not record their machine"] if 0 < unrecorded < len(runs) \
+      else []
+  if not problems:
+    return None
+  return (f"**Warning: these runs mix {' and '.join(problems)}. Results move between machines and commits even at "
+          f"the same seed, so a difference between rows may be the machine's, not the schedule's.**")
+
+
+def seeds_needed(sd_diff: float, *, delta: float, confidence: float = 0.95, power: float | None = None,
+                 max_n: int = 100_000) -> int:
+  """The smallest number n >= 2 of paired seeds that resolves a difference `delta`, given the standard deviation
+  `sd_diff` of the per-seed paired differences (same units).
+
+  power=None: the `confidence` t-interval of the mean paired difference is at most `delta` wide on each side,
+  t_{(1+confidence)/2, n-1} * sd_diff / sqrt(n) <= delta (an observed difference of `delta` is just significant).
+  power=p: a two-sided paired t-test at level 1 - confidence detects a true difference `delta` with probability
+  >= p (noncentral t with noncentrality delta / (sd_diff / sqrt(n))).
+
+  >>> seeds_needed(0.02, delta=0.01), seeds_needed(0.02, delta=0.01, power=0.8)
+  (18, 34)
+  """
+  if not (sd_diff >= 0 and delta > 0 and 0 < confidence < 1 and (power is None or 0 < power < 1)):
+    raise ValueError(f"need sd_diff >= 0, delta > 0 and confidence, power in (0, 1); got sd_diff={sd_diff}, "
+                     f"delta={delta}, confidence={confidence}, power={power}")
+  for n in range(2, max_n + 1):
+    t = stats.t.ppf(0.5 + confidence / 2, n - 1)
+    if sd_diff == 0 or (power is None and t * sd_diff / math.sqrt(n) <= delta):
+      return n
+    nc = delta / (sd_diff / math.sqrt(n))
+    if power is not None and stats.nct.sf(t, n - 1, nc) + stats.nct.cdf(-t, n - 1, nc) >= power:
+      return n
+  raise ValueError(f"more than {max_n} seeds needed for delta={delta} at sd_diff={sd_diff}")
+
+
 def comparison_markdown(runs, *, title: str, baseline: str = "dense", figures=()) -> str:
   """One markdown table: per schedule mean ± std of final and best dense test accuracy, difference to the
-  baseline schedule (paired by seed, 95% t-interval), keep curve means, cycles, wall time; then per-seed rows."""
+  baseline schedule (paired by seed, 95% t-interval), keep curve means, cycles, wall time; then per-seed rows.
+  Each table is followed by the machine(s) its runs were made on (see `machine_label`); a warning above them says
+  when the runs mix hardware or commits (see `mixed_machines_warning`)."""
   groups = _by_schedule(runs)
   keeps = sorted({float(k) for r in runs for k in r["summary"]["keep_curve"]}, reverse=True)
   final = {s: {r["summary"]["seed"]: r["summary"]["test_accuracy"] for r in rs} for s, rs in groups.items()}
-  lines = [f"# {title}", "", "Dense (keep = 1) test accuracy at the end of training; mean ± std over seeds. "
+  tags, machine_lines = machines_markdown(runs)
+  warning = mixed_machines_warning(runs)
+  lines = [f"# {title}", ""] + ([warning, ""] if warning else []) + [
+           "Dense (keep = 1) test accuracy at the end of training; mean ± std over seeds. "
            f"Δ vs {baseline}: mean paired difference over shared seeds ± the 95% t-interval half-width.", "",
            "| schedule | seeds | final test acc | best test acc | Δ final vs " + baseline + " | cycles | "
            + " | ".join(f"keep {k:g}" for k in keeps) + " | wall (min) |",
@@ -192,12 +306,17 @@ def comparison_markdown(runs, *, title: str, baseline: str = "dense", figures=()
     wall = mean_std([r["summary"]["wall_time_s"] / 60 for r in rs])[0]
     lines.append(f"| {s} | {len(rs)} | {fm:.4f} ± {fs:.4f} | {bm:.4f} ± {bs:.4f} | {delta} | {cycles:.1f} | "
                  + " | ".join(f"{c:.4f}" for c in curve) + f" | {wall:.1f} |")
-  lines += ["", "Per seed (final / best dense test accuracy):", "", "| schedule | seed | final | best | run |",
-            "|---|---:|---:|---:|---|"]
+  lines += [""] + machine_lines
+  mixed = len(set(tags.values())) > 1  # then each per-seed row names its machine
+  lines += ["", "Per seed (final / best dense test accuracy):", "",
+            "| schedule | seed | final | best | run |" + (" machine |" if mixed else ""),
+            "|---|---:|---:|---:|---|" + ("---|" if mixed else "")]
   for s, rs in groups.items():
     for r in rs:
       lines.append(f"| {s} | {r['summary']['seed']} | {r['summary']['test_accuracy']:.4f} | "
-                   f"{r['summary']['best_test_accuracy']:.4f} | `{r['path']}` |")
+                   f"{r['summary']['best_test_accuracy']:.4f} | `{r['path']}` |"
+                   + (f" {tags[r['path']]} |" if mixed else ""))
+  lines += [""] + machine_lines
   if figures:
     lines += [""] + [f"![{f}]({f})" for f in figures]
   return "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 """The run directory's files: its config.json guard and the small atomic/append writes the loop makes.
 
-Layout (written by jaxsparse.loop): workdir/config.json  metrics.jsonl  summary.json  checkpoints/  plots/*.png
+Layout (written by jaxsparse.loop): workdir/config.json  metrics.jsonl  summary.json  provenance.jsonl  checkpoints/
+plots/*.png
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def prepare_workdir(config: Config, workdir: Path, *, fresh: bool) -> None:
   if fresh and workdir.exists():
     for name in ("checkpoints", "plots"):
       shutil.rmtree(workdir / name, ignore_errors=True)
-    for name in ("config.json", "metrics.jsonl", "summary.json"):
+    for name in ("config.json", "metrics.jsonl", "summary.json", "provenance.jsonl"):
       (workdir / name).unlink(missing_ok=True)
   if saved.exists():
     try:

@@ -44,6 +44,11 @@ def test_run_outputs_and_summary(full_run):
     assert key in summary, key
   assert summary["epochs"] == 3 and set(summary["keep_curve"]) == {"1.0", "0.5"}
   assert summary["conv"] == "auto -> wgrad_matmul"  # the default conv, resolved on this CPU backend
+  # Where the run was made: in summary.json and one provenance.jsonl line per start, never in config.json.
+  saved = json.loads((workdir / "summary.json").read_text())
+  (start,) = [json.loads(line) for line in (workdir / "provenance.jsonl").read_text().splitlines()]
+  assert saved["provenance"]["cpu"] == start["cpu"] and len(saved["provenance"]["git"]["commit"]) in (7, 40)
+  assert "provenance" not in json.loads((workdir / "config.json").read_text())
   records = _records(workdir)
   # adaptive_a with tol=0.99 always compresses: 1.0 (dense reference epoch) -> 0.5 -> 0.25.
   assert [r["keep"] for r in records] == [1.0, 0.5, 0.25]
@@ -64,6 +69,7 @@ def test_interrupted_run_resumes_bitwise(full_run, genuine_npz, cache, tmp_path)
   assert len(_records(tmp_path)) == 2
   resumed = train_and_evaluate(config, tmp_path, progress=False)
   assert _records(tmp_path) == _records(workdir)
+  assert len((tmp_path / "provenance.jsonl").read_text().splitlines()) == 2  # the start and the restart
   assert resumed["keep_curve"] == summary["keep_curve"]
 
 

@@ -7,7 +7,7 @@ import pytest
 from jaxsparse import report
 
 
-def _fake_run(root, schedule, seed, final, keeps=(1.0, 0.5), config=None):
+def _fake_run(root, schedule, seed, final, keeps=(1.0, 0.5), config=None, provenance=None):
   d = root / f"{schedule}_s{seed}"
   d.mkdir()
   if config is not None:
@@ -19,6 +19,8 @@ def _fake_run(root, schedule, seed, final, keeps=(1.0, 0.5), config=None):
   (d / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
   summary = report.summarize(history, keep_curve={k: final * k for k in keeps}, device="cpu",
                              data_source="fake", config={"schedule": schedule, "seed": seed, "model": "m"})
+  if provenance is not None:
+    summary["provenance"] = provenance
   (d / "summary.json").write_text(json.dumps(summary))
   return d
 
@@ -85,3 +87,80 @@ def test_compare_cli_writes_the_table_and_skips_unfinished_runs_only_with_partia
   text = (tmp_path / "out" / "results.md").read_text()
   assert "| adaptive_b | 1 | 0.8300" in text and f"left out: `{running}`" in text
   assert (tmp_path / "out" / "accuracy.png").exists()
+
+
+def _provenance(model="AMD EPYC 9R14 96-Core Processor", commit="a63eee8851026053e8f910bead15d82a8c9c0894",
+                dirty=False, extensions=("avx2", "avx512f", "avx512_bf16"), devices=None):
+  return {"cpu": {"model": model, "vector_extensions": list(extensions), "count": 2, "affinity": "0-1", "usable": 2},
+          "devices": devices or [{"platform": "cpu", "kind": "cpu", "count": 1}], "driver": None,
+          "git": {"commit": commit, "dirty": dirty}}
+
+
+def test_one_machine_is_named_under_each_table_without_a_warning(tmp_path):
+  dirs = [_fake_run(tmp_path, s, seed, acc, provenance=_provenance()) for s, seed, acc in
+          [("dense", 0, 0.80), ("dense", 1, 0.82), ("adaptive_b", 0, 0.83)]]
+  md = report.comparison_markdown(report.load_runs(dirs), title="T")
+  line = "Machine: AMD EPYC 9R14 96-Core Processor (AVX-512+bf16), commit a63eee8 (all 3 runs)."
+  assert md.count(line) == 2 and "Warning" not in md
+  assert "| dense | 0 | 0.8000 | 0.8000 | `" + str(dirs[0]) + "` |\n" in md  # no machine column
+
+
+def test_runs_without_provenance_are_an_unrecorded_machine(tmp_path):
+  dirs = [_fake_run(tmp_path, "dense", seed, 0.8) for seed in (0, 1)]
+  md = report.comparison_markdown(report.load_runs(dirs), title="T")
+  assert "Machine: unrecorded machine (all 2 runs)." in md and "Warning" not in md
+
+
+def test_mixed_machines_and_commits_are_warned_about_in_the_table(tmp_path):
+  dirs = [_fake_run(tmp_path, "dense", 0, 0.80, provenance=_provenance()),
+          _fake_run(tmp_path, "dense", 1, 0.82, provenance=_provenance(model="Intel(R) Xeon(R) Processor",
+                                                                       extensions=("avx2",))),
+          _fake_run(tmp_path, "adaptive_b", 0, 0.83, provenance=_provenance(commit="adf61eb" + "0" * 33, dirty=True)),
+          _fake_run(tmp_path, "adaptive_b", 1, 0.81)]
+  md = report.comparison_markdown(report.load_runs(dirs), title="T")
+  warning = next(line for line in md.splitlines() if line.startswith("**Warning"))
+  assert md.index(warning) < md.index("| schedule |")  # above the tables, where it is seen first
+  assert "2 kinds of hardware (AMD EPYC 9R14 96-Core Processor (AVX-512+bf16); Intel(R) Xeon(R) Processor (AVX2))" \
+      in warning
+  assert "2 commits (a63eee8, adf61eb+dirty)" in warning and "1 of 4 runs that do not record their machine" in warning
+  machines = ("Machines: M1 AMD EPYC 9R14 96-Core Processor (AVX-512+bf16), commit a63eee8 (1 run); "
+              "M2 AMD EPYC 9R14 96-Core Processor (AVX-512+bf16), commit adf61eb+dirty (1 run); "
+              "M3 Intel(R) Xeon(R) Processor (AVX2), commit a63eee8 (1 run); M4 unrecorded machine (1 run).")
+  assert md.count(machines) == 2
+  assert "| schedule | seed | final | best | run | machine |" in md
+  assert f"| dense | 1 | 0.8200 | 0.8200 | `{dirs[1]}` | M3 |" in md
+  assert f"| adaptive_b | 1 | 0.8100 | 0.8100 | `{dirs[3]}` | M4 |" in md
+
+
+def test_only_a_commit_difference_is_warned_about_too(tmp_path):
+  runs = [{"summary": {"provenance": _provenance()}}, {"summary": {"provenance": _provenance(commit="b" * 40)}}]
+  assert "2 commits (a63eee8, bbbbbbb)" in report.mixed_machines_warning(runs)
+  assert "hardware" not in report.mixed_machines_warning(runs)
+  assert report.mixed_machines_warning(runs[:1]) is None
+
+
+def test_hardware_label_names_accelerators_and_tolerates_unknowns():
+  gpu = _provenance(devices=[{"platform": "gpu", "kind": "NVIDIA H100 80GB HBM3", "count": 8}],
+                    extensions=("avx2", "avx512f", "amx_tile"))
+  assert report.hardware_label(gpu) == "8 x NVIDIA H100 80GB HBM3 on AMD EPYC 9R14 96-Core Processor (AVX-512+AMX)"
+  unknown = {"cpu": {"model": "unknown", "vector_extensions": "unknown"}, "devices": "unknown",
+             "git": {"commit": "unknown", "dirty": "unknown"}}
+  assert report.machine_label({"provenance": unknown}) == "unknown, commit unknown"
+  assert report.machine_label({}) == "unrecorded machine"
+
+
+def test_seeds_needed_meets_its_definitions():
+  from scipy import stats
+  half = lambda n: stats.t.ppf(0.975, n - 1) * 0.0236 / math.sqrt(n)  # noqa: E731
+  n = report.seeds_needed(0.0236, delta=0.01)
+  assert n == 24 and half(n) <= 0.01 < half(n - 1)
+  n80 = report.seeds_needed(0.0236, delta=0.01, power=0.8)
+  normal = math.ceil(((1.959964 + 0.841621) * 0.0236 / 0.01) ** 2)  # the normal approximation: 44
+  assert n80 == 46 and normal < n80 <= normal + 3
+  # Simulated paired studies of n80 seeds with a true 1-point difference: ~80% of t-tests reject at 5%.
+  d = np.random.default_rng(0).normal(0.01, 0.0236, (20000, n80))
+  t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(n80))
+  assert np.mean(np.abs(t) > stats.t.ppf(0.975, n80 - 1)) == pytest.approx(0.8, abs=0.015)
+  assert report.seeds_needed(0.0, delta=0.01) == 2
+  with pytest.raises(ValueError, match="delta > 0"):
+    report.seeds_needed(0.01, delta=0)
