@@ -18,7 +18,8 @@ Semantics (all methods agree bit for bit on the threshold's value):
   values are clipped into that range (``keep <= 0`` keeps one unit, a NaN keep
   keeps everything).
 * ``keep >= 1`` (for every example) skips the selection with ``lax.cond`` and
-  returns ``x`` unchanged. Under ``jax.vmap`` a ``cond`` with a batched predicate
+  returns ``x`` unchanged (bit for bit); only a select that fuses with the
+  neighbouring ops remains. Under ``jax.vmap`` a ``cond`` with a batched predicate
   becomes a ``select`` and both branches run, so pass the per-example vector
   instead of vmapping over this function.
 
@@ -35,10 +36,8 @@ k-th largest key is found exactly:
 
 Every method runs over chunks of rows (``lax.map``, ~2 MiB of keys each) so the
 passes hit cache and the full key array is never written. The mask compares keys,
-not floats, which is also exact for the ties above. On the shared 2-core CPU
-this was measured on, at (128, 65536) float32: radix 24 ms, chunked bisect 86 ms,
-chunked sort 333 ms, and the earlier whole-array 32-pass bisection 284 ms in the
-same session (see experiments/bench.py --sections=topk). Not measured on GPU/TPU.
+not floats, which is also exact for the ties above. docs/performance.md has the
+measured cost of each method (``experiments/bench.py --sections=topk``).
 """
 from __future__ import annotations
 
@@ -333,7 +332,7 @@ def topk_mask(x, keep, *, axes: int | Sequence[int] | None = None,
   Args:
     x: activations (see ``topk_threshold``).
     keep: keep ratio, scalar or per-example, may be traced. ``keep >= 1`` for
-      every example returns ``x`` unchanged via ``lax.cond`` (costs ~nothing).
+      every example skips the selection (``lax.cond``) and returns ``x`` unchanged.
     axes: the axes ranked together; default all axes but the first.
     score: ``"value"`` or ``"magnitude"``.
     gradient: ``"masked"``: the gradient flows only through kept units (the mask
@@ -355,14 +354,16 @@ def topk_mask(x, keep, *, axes: int | Sequence[int] | None = None,
   axes = _reduce_axes(x.ndim, axes)
   _check_keep_shape(keep, x.shape, axes)
   keep = jnp.asarray(keep, jnp.float32)
-
-  def sparse(x):
-    thr_key = _threshold_keys(_as_supported_float(x), keep, axes, score, method)
-    keys, _ = _keys(lax.stop_gradient(_as_supported_float(x)), score == "magnitude")
-    y = jnp.where(keys >= thr_key, x, jnp.zeros_like(x))
-    return _straight_through(x, y) if gradient == "straight_through" else y
-
-  return lax.cond(jnp.all(keep >= 1.0), lambda x: x, sparse, x)
+  xf = lax.stop_gradient(_as_supported_float(x))
+  thr_shape = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
+  # Only the (tiny) per-row threshold sits inside the cond; the select stays outside so it fuses with the
+  # ops around it and, under autodiff, the cond carries no activation-sized residuals. Key 0 is below
+  # every key, so the skipped branch keeps every unit and the select returns x bit for bit.
+  thr_key = lax.cond(jnp.all(keep >= 1.0), lambda xf: jnp.zeros(thr_shape, jnp.uint32),
+                     lambda xf: _threshold_keys(xf, keep, axes, score, method), xf)
+  keys, _ = _keys(xf, score == "magnitude")
+  y = jnp.where(keys >= thr_key, x, jnp.zeros_like(x))
+  return _straight_through(x, y) if gradient == "straight_through" else y
 
 
 def nonzero_fraction(y, axes: int | Sequence[int] | None = None) -> jax.Array:
