@@ -6,10 +6,11 @@ Sections (``--sections``, comma-separated; default all):
   shardings on a 1-D mesh and buffer donation) at keep 0.3 and keep 1.0 (one compiled program) and
   the same model without top-k sites (``WideResNet(sites=False)``), timed in interleaved rounds
   (A B C A B C ...) so load changes hit every variant; ratios are medians of per-round ratios.
+  ``auto_over_best_conv``: the main step (conv "auto") over the fastest other implementation's.
   Also the compile time, and proof that changing keep does not recompile (``jax.no_tracing`` around
   the keep changes, the count of backend compilations, and the jit cache size). The main models use
   ``--conv``; the same step with each of ``--other-convs`` (default: every other implementation in
-  jaxsparse/models/conv.py) joins the rounds at keep 0.3 and 1.0: ``step.conv_<main>_over_<other>``.
+  jaxsparse/models/conv.py) joins the rounds at keep 1.0: ``step.conv_<main>_over_<other>``.
 * ``torch``: the same step in PyTorch (pre-activation WRN, RMSNorm over channels, SGD Nesterov 0.9,
   weight decay 5e-4 on kernels, channels_last, float32), interleaved with the JAX keep-1.0 steps;
   ``jax_over_torch`` uses the fastest JAX convolution implementation timed (each reported).
@@ -17,13 +18,16 @@ Sections (``--sections``, comma-separated; default all):
 * ``conv``: one stride-1 3x3 convolution, forward + backward, at each WRN group's shape, per
   implementation (``xla``, ``matmul``, ``wgrad_matmul``) and in PyTorch; XLA's split into forward,
   input gradient and kernel gradient, and `kernel_gradient` alone.
+* ``layers``: every distinct convolution layer of the WRNs (``--layer-models``, ``--layer-batches``),
+  forward + backward, with XLA's convolution and with ``wgrad_matmul``, beside what ``conv="auto"``
+  picks for it (``jaxsparse.models.conv.choose_conv``): the crossover behind "auto".
 * ``topk``: ``topk_threshold`` by method (radix, bisect, sort) and ``topk_mask`` (forward and
   forward+backward) at the model's real site shapes, with the per-step selection cost summed over
   the model's sites, plus the (128, 65536) row case quoted in jaxsparse/topk.py.
 * ``pipeline``: host batches/s of ``jaxsparse.data.train_batches`` over 50,000 random uint8
   images against train steps/s.
 
-  .venv/bin/python experiments/bench.py --quick     # WRN-16-2, a few minutes on 2 CPU cores
+  .venv/bin/python experiments/bench.py --quick     # WRN-16-2, every section, <= 5 minutes on 2 CPU cores
   .venv/bin/python experiments/bench.py             # WRN-28-4, ~15 minutes on 2 CPU cores
 """
 from __future__ import annotations
@@ -51,9 +55,9 @@ from jaxsparse.models import conv as conv_lib
 from jaxsparse.topk import topk_mask, topk_threshold
 from torch_wrn import make_conv_step, make_torch_step, one_thread
 
-SECTIONS = ("step", "torch", "conv", "topk", "pipeline")
+SECTIONS = ("step", "torch", "conv", "layers", "topk", "pipeline")
 MODELS = {"wrn28_4": (28, 4), "wrn16_4": (16, 4), "wrn16_2": (16, 2), "wrn16_1": (16, 1), "wrn10_1": (10, 1)}
-GOALS = {"sparse_over_dense": 1.10, "keep1_over_plain": 1.01, "jax_over_torch": 1.0}
+GOALS = {"sparse_over_dense": 1.05, "keep1_over_plain": 1.01, "auto_over_best_conv": 1.02, "jax_over_torch": 1.0}
 SPARSE_KEEP = 0.3
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -185,8 +189,7 @@ def bench_step(args, counter: CompileCounter, with_torch: bool) -> tuple[dict, d
   others = {}  # the same model with other convolution implementations (jaxsparse.models.conv)
   for conv in args.convs:
     others[conv] = JaxStep(depth, widen, args.batch_size, sites=True, counter=counter, conv=conv)
-    fns.update({f"{conv}_keep0.3": functools.partial(others[conv].step, SPARSE_KEEP),
-                f"{conv}_keep1.0": functools.partial(others[conv].step, 1.0)})
+    fns[f"{conv}_keep1.0"] = functools.partial(others[conv].step, 1.0)  # the top-k cost does not depend on the conv
   torch_step, torch_info = (make_torch_step(depth, widen, args.batch_size) if with_torch else (None, None))
   if torch_step is not None:
     fns["torch"] = torch_step
@@ -219,10 +222,12 @@ def bench_step(args, counter: CompileCounter, with_torch: bool) -> tuple[dict, d
       "paper_epoch_estimate": epoch_estimate(times, args.batch_size)}
   ratios = {"sparse_over_dense": dict(ratio(times, "keep0.3", "keep1.0"), model=model),
             "keep1_over_plain": dict(ratio(times, "keep1.0", "plain"), model=model)}
+  if others:  # the main convolution against the fastest implementation timed beside it (the goal for "auto": <= 1.02)
+    best = min(others, key=lambda c: statistics.median(times[f"{c}_keep1.0"]))
+    ratios["auto_over_best_conv" if args.conv == "auto" else f"{args.conv}_over_best_conv"] = dict(
+        ratio(times, "keep1.0", f"{best}_keep1.0"), model=model, best_other_conv=best)
   for conv in others:  # > 1: the main model (args.conv) is slower than this one
-    results[f"conv_{args.conv}_over_{conv}"] = {"keep1.0": ratio(times, "keep1.0", f"{conv}_keep1.0"),
-                                                "keep0.3": ratio(times, "keep0.3", f"{conv}_keep0.3")}
-    results[f"{conv}_sparse_over_dense"] = ratio(times, f"{conv}_keep0.3", f"{conv}_keep1.0")
+    results[f"conv_{args.conv}_over_{conv}"] = {"keep1.0": ratio(times, "keep1.0", f"{conv}_keep1.0")}
   if torch_step is not None:
     # Against the faster torch thread setting of this run (OpenMP suffers most from shared cores), and with the
     # fastest of the convolution implementations timed (each reported).
@@ -287,6 +292,54 @@ def bench_conv(args) -> dict:
     rows.append(row)
   return {"model": args.model, "dtype": "float32", "reps": reps, "shapes": rows, "torch": info,
           "per_step_sum_over_stride1_3x3_convs_ms": {k: round(v, 1) for k, v in per_step.items()}}
+
+
+def conv_layers(depth: int, widen: int) -> collections.Counter:
+  """(H=W of the input, C_in, C_out, kernel size, stride) of every conv of WideResNet(depth, widen), with multiplicity."""
+  layers, hw, c = collections.Counter({(32, 3, 16, 3, 1): 1}), 32, 16  # the stem
+  for g, stride in enumerate((1, 2, 2)):
+    out = 16 * widen * 2**g
+    for b in range((depth - 4) // 6):
+      s = stride if b == 0 else 1
+      layers[(hw, c, out, 3, s)] += 1            # conv1
+      if c != out or s != 1:
+        layers[(hw, c, out, 1, s)] += 1          # projection shortcut
+      hw, c = hw // s, out
+      layers[(hw, c, c, 3, 1)] += 1              # conv2
+  return layers
+
+
+def bench_layers(args) -> dict:
+  """Every distinct conv layer of the WRNs in --layer-models at each --layer-batches size: forward + backward
+  (input and kernel gradients) per implementation, and the one ``conv="auto"`` picks (`conv_lib.choose_conv`).
+
+  The table in docs/performance.md ("Which convolution auto picks") comes from this section.
+  """
+  reps, rows, seen = max(3, args.repeats), [], set()
+  dn = ("NHWC", "HWIO", "NHWC")
+  impls = {"xla": lax.conv_general_dilated, "wgrad_matmul": conv_lib.wgrad_matmul_conv}
+  for batch in args.layer_batches:
+    for model in args.layer_models:
+      for (hw, cin, cout, k, stride), count in sorted(conv_layers(*MODELS[model]).items()):
+        key = (batch, hw, cin, cout, k, stride)
+        if key in seen:
+          continue
+        seen.add(key)
+        kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+        x = jax.random.normal(kx, (batch, hw, hw, cin))
+        w = jax.random.normal(kw, (k, k, cin, cout)) * (2 / (k * k * cin)) ** 0.5
+        g = jax.random.normal(kg, (batch, hw // stride, hw // stride, cout))
+        row = {"batch": batch, "hw": hw, "c_in": cin, "c_out": cout, "kernel": k, "stride": stride,
+               "auto": conv_lib.choose_conv(x.shape, w.shape, (stride, stride), backend=jax.default_backend())}
+        for name, fn in impls.items():
+          conv = functools.partial(fn, window_strides=(stride, stride), padding="SAME", dimension_numbers=dn)
+          fwd_bwd = jax.jit(lambda x, w, g, conv=conv: jax.vjp(conv, x, w)[1](g))
+          row[f"{name}_ms"] = _best_ms(fwd_bwd, x, w, g, reps=reps)[1]
+        row["fastest"] = min(impls, key=lambda n: row[f"{n}_ms"])
+        row["auto_over_fastest"] = round(row[f"{row['auto']}_ms"] / row[f"{row['fastest']}_ms"], 3)
+        rows.append(row)
+  return {"reps": reps, "dtype": "float32", "backend": jax.default_backend(), "layers": rows,
+          "auto_not_fastest": [r for r in rows if r["auto"] != r["fastest"]]}
 
 
 # ----------------------------------------------------------------------------- top-k
@@ -379,11 +432,14 @@ def bench_pipeline(args, steps_per_s: float | None) -> dict:
 
 
 def machine() -> dict:
+  from jaxsparse import provenance  # imported here so that only this function changes
   dev = jax.devices()[0]
-  return {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
-          "backend": jax.default_backend(), "device_kind": dev.device_kind, "device_count": jax.device_count(),
-          "cpu_count": os.cpu_count(),
-          "env": {k: os.environ[k] for k in ("GLIBC_TUNABLES", "XLA_FLAGS", "OMP_NUM_THREADS") if k in os.environ}}
+  basic = {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
+           "backend": jax.default_backend(), "device_kind": dev.device_kind, "device_count": jax.device_count(),
+           "cpu_count": os.cpu_count(),
+           "env": {k: os.environ[k] for k in ("GLIBC_TUNABLES", "XLA_FLAGS", "OMP_NUM_THREADS") if k in os.environ}}
+  # adds hostname, os, cpu, devices, driver, versions, git; its "env" has the same variables and more (None: unset)
+  return {**basic, **provenance.provenance()}
 
 
 def parse(argv):
@@ -395,17 +451,29 @@ def parse(argv):
   parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
   parser.add_argument("--conv", choices=sorted(CONVS), default=None,
                       help="convolution of the step section's main models (keep 0.3, keep 1.0, plain); default: "
-                           "what conv='auto' means on this backend (wgrad_matmul on CPU, xla on GPU)")
+                           "what conv='auto' means on this backend (per layer on CPU, xla on GPU)")
   parser.add_argument("--other-convs", default=None,
-                      help="comma-separated convolutions also timed at keep 0.3 and 1.0 (default: all others; '' none)")
+                      help="comma-separated convolutions also timed at keep 1.0 (default: all others; '' none)")
+  parser.add_argument("--layer-models", default=None,
+                      help="layers section: comma-separated WRNs whose conv layers are timed (default: all five; "
+                           "quick: --model)")
+  parser.add_argument("--layer-batches", default=None, help="layers section: batch sizes (default 64,128; quick: "
+                                                             "--batch-size)")
   args = parser.parse_args(argv)
+  args.model = args.model or ("wrn16_2" if args.quick else "wrn28_4")
+  args.layer_models = (args.layer_models.split(",") if args.layer_models
+                       else [args.model] if args.quick else list(MODELS))
+  args.layer_batches = ([int(b) for b in args.layer_batches.split(",")] if args.layer_batches
+                        else [args.batch_size] if args.quick else [64, 128])
+  if set(args.layer_models) - set(MODELS):
+    parser.error(f"--layer-models: choose from {sorted(MODELS)}, got {args.layer_models}")
   args.conv = args.conv or resolve_conv("auto")
-  others = [c for c in CONVS if c != args.conv] if args.other_convs is None else \
-      [c for c in args.other_convs.split(",") if c]
+  # "auto" is xla off the CPU: timing it beside xla there would time one thing twice.
+  others = [c for c in CONVS if c != args.conv and not (c == "auto" and resolve_conv(c) != "auto")] \
+      if args.other_convs is None else [c for c in args.other_convs.split(",") if c]
   if set(others) - set(CONVS) or args.conv in others:
     parser.error(f"--other-convs: choose from {sorted(set(CONVS) - {args.conv})}, got {others}")
   args.convs = others
-  args.model = args.model or ("wrn16_2" if args.quick else "wrn28_4")
   args.repeats = args.repeats or (3 if args.quick else 5)
   args.sections = [s for s in args.sections.split(",") if s]
   unknown = set(args.sections) - set(SECTIONS)
@@ -417,7 +485,7 @@ def parse(argv):
 def main(argv=None):
   args = parse(argv)
   t0, load_start = time.perf_counter(), os.getloadavg()
-  out = {"machine": machine(), "args": vars(args), "goals": GOALS}
+  out = {"machine": machine(), "args": vars(args), "goals": GOALS, "notes": []}
   out.update({key: None for key in GOALS})
   counter = CompileCounter()
   steps_per_s = None
@@ -427,11 +495,16 @@ def main(argv=None):
       ratios = {k: v for k, v in ratios.items() if k == "jax_over_torch"}
     for key, r in ratios.items():
       out[key] = r["median"]
-      out.setdefault("ratio_details", {})[key] = dict(r, goal=GOALS[key],
-                                                      met=None if r["median"] is None else r["median"] <= GOALS[key])
+      goal = GOALS.get(key)
+      out.setdefault("ratio_details", {})[key] = dict(
+          r, goal=goal, met=None if r["median"] is None or goal is None else r["median"] <= goal)
+      if r["median"] is None:
+        out["notes"].append(f"{key} is null: {r['reason']}")
     steps_per_s = 1 / out["step"]["times"]["keep1.0"]["median_s"]
   if "conv" in args.sections:
     out["conv"] = bench_conv(args)
+  if "layers" in args.sections:
+    out["layers"] = bench_layers(args)
   if "topk" in args.sections:
     out["topk"] = bench_topk(args)
   if "pipeline" in args.sections:
@@ -443,4 +516,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from malloc_env import reexec_with_tunables
+  reexec_with_tunables()  # CPU: glibc keeps XLA's temp buffers (GLIBC_TUNABLES set by you: left as it is)
   main()

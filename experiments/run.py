@@ -6,6 +6,8 @@
 Re-running the same command resumes from the run directory's checkpoints; --fresh starts over.
 Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the current step, prints where, and exits with 130 or 143;
 the same command then continues the run mid-epoch. A second signal aborts at once (the last checkpoint stays).
+On Linux CPU machines the script re-executes itself once with glibc allocator settings (experiments/malloc_env.py)
+unless GLIBC_TUNABLES is already set; `GLIBC_TUNABLES= python experiments/run.py ...` opts out.
 Exit codes: 0 done, 1 a run error (bad data, unwritable run directory, non-finite loss...), 2 bad flags.
 """
 from __future__ import annotations
@@ -171,4 +173,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from malloc_env import reexec_with_tunables  # experiments/ is on sys.path when this runs as a script
+  reexec_with_tunables()  # CPU runs: glibc keeps XLA's temp buffers (GLIBC_TUNABLES set by you: left as it is)
   sys.exit(main())

@@ -83,8 +83,41 @@ def test_wgrad_matmul_forward_and_input_gradient_are_xlas_bit_for_bit():
   np.testing.assert_array_equal(jax.jit(jax.grad(loss(ours)))(x), jax.jit(jax.grad(loss(ref)))(x))
 
 
-def test_auto_conv_is_wgrad_matmul_on_cpu_and_every_config_choice_is_a_model_choice():
+def test_auto_is_per_layer_on_cpu_and_every_config_choice_is_a_model_choice():
   assert jax.default_backend() == "cpu"  # the test suite runs on CPU
-  assert resolve_conv("auto") == "wgrad_matmul" and resolve_conv("xla") == "xla"
-  assert set(config_lib.CONVS) == set(wrn_lib.CONVS) | {"auto"}
+  assert resolve_conv("auto") == "auto" and resolve_conv("xla") == "xla"
+  assert set(config_lib.CONVS) == set(wrn_lib.CONVS)
   assert config_lib.Config().conv == "auto" and WideResNet().conv == "auto"
+
+
+@pytest.mark.parametrize("lhs, rhs, strides, backend, expected", [
+    ((64, 32, 32, 16), (1, 1, 16, 32), (2, 2), "cpu", "wgrad_matmul"),    # 1x1 projection shortcut
+    ((64, 16, 16, 128), (3, 3, 128, 128), (1, 1), "cpu", "wgrad_matmul"),  # WRN-28-4 group 1
+    ((64, 32, 32, 128), (3, 3, 128, 256), (2, 2), "cpu", "wgrad_matmul"),  # 16x16 output pixels
+    ((64, 8, 8, 256), (3, 3, 256, 256), (1, 1), "cpu", "xla"),             # too few pixels
+    ((64, 32, 32, 16), (3, 3, 16, 16), (1, 1), "cpu", "xla"),              # too few channels
+    ((64, 32, 32, 64), (3, 3, 64, 64), (1, 1), "cpu", "xla"),
+    ((64, 32, 32, 3), (3, 3, 3, 16), (1, 1), "cpu", "xla"),                # the stem
+    ((64, 32, 32, 16), (1, 1, 16, 32), (2, 2), "gpu", "xla"),
+    ((64, 16, 16, 128), (3, 3, 128, 128), (1, 1), "tpu", "xla"),
+])
+def test_choose_conv_follows_the_documented_rule(lhs, rhs, strides, backend, expected):
+  assert conv_lib.choose_conv(lhs, rhs, strides, backend=backend) == expected
+
+
+def test_auto_conv_computes_xlas_forward_bit_for_bit_and_its_gradients():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 128))
+  for w_shape, strides in (((1, 1, 128, 64), (2, 2)), ((3, 3, 128, 128), (1, 1)), ((3, 3, 128, 16), (1, 1))):
+    w = jax.random.normal(jax.random.PRNGKey(1), w_shape) * 0.05
+    ref, ours = _both(x, w, strides, "SAME", conv_lib.auto_conv)
+    np.testing.assert_array_equal(jax.jit(ours)(x, w), jax.jit(ref)(x, w))
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+    for got, want in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_wrn_auto_equals_xla_forward_bit_for_bit():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  xla, auto = WideResNet(depth=10, widen=1, conv="xla"), WideResNet(depth=10, widen=1, conv="auto")
+  variables = xla.init(jax.random.PRNGKey(1), x)
+  np.testing.assert_array_equal(auto.apply(variables, x, keep=0.3), xla.apply(variables, x, keep=0.3))

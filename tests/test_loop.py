@@ -23,7 +23,7 @@ def _config(genuine_npz, tmp_cache, **kw):
 
 def _records(workdir):
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
-  drop = ("epoch_time_s", "wall_time_s")
+  drop = ("epoch_time_s", "eval_time_s", "wall_time_s")
   return [{k: v for k, v in json.loads(l).items() if k not in drop} for l in lines]
 
 
@@ -43,7 +43,7 @@ def test_run_outputs_and_summary(full_run):
               "data_source"):
     assert key in summary, key
   assert summary["epochs"] == 3 and set(summary["keep_curve"]) == {"1.0", "0.5"}
-  assert summary["conv"] == "auto -> wgrad_matmul"  # the default conv, resolved on this CPU backend
+  assert summary["conv"] == "auto -> per layer (xla or wgrad_matmul by shape)"  # the default, on this CPU backend
   # Where the run was made: in summary.json and one provenance.jsonl line per start, never in config.json.
   saved = json.loads((workdir / "summary.json").read_text())
   (start,) = [json.loads(line) for line in (workdir / "provenance.jsonl").read_text().splitlines()]

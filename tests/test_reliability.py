@@ -26,7 +26,7 @@ import run as run_cli  # noqa: E402
 FLAGS = ["--preset=smoke", "--epochs=2", "--train-size=128", "--val-size=64", "--batch-size=32",
          "--eval-keeps=1,0.5", "--no-progress"]
 SCHEDULE = ["--schedule=cyclic", "--period=2"]
-TIMES = ("epoch_time_s", "wall_time_s")
+TIMES = ("epoch_time_s", "eval_time_s", "wall_time_s")
 
 
 def _argv(genuine_npz, cache, workdir, *extra):

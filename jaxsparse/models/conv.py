@@ -163,3 +163,54 @@ def wgrad_matmul_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dila
         batch_group_count=batch_group_count, precision=precision, preferred_element_type=preferred_element_type)
   strides = tuple(int(s) for s in window_strides)
   return _wgrad_conv(lhs, rhs, strides, _explicit_padding(lhs, rhs, strides, padding), precision)
+
+
+
+# conv="auto" on the CPU: wgrad_matmul for convs whose kernel gradient is a large enough matmul (see choose_conv).
+_AUTO_MIN_PIXELS = 16 * 16          # output pixels per image (Ho * Wo)
+_AUTO_MIN_CHANNEL_PRODUCT = 128 * 128  # C_in * C_out of a 3x3 (or larger) kernel
+
+
+def choose_conv(lhs_shape, rhs_shape, strides, *, backend: str) -> str:
+  """The implementation ``conv="auto"`` uses for one NHWC/HWIO convolution: "wgrad_matmul" or "xla".
+
+  Args:
+    lhs_shape: input shape (B, H, W, C_in).
+    rhs_shape: kernel shape (KH, KW, C_in, C_out).
+    strides: window strides (SH, SW).
+    backend: jax backend name ("cpu", "gpu", "tpu").
+
+  Returns:
+    "xla" on every backend but the CPU. On the CPU, "wgrad_matmul" for 1x1 kernels and for larger kernels with at
+    least ``_AUTO_MIN_PIXELS`` output pixels per image and ``C_in * C_out >= _AUTO_MIN_CHANNEL_PRODUCT``, else "xla".
+  """
+  if backend != "cpu":
+    return "xla"
+  kh, kw, cin, cout = rhs_shape
+  if kh * kw == 1:
+    return "wgrad_matmul"
+  pixels = -(-lhs_shape[1] // strides[0]) * -(-lhs_shape[2] // strides[1])
+  if pixels >= _AUTO_MIN_PIXELS and cin * cout >= _AUTO_MIN_CHANNEL_PRODUCT:
+    return "wgrad_matmul"
+  return "xla"
+
+
+def auto_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None, rhs_dilation=None,
+              dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
+              precision=None, preferred_element_type=None) -> jax.Array:
+  """``lax.conv_general_dilated`` with the same arguments, computed by the implementation `choose_conv` picks for
+  this convolution's shapes on the default backend (``conv="auto"``).
+
+  Example:
+    >>> x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((1, 1, 3, 4))
+    >>> dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    >>> auto_conv(x, w, (1, 1), "SAME", dimension_numbers=dn).shape
+    (2, 8, 8, 4)
+  """
+  kw = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, batch_group_count=batch_group_count, precision=precision,
+            preferred_element_type=preferred_element_type)
+  if (_is_ours(lhs, rhs, dimension_numbers, lhs_dilation, rhs_dilation, feature_group_count, batch_group_count)
+      and choose_conv(lhs.shape, rhs.shape, tuple(window_strides), backend=jax.default_backend()) == "wgrad_matmul"):
+    return wgrad_matmul_conv(lhs, rhs, window_strides, padding, **kw)
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kw)

@@ -38,23 +38,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.models.conv import shifted_matmul_conv, wgrad_matmul_conv
+from jaxsparse.models.conv import auto_conv, shifted_matmul_conv, wgrad_matmul_conv
 from jaxsparse.topk import nonzero_fraction, topk_mask
 
 NORMS = ("rmsnorm", "batchnorm", "none")
 # None: flax's default, lax.conv_general_dilated. Same parameters and function for all three.
-CONVS = {"xla": None, "matmul": shifted_matmul_conv, "wgrad_matmul": wgrad_matmul_conv}
+CONVS = {"auto": auto_conv, "xla": None, "matmul": shifted_matmul_conv, "wgrad_matmul": wgrad_matmul_conv}
 
 
 def resolve_conv(name: str) -> str:
-  """The conv implementation `name` stands for: "auto" is wgrad_matmul on CPU backends, xla elsewhere.
+  """What conv `name` means on the default backend: "auto" stays "auto" (per layer) on the CPU and is "xla" elsewhere.
 
-  On XLA:CPU the kernel gradient of lax.conv_general_dilated is the slow part of a WRN step (WRN-28-4:
-  ~3x faster step with wgrad_matmul, equal on WRN-16-1; docs/performance.md); on GPU XLA's (cuDNN) convs
-  are kept.
+  On the CPU, "auto" (``conv.auto_conv``) picks xla or wgrad_matmul for each convolution from its shapes
+  (``conv.choose_conv``); on GPU/TPU XLA's own convolutions are kept.
   """
   if name == "auto":
-    return "wgrad_matmul" if jax.default_backend() == "cpu" else "xla"
+    return "auto" if jax.default_backend() == "cpu" else "xla"
   if name not in CONVS:
     raise ValueError(f"conv must be 'auto' or one of {tuple(CONVS)}, got {name!r}")
   return name
@@ -144,8 +143,8 @@ class WideResNet(nn.Module):
     param_dtype: parameter dtype.
     conv: "xla" (``lax.conv_general_dilated``), "matmul" (``conv.shifted_matmul_conv``: the same
       convolution and parameters as shifted matmuls), "wgrad_matmul" (``conv.wgrad_matmul_conv``:
-      XLA's forward and input gradient, kernel gradient as matmuls; the fastest on XLA's CPU backend)
-      or "auto" (default: `resolve_conv`, wgrad_matmul on CPU, xla elsewhere).
+      XLA's forward and input gradient, kernel gradient as matmuls) or "auto" (default: on the CPU each
+      convolution takes xla or wgrad_matmul by its shapes, ``conv.choose_conv``; xla elsewhere).
 
   Example:
     >>> model = WRN10_1()
