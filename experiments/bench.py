@@ -10,7 +10,8 @@ Sections (``--sections``, comma-separated; default all):
   Also the compile time, and proof that changing keep does not recompile (``jax.no_tracing`` around
   the keep changes, the count of backend compilations, and the jit cache size). The main models use
   ``--conv``; the same step with each of ``--other-convs`` (default: every other implementation in
-  jaxsparse/models/conv.py) joins the rounds at keep 1.0: ``step.conv_<main>_over_<other>``.
+  jaxsparse/models/conv.py but ``matmul``, which is timed only on request) joins the rounds at keep 1.0:
+  ``step.conv_<main>_over_<other>``.
 * ``torch``: the same step in PyTorch (pre-activation WRN, RMSNorm over channels, SGD Nesterov 0.9,
   weight decay 5e-4 on kernels, channels_last, float32), interleaved with the JAX keep-1.0 steps;
   ``jax_over_torch`` uses the fastest JAX convolution implementation timed (each reported).
@@ -453,7 +454,8 @@ def parse(argv):
                       help="convolution of the step section's main models (keep 0.3, keep 1.0, plain); default: "
                            "what conv='auto' means on this backend (per layer on CPU, xla on GPU)")
   parser.add_argument("--other-convs", default=None,
-                      help="comma-separated convolutions also timed at keep 1.0 (default: all others; '' none)")
+                      help="comma-separated convolutions also timed at keep 1.0 (default: xla, wgrad_matmul and auto "
+                           "minus --conv; '' none; 'matmul' on request)")
   parser.add_argument("--layer-models", default=None,
                       help="layers section: comma-separated WRNs whose conv layers are timed (default: all five; "
                            "quick: --model)")
@@ -468,9 +470,10 @@ def parse(argv):
   if set(args.layer_models) - set(MODELS):
     parser.error(f"--layer-models: choose from {sorted(MODELS)}, got {args.layer_models}")
   args.conv = args.conv or resolve_conv("auto")
-  # "auto" is xla off the CPU: timing it beside xla there would time one thing twice.
-  others = [c for c in CONVS if c != args.conv and not (c == "auto" and resolve_conv(c) != "auto")] \
-      if args.other_convs is None else [c for c in args.other_convs.split(",") if c]
+  # Default: the implementations "auto" chooses between ("matmul" only when asked: one more WRN-28-4 model at batch
+  # 128 needs more than 24 GiB with the allocator tunables). "auto" is xla off the CPU: never time it twice there.
+  others = ([c for c in ("auto", "xla", "wgrad_matmul") if c != args.conv and (c != "auto" or resolve_conv(c) == "auto")]
+            if args.other_convs is None else [c for c in args.other_convs.split(",") if c])
   if set(others) - set(CONVS) or args.conv in others:
     parser.error(f"--other-convs: choose from {sorted(set(CONVS) - {args.conv})}, got {others}")
   args.convs = others
