@@ -15,8 +15,8 @@ from jaxsparse.sites import TopK
 from jaxsparse.sparse_apply import sparse_apply
 from jaxsparse.topk import nonzero_fraction, topk_mask, topk_threshold
 
-__all__ = ["topk_mask", "topk_threshold", "nonzero_fraction", "sparse_apply", "TopK", "schedules", "controllers", "models",
-           "Config", "preset", "train_and_evaluate"]
+__all__ = ["topk_mask", "topk_threshold", "nonzero_fraction", "sparse_apply", "TopK", "schedules", "controllers",
+           "models", "Config", "preset", "train_and_evaluate"]
 __version__ = "0.1.0"
 
 _LAZY = {"Config": ("jaxsparse.config", "Config"), "preset": ("jaxsparse.config", "preset"),

@@ -122,7 +122,8 @@ def sparse_apply(model: nn.Module, variables: Mapping[str, Any], *args, keep,
 
   Raises:
     TypeError / ValueError: bad `where`, `position`, `gradient`, `score`, a concrete `keep` out
-      of range, or a per-site keep mapping with a bad key or value or a key that matches no site. A warning naming the model class is issued when no site matches.
+      of range, or a per-site keep mapping with a bad key or value or a key that matches no site. A
+      warning naming the model class is issued when no site matches.
 
   Example:
     >>> model = nn.Sequential([nn.Dense(64), nn.relu, nn.Dense(10)])
