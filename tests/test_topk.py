@@ -415,3 +415,11 @@ def test_relative_keep_one_is_identity_and_compiles_once():
 def test_relative_must_be_a_bool():
   with pytest.raises(TypeError, match="relative must be a bool, got 'yes'"):
     topk_mask(jnp.ones((2, 3)), 0.5, relative="yes")
+
+
+def test_relative_adds_no_work_outside_the_selection():
+  """The active count sits inside the keep < 1 branch of the cond: the ops outside it are the same."""
+  def outside(relative):
+    jaxpr = jax.make_jaxpr(lambda x, k: topk_mask(x, k, relative=relative))(jnp.ones((2, 8)), _f32(1.0))
+    return [e.primitive.name for e in jaxpr.jaxpr.eqns]
+  assert outside(True) == outside(False) and "cond" in outside(True)
