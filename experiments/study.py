@@ -36,6 +36,7 @@ VARIANTS = {
     # Keep relative to each example's active units, so that every keep < 1 drops units (README, Relative keep).
     "adaptive_a_rel": ["--schedule=adaptive_a", "--topk-keep=relative"],
     "adaptive_b_rel": ["--schedule=adaptive_b", "--topk-keep=relative"],
+    "adaptive_b_rel_min0.3": ["--schedule=adaptive_b", "--topk-keep=relative", "--min-keep=0.3"],
     # Three regimes per step (keep 1.0, 0.1 and one random keep in between; 3 passes per step), without and with
     # in-place distillation from the dense pass (README, Several regimes per step).
     "sandwich": ["--schedule=constant", "--keep=0.1", "--regimes=3"],
