@@ -390,6 +390,7 @@ def bench_topk(args) -> dict:
     row["identity_ms"] = _best_ms(ident, x, keep, reps=reps)[1]
     row["mask_keep1_ms"] = _best_ms(mask, x, jnp.float32(1.0), reps=reps)[1]
     row["mask_ms"] = _best_ms(mask, x, keep, reps=reps)[1]
+    row["mask_relative_ms"] = _best_ms(jax.jit(lambda x, k: topk_mask(x, k, relative=True)), x, keep, reps=reps)[1]
     row["mask_fwd_bwd_ms"] = _best_ms(grad, x, keep, reps=reps)[1]
     for key in ("mask_ms", "mask_fwd_bwd_ms", "mask_keep1_ms"):
       per_step[key] += count * row[key]

@@ -78,6 +78,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--augment", choices=["none", "flip_crop"])
   p.add_argument("--topk-gradient", choices=config_lib.GRADIENTS)
   p.add_argument("--topk-score", choices=config_lib.SCORES)
+  p.add_argument("--topk-keep", choices=config_lib.TOPK_KEEPS,
+                 help="absolute (default): keep is a fraction of all units of a site; relative: of each example's "
+                      "active units (score > 0)")
+  p.add_argument("--regimes", type=int, help="keep ratios trained per step (default 1); n >= 2: keep 1.0, the "
+                                             "schedule's keep and n - 2 random keeps between (n passes per step)")
+  p.add_argument("--distill", action="store_true", default=None,
+                 help="with --regimes >= 2: sparse passes learn from the dense pass's predictions")
   p.add_argument("--eval-keeps", type=_keeps, help="test-time keep ratios for the final keep curve")
   p.add_argument("--eval-every", type=int, help="dense test accuracy every N epochs and at the last (default 1)")
   p.add_argument("--workdir", help="run directory (default: runs/<preset>_<schedule>_s<seed>)")
@@ -97,7 +104,7 @@ def config_from_args(args: argparse.Namespace) -> config_lib.Config:
   overrides = {f: getattr(args, f) for f in (
       "data", "cache_dir", "epochs", "seed", "model", "norm", "dropout", "dtype", "conv", "batch_size",
       "learning_rate", "warmup_epochs", "weight_decay", "train_size", "val_size", "topk_gradient", "topk_score",
-      "eval_keeps", "eval_every")
+      "topk_keep", "regimes", "distill", "eval_keeps", "eval_every")
       if getattr(args, f) is not None}
   if args.augment is not None:
     overrides["augment"] = None if args.augment == "none" else args.augment

@@ -33,6 +33,14 @@ VARIANTS = {
     # Follow-ups to the main study: gentler sparsity, and gradients through the masked units.
     "adaptive_b_min0.3": ["--schedule=adaptive_b", "--min-keep=0.3"],
     "adaptive_b_st": ["--schedule=adaptive_b", "--topk-gradient=straight_through"],
+    # Keep relative to each example's active units, so that every keep < 1 drops units (README, Relative keep).
+    "adaptive_a_rel": ["--schedule=adaptive_a", "--topk-keep=relative"],
+    "adaptive_b_rel": ["--schedule=adaptive_b", "--topk-keep=relative"],
+    "adaptive_b_rel_min0.3": ["--schedule=adaptive_b", "--topk-keep=relative", "--min-keep=0.3"],
+    # Three regimes per step (keep 1.0, 0.1 and one random keep in between; 3 passes per step), without and with
+    # in-place distillation from the dense pass (README, Several regimes per step).
+    "sandwich": ["--schedule=constant", "--keep=0.1", "--regimes=3"],
+    "sandwich_distill": ["--schedule=constant", "--keep=0.1", "--regimes=3", "--distill"],
 }
 MAIN = ("dense", "dropout", "cyclic", "adaptive_a", "adaptive_b")
 

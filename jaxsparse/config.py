@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16")
 CONVS = ("auto", "xla", "matmul", "wgrad_matmul")  # jaxsparse.models.wrn.resolve_conv
 GRADIENTS = ("masked", "straight_through")
 SCORES = ("value", "magnitude")
+TOPK_KEEPS = ("absolute", "relative")  # keep as a fraction of all units, or of each example's active units
 AUGMENTS = (None, "flip_crop")
 PAPER_KEEPS = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05)
 
@@ -44,6 +45,7 @@ class Config:
   conv: str = "auto"                  # per layer on CPU (xla or wgrad_matmul by shape), xla elsewhere
   topk_gradient: str = "masked"
   topk_score: str = "value"
+  topk_keep: str = "absolute"         # "relative": keep is a fraction of each example's active (score > 0) units
   # Optimisation (ours: common WRN practice, plus a linear warm-up that RMSNorm WRNs need at lr 0.1).
   epochs: int = 200
   batch_size: int = 128
@@ -57,6 +59,11 @@ class Config:
   controller_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   eval_keeps: tuple[float, ...] = PAPER_KEEPS
   eval_every: int = 1                 # dense test accuracy every N epochs and at the last (validation: every epoch)
+  # Several regimes per step (ours; slimmable networks' sandwich rule): 1 trains the controller's keep only;
+  # n >= 2 trains keep 1.0, the controller's keep (the smallest) and n - 2 keeps drawn from [that keep, 1) in
+  # every step, on the mean loss: n forward/backward passes per step.
+  regimes: int = 1
+  distill: bool = False               # with regimes >= 2: sparse passes learn from the dense pass's predictions
   # Bookkeeping.
   seed: int = 0
   keep_checkpoints: int = 2           # latest epochs kept, besides one checkpoint per reset cycle
@@ -68,10 +75,17 @@ class Config:
     _check_choice("conv", self.conv, CONVS)
     _check_choice("topk_gradient", self.topk_gradient, GRADIENTS)
     _check_choice("topk_score", self.topk_score, SCORES)
+    _check_choice("topk_keep", self.topk_keep, TOPK_KEEPS)
     _check_choice("augment", self.augment, AUGMENTS)
     for name in ("epochs", "batch_size", "keep_checkpoints", "eval_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if isinstance(self.regimes, bool) or not isinstance(self.regimes, int) or self.regimes < 1:
+      raise ValueError(f"regimes must be an integer >= 1, got {self.regimes!r}")
+    if not isinstance(self.distill, bool):
+      raise ValueError(f"distill must be a bool, got {self.distill!r}")
+    if self.distill and self.regimes < 2:
+      raise ValueError(f"distill needs regimes >= 2 (a dense pass to learn from), got regimes={self.regimes}")
     if self.train_size is not None and self.train_size < self.batch_size:
       raise ValueError(f"train_size ({self.train_size}) must be >= batch_size ({self.batch_size})")
     if self.val_size < 0 or self.warmup_epochs < 0:

@@ -12,6 +12,7 @@ failure to write the run directory (read-only, disk full) is a `WorkdirError` na
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -58,7 +59,7 @@ def build_model(config: Config) -> WideResNet:
   depth, widen = MODELS[config.model]
   return WideResNet(depth=depth, widen=widen, num_classes=10, norm=config.norm, dropout=config.dropout,
                     dtype=jnp.dtype(config.dtype), gradient=config.topk_gradient, score=config.topk_score,
-                    conv=config.conv)
+                    conv=config.conv, relative=config.topk_keep == "relative")
 
 
 def build_controller(config: Config) -> controllers_lib.Controller:
@@ -75,6 +76,10 @@ def check_config(config: Config) -> controllers_lib.Controller:
   controller = build_controller(config)
   if controller.needs_validation and config.val_size < 1:
     raise ValueError(f"schedule {config.schedule!r} needs a validation split: set val_size > 0 (--val-size)")
+  if config.regimes > 1 and config.schedule == "dense":
+    raise ValueError(f"regimes={config.regimes} trains keeps from the controller's keep up to 1.0, and schedule "
+                     "'dense' keeps 1.0: every pass would be dense. For a fixed smallest keep use schedule "
+                     "'constant' with controller_options {'keep': k}")
   return controller
 
 
@@ -314,8 +319,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
     metrics_path = workdir / "metrics.jsonl"
     history = workdir_lib.read_history(metrics_path, position["epoch"], log)
 
-    train_fn = jax.jit(train_lib.train_step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep),
-                       donate_argnums=0)
+    step = functools.partial(train_lib.train_step, regimes=config.regimes, distill=config.distill)
+    train_fn = jax.jit(step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep), donate_argnums=0)
     eval_fn = make_eval_fn(mesh)
     update_fn = jax.jit(controller.update)
     eval_kw = dict(batch_size=2 * config.batch_size, mean=ds.mean, std=ds.std, mesh=mesh)
@@ -368,6 +373,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
             "reset_after": cycle_end is not None, "next_keep": float(state.controller.keep),
             "lr": float(lr_at(int(state.step) - 1)),
             "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+            **({"train_dense_accuracy": train["dense_accuracy"]} if "dense_accuracy" in train else {}),
             "val_accuracy": val["accuracy"] if val else None,
             "test_accuracy": test["accuracy"] if test else None, "test_loss": test["loss"] if test else None,
             "density": {k[len("density/"):]: v for k, v in train.items() if k.startswith("density/")},
@@ -398,6 +404,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
     summary = report.summarize(history, keep_curve=keep_curve, device=_device_summary(),
                                data_source=ds.source, config=config.to_dict())
     summary["conv"] = _conv_summary(config)  # what "auto" meant on this backend
+    summary["passes_per_step"] = config.regimes  # forward/backward passes of the model per train step
     summary["provenance"] = provenance.provenance()
     with workdir_lib.writing(workdir / "summary.json"):
       workdir_lib.atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import scope as flax_scope
 
+from jaxsparse.sites import check_keep_map, check_keys_match, is_keep_map, keep_for_site
 from jaxsparse.topk import nonzero_fraction, topk_mask
 
 #: Weight layers whose inputs are the default sites (none of them subclasses another).
@@ -71,8 +72,8 @@ def _path(module: nn.Module) -> str:
 
 def sparse_apply(model: nn.Module, variables: Mapping[str, Any], *args, keep,
                  where: Selector | None = None, position: str = "inputs",
-                 gradient: str = "masked", score: str = "value", return_density: bool = False,
-                 **apply_kwargs):
+                 gradient: str = "masked", score: str = "value", relative: bool = False,
+                 return_density: bool = False, **apply_kwargs):
   """Like `model.apply`, with global per-example top-k applied to the selected hidden activations.
 
   Sites. A site is a call of a submodule's `__call__` (never the root module's) selected by
@@ -100,11 +101,14 @@ def sparse_apply(model: nn.Module, variables: Mapping[str, Any], *args, keep,
     variables: as for `model.apply`.
     *args: positional arguments of `model.apply` (the model inputs).
     keep: keep ratio in (0, 1], a Python float or a (traced) float32 scalar; 1.0 is dense.
-      Changing a traced keep never recompiles.
+      Changing a traced keep never recompiles. Or a per-site mapping {site path or glob: keep ratio}
+      (`jaxsparse.sites`: the exact path wins, then the most specific glob; sites no key matches stay
+      dense; a key matching no selected site is a ValueError).
     where: site selector (see above).
     position: "inputs" or "outputs" ("outputs" needs an explicit `where`).
     gradient: top-k gradient, "masked" or "straight_through".
     score: top-k score, "value" or "magnitude".
+    relative: keep is a fraction of each example's active units (score > 0), not of all units.
     return_density: also return the achieved density of every site.
     **apply_kwargs: passed to `model.apply` (e.g. `train=True`, `mutable=["batch_stats"]`,
       `rngs={"dropout": key}`, `method=...`).
@@ -117,8 +121,9 @@ def sparse_apply(model: nn.Module, variables: Mapping[str, Any], *args, keep,
     `((out, state), densities)`.
 
   Raises:
-    TypeError / ValueError: bad `where`, `position`, `gradient`, `score`, or a concrete `keep` out
-      of range. A warning naming the model class is issued when no site matches.
+    TypeError / ValueError: bad `where`, `position`, `gradient`, `score`, a concrete `keep` out
+      of range, or a per-site keep mapping with a bad key or value or a key that matches no site. A
+      warning naming the model class is issued when no site matches.
 
   Example:
     >>> model = nn.Sequential([nn.Dense(64), nn.relu, nn.Dense(10)])
@@ -137,18 +142,25 @@ def sparse_apply(model: nn.Module, variables: Mapping[str, Any], *args, keep,
     raise ValueError(f"sparse_apply: gradient must be one of {_GRADIENTS}, got {gradient!r}")
   if score not in _SCORES:
     raise ValueError(f"sparse_apply: score must be one of {_SCORES}, got {score!r}")
-  _check_keep(keep)
+  if is_keep_map(keep):
+    check_keep_map(keep, owner="sparse_apply")
+    keep = {k: jnp.asarray(v, jnp.float32) for k, v in keep.items()}
+  else:
+    _check_keep(keep)
+    keep = jnp.asarray(keep, jnp.float32)
   matches = _make_matcher(where)
-  keep = jnp.asarray(keep, jnp.float32)
   model_inputs = [a for a in jax.tree.leaves(args) if hasattr(a, "shape")]
-  seen = {"first_input": None, "masked": 0, "skipped": 0}
+  seen = {"first_input": None, "masked": 0, "skipped": 0, "sites": []}
 
   def mask(module, x):
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
       raise TypeError(f"sparse_apply: site {_path(module)!r} ({position}) is not a floating "
                       f"array: {getattr(x, 'dtype', type(x).__name__)}")
-    y = topk_mask(x, keep, score=score, gradient=gradient)
+    path = _path(module)
+    site_keep = keep_for_site(keep, path) if is_keep_map(keep) else keep
+    y = topk_mask(x, site_keep, score=score, gradient=gradient, relative=relative)
     seen["masked"] += 1
+    seen["sites"].append(path)
     if return_density:
       module.sow(_DENSITY, _LEAF, nonzero_fraction(y))
     return y
@@ -181,6 +193,8 @@ def sparse_apply(model: nn.Module, variables: Mapping[str, Any], *args, keep,
     apply_kwargs["mutable"] = mutable
   with nn.intercept_methods(interceptor):
     result = model.apply(variables, *args, **apply_kwargs)
+  if is_keep_map(keep):
+    check_keys_match(keep, seen["sites"], owner="sparse_apply")
   if not seen["masked"]:
     warnings.warn(
         f"sparse_apply: no site of {type(model).__name__} matched where={where!r} on {position} "

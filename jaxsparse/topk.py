@@ -7,6 +7,12 @@ Semantics (all methods agree bit for bit on the threshold's value):
   ``x`` (``score="value"``) or ``|x|`` (``score="magnitude"``).
 * ``k = clip(ceil(float32(keep) * float32(n)), 1, n)`` where ``n`` is the number of
   reduced units; the threshold is the k-th largest score.
+* Relative keep (``relative=True``): ``k = clip(ceil(float32(keep) * float32(n_active)), 1, n)``,
+  a fraction of the example's *active* units: those whose score is > 0 (``x > 0`` for
+  ``score="value"``, ``x != 0`` for ``score="magnitude"``; a NaN counts as active, since it
+  is always kept). So every keep < 1 drops units even where most activations are
+  already zero (post-ReLU), and a row with no active unit (e.g. all zeros) keeps itself
+  (k = 1 and its largest score ties with all the others).
 * Ties at the threshold are all kept: the kept set is ``{score >= threshold}``, so
   the kept count is >= k, and == k when the scores are distinct. ``-0.0`` and
   ``+0.0`` compare equal, so they tie.
@@ -72,6 +78,11 @@ def _check_keep(keep) -> None:
     raise TypeError(f"keep must be a float or float array, got {keep!r}") from None
   if np.isnan(arr).any() or (arr <= 0).any() or (arr > 1).any():
     raise ValueError(f"keep must be in (0, 1] (and not NaN), got {keep!r}")
+
+
+def _check_relative(relative) -> None:
+  if not isinstance(relative, (bool, np.bool_)):
+    raise TypeError(f"relative must be a bool, got {relative!r}")
 
 
 def _check_keep_shape(keep, shape: tuple[int, ...], axes: tuple[int, ...]) -> None:
@@ -202,13 +213,22 @@ def _to_rows(x, axes: tuple[int, ...]):
   return x_perm.reshape((math.prod(lead), n)), lead, other
 
 
-def _rows_k(keep, lead: tuple[int, ...], n: int):
-  """Per-row k = clip(ceil(keep * n), 1, n) from a scalar or leading-aligned keep."""
+def _rows_keep(keep, lead: tuple[int, ...]):
+  """Per-row float32 keep (NaN -> 1) from a scalar or leading-aligned keep."""
   keep = jnp.asarray(keep, jnp.float32)
   keep = jnp.where(jnp.isnan(keep), 1.0, keep)
   keep = keep.reshape(keep.shape + (1,) * (len(lead) - keep.ndim))
-  keep_R = jnp.broadcast_to(keep, lead).reshape(-1)
-  return jnp.clip(jnp.ceil(keep_R * jnp.float32(n)), 1, n).astype(jnp.int32)
+  return jnp.broadcast_to(keep, lead).reshape(-1)
+
+
+def _rows_k(keep_R, n_R, n: int):
+  """Per-row k = clip(ceil(keep * n_R), 1, n); n_R is n, or the active count (relative keep)."""
+  return jnp.clip(jnp.ceil(keep_R * jnp.asarray(n_R, jnp.float32)), 1, n).astype(jnp.int32)
+
+
+def _zero_key(magnitude: bool, nbits: int) -> int:
+  """The key of +0.0: keys above it are the active (score > 0, or NaN) units."""
+  return 0 if magnitude else 1 << (nbits - 1)
 
 
 def _chunk_rows(rows: int, n: int) -> int:
@@ -230,11 +250,11 @@ def _explicitly_sharded(x) -> bool:
     return False
 
 
-def _threshold_keys(x, keep, axes, score: str, method: str):
+def _threshold_keys(x, keep, axes, score: str, method: str, relative: bool = False):
   """k-th largest key per row, shaped like x with the reduced axes of size 1."""
   x_RxN, lead, other = _to_rows(lax.stop_gradient(x), axes)
   rows, n = x_RxN.shape
-  k_R = _rows_k(keep, lead, n)
+  keep_R = _rows_keep(keep, lead)
   magnitude = score == "magnitude"
   kth = _KTH["radix" if method == "auto" else method]
 
@@ -243,9 +263,12 @@ def _threshold_keys(x, keep, axes, score: str, method: str):
     x_RxN = lax.bitcast_convert_type(x_RxN, _key_layout(dtype)[1])
 
   def chunk(args):
-    x_CxN, k_C = args
+    x_CxN, keep_C = args
     keys, nbits = _keys(x_CxN, magnitude, dtype if dtype.itemsize == 2 else None)
-    return kth(keys, k_C, nbits)
+    # Relative keep counts the active units in the same cache-resident chunk (one extra pass).
+    n_C = (jnp.sum(keys > jnp.uint32(_zero_key(magnitude, nbits)), axis=1, dtype=jnp.int32)
+           if relative else n)
+    return kth(keys, _rows_k(keep_C, n_C, n), nbits)
 
   # The passes run chunk by chunk so each chunk's keys stay in cache: on the CPU
   # this is ~3x faster than whole-array passes at (128, 65536), and the full key
@@ -254,13 +277,13 @@ def _threshold_keys(x, keep, axes, score: str, method: str):
   c = _chunk_rows(rows, n)
   n_chunks = rows // c
   if n_chunks == 1 or _explicitly_sharded(x_RxN):
-    kth_R = chunk((x_RxN, k_R))
+    kth_R = chunk((x_RxN, keep_R))
   else:
-    x_CxJxN, k_CxJ = x_RxN.reshape(c, n_chunks, n), k_R.reshape(c, n_chunks)
+    x_CxJxN, keep_CxJ = x_RxN.reshape(c, n_chunks, n), keep_R.reshape(c, n_chunks)
 
     def body(j, out_CxJ):
       args = (lax.dynamic_index_in_dim(x_CxJxN, j, 1, keepdims=False),
-              lax.dynamic_index_in_dim(k_CxJ, j, 1, keepdims=False))
+              lax.dynamic_index_in_dim(keep_CxJ, j, 1, keepdims=False))
       return lax.dynamic_update_index_in_dim(out_CxJ, chunk(args)[:, None], j, 1)
 
     kth_R = lax.fori_loop(0, n_chunks, body, jnp.zeros((c, n_chunks), jnp.uint32))
@@ -279,7 +302,7 @@ def _as_supported_float(x):
 
 
 def topk_threshold(x, keep, *, axes: int | Sequence[int] | None = None,
-                   score: str = "value", method: str = "auto") -> jax.Array:
+                   score: str = "value", method: str = "auto", relative: bool = False) -> jax.Array:
   """Per-example threshold: the k-th largest score over ``axes``.
 
   Args:
@@ -292,11 +315,14 @@ def topk_threshold(x, keep, *, axes: int | Sequence[int] | None = None,
     score: ``"value"`` ranks ``x``, ``"magnitude"`` ranks ``|x|``.
     method: ``"auto"`` (= ``"radix"``), ``"radix"``, ``"bisect"`` or ``"sort"``;
       all are exact and agree.
+    relative: ``keep`` is a fraction of the example's active units (score > 0, see
+      the module docstring) instead of all ``n`` units.
 
   Returns:
     float32 thresholds shaped like ``x`` with the reduced axes kept as size 1,
     so ``score >= thr`` broadcasts: the k-th largest score, where
-    ``k = clip(ceil(keep * n), 1, n)`` (a zero threshold is always +0.0).
+    ``k = clip(ceil(keep * n), 1, n)`` (``n_active`` for ``n`` in the product when
+    ``relative``; a zero threshold is always +0.0).
 
   Example:
     >>> topk_threshold(jnp.array([[3., 1., 3., 2.]]), jnp.float32(0.5))
@@ -308,7 +334,8 @@ def topk_threshold(x, keep, *, axes: int | Sequence[int] | None = None,
   x = _as_supported_float(x)
   axes = _reduce_axes(x.ndim, axes)
   _check_keep_shape(keep, x.shape, axes)
-  thr_key = _threshold_keys(x, keep, axes, score, method)
+  _check_relative(relative)
+  thr_key = _threshold_keys(x, keep, axes, score, method, relative)
   return _decode(thr_key, x.dtype, score == "magnitude")
 
 
@@ -326,7 +353,7 @@ def _straight_through_jvp(primals, tangents):
 
 def topk_mask(x, keep, *, axes: int | Sequence[int] | None = None,
               score: str = "value", gradient: str = "masked",
-              method: str = "auto") -> jax.Array:
+              method: str = "auto", relative: bool = False) -> jax.Array:
   """Zeroes all but the top-k scores per example (ties at the threshold kept).
 
   Args:
@@ -338,6 +365,9 @@ def topk_mask(x, keep, *, axes: int | Sequence[int] | None = None,
     gradient: ``"masked"``: the gradient flows only through kept units (the mask
       is a constant); ``"straight_through"``: the gradient is the identity's.
     method: selection method, see ``topk_threshold``.
+    relative: ``keep`` is a fraction of each example's active units (score > 0)
+      rather than of all units; see ``topk_threshold``. Costs one counting pass,
+      only when the selection runs (never at ``keep >= 1``).
 
   Returns:
     Array of x's shape and dtype, zero where dropped.
@@ -353,6 +383,7 @@ def topk_mask(x, keep, *, axes: int | Sequence[int] | None = None,
   x = jnp.asarray(x)
   axes = _reduce_axes(x.ndim, axes)
   _check_keep_shape(keep, x.shape, axes)
+  _check_relative(relative)
   keep = jnp.asarray(keep, jnp.float32)
   xf = lax.stop_gradient(_as_supported_float(x))
   thr_shape = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
@@ -360,7 +391,7 @@ def topk_mask(x, keep, *, axes: int | Sequence[int] | None = None,
   # ops around it and, under autodiff, the cond carries no activation-sized residuals. Key 0 is below
   # every key, so the skipped branch keeps every unit and the select returns x bit for bit.
   thr_key = lax.cond(jnp.all(keep >= 1.0), lambda xf: jnp.zeros(thr_shape, jnp.uint32),
-                     lambda xf: _threshold_keys(xf, keep, axes, score, method), xf)
+                     lambda xf: _threshold_keys(xf, keep, axes, score, method, relative), xf)
   keys, _ = _keys(xf, score == "magnitude")
   y = jnp.where(keys >= thr_key, x, jnp.zeros_like(x))
   return _straight_through(x, y) if gradient == "straight_through" else y

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax import lax
 
 from jaxsparse import controllers as controllers_lib
 from jaxsparse.models import site_densities
@@ -81,17 +82,68 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-def train_step(state: TrainState, batch: dict, keep: jax.Array) -> tuple[TrainState, dict]:
+def regime_keeps(rng: jax.Array, min_keep, regimes: int, *, max_keep=1.0) -> jax.Array:
+  """The keeps of one multi-regime ("sandwich") step: ``[1.0, min_keep, u_1, ..., u_{regimes-2}]``.
+
+  The largest regime is always dense and the smallest is ``min_keep``; the ``regimes - 2`` others are drawn
+  uniformly from ``[min_keep, max_keep)`` with `rng` (slimmable networks' sandwich rule).
+
+  Args:
+    rng: PRNG key of this step.
+    min_keep: the smallest keep, a (traced) float32 scalar in (0, 1].
+    regimes: number of keeps, a Python int >= 2.
+    max_keep: upper end of the random keeps, in [min_keep, 1].
+
+  Returns:
+    float32 (regimes,) array.
+
+  Example:
+    >>> regime_keeps(jax.random.PRNGKey(0), 0.25, 4).shape
+    (4,)
+  """
+  if isinstance(regimes, bool) or not isinstance(regimes, int) or regimes < 2:
+    raise ValueError(f"regimes must be an integer >= 2 for a multi-regime step, got {regimes!r}")
+  for name, value in (("min_keep", min_keep), ("max_keep", max_keep)):
+    if not isinstance(value, jax.core.Tracer) and not 0.0 < float(value) <= 1.0:
+      raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+  if not any(isinstance(v, jax.core.Tracer) for v in (min_keep, max_keep)) and float(min_keep) > float(max_keep):
+    raise ValueError(f"min_keep ({float(min_keep)}) must be <= max_keep ({float(max_keep)})")
+  min_keep, max_keep = jnp.float32(min_keep), jnp.float32(max_keep)
+  u = jax.random.uniform(rng, (regimes - 2,), jnp.float32, minval=min_keep, maxval=max_keep)
+  return jnp.concatenate([jnp.ones((1,), jnp.float32), min_keep[None], u])
+
+
+def train_step(state: TrainState, batch: dict, keep: jax.Array, *, regimes: int = 1,
+               distill: bool = False) -> tuple[TrainState, dict]:
   """One SGD step at keep ratio `keep` (a traced float32 scalar: one compilation serves every regime).
+
+  With ``regimes >= 2`` the step trains several keep ratios at once (the "sandwich rule" of slimmable networks):
+  one forward/backward pass per keep of `regime_keeps` (dense, `keep` as the smallest, and ``regimes - 2``
+  keeps drawn uniformly from [keep, 1) with this step's RNG), and the update follows the mean of their losses (so
+  the gradient's scale, hence the learning rate, matches a one-regime step). With `distill` the sparse passes
+  learn from the dense pass's predicted distribution (in-place distillation: soft targets under stop_gradient)
+  instead of the labels; the dense pass always learns from the labels. Model state (e.g. batch_stats) is taken
+  from the dense pass. `regimes` and `distill` are Python values fixed at trace time: ``regimes=1`` traces
+  exactly the one-regime step.
 
   Args:
     state: the train state.
     batch: {"image": float32 (B, H, W, C), "label": int32 (B,)}.
-    keep: float32 scalar keep ratio; 1.0 is dense.
+    keep: float32 scalar keep ratio; 1.0 is dense. The smallest keep when ``regimes >= 2``.
+    regimes: keep ratios trained per step (1: just `keep`).
+    distill: in-place distillation from the dense pass (needs ``regimes >= 2``).
 
   Returns:
     (new_state, metrics) with metrics {"loss", "accuracy", "density/<site>"...}: float32 scalars of this batch.
+    With ``regimes >= 2``: "loss" is the mean loss that was optimised, "accuracy" and the densities are those of
+    the pass at `keep` (the controller's keep), and "dense_loss" / "dense_accuracy" those of the dense pass.
   """
+  if isinstance(regimes, bool) or not isinstance(regimes, int) or regimes < 1:
+    raise ValueError(f"regimes must be an integer >= 1, got {regimes!r}")
+  if distill and regimes < 2:
+    raise ValueError(f"distill needs regimes >= 2 (a dense pass to learn from), got regimes={regimes}")
+  if regimes > 1:
+    return _multi_regime_step(state, batch, keep, regimes, distill)
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   mutable = [DENSITY, *state.model_state.keys()]
 
@@ -105,13 +157,53 @@ def train_step(state: TrainState, batch: dict, keep: jax.Array) -> tuple[TrainSt
   (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_vars = flax.core.unfreeze(new_vars)
   densities = site_densities(new_vars.pop(DENSITY, {}))
+  metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+  return _apply_grads(state, grads, new_vars, metrics, densities)
+
+
+def _apply_grads(state: TrainState, grads, new_vars, metrics: dict, densities: dict):
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
   metrics.update({f"density/{k}": v for k, v in densities.items()})
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             model_state={k: new_vars[k] for k in state.model_state})
   return new_state, metrics
+
+
+def _multi_regime_step(state: TrainState, batch: dict, keep: jax.Array, regimes: int, distill: bool):
+  """`train_step` with regimes >= 2: one pass per keep of `regime_keeps`, mean loss."""
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  keeps_rng, *dropout_rngs = jax.random.split(step_rng, regimes + 1)
+  keeps = regime_keeps(keeps_rng, keep, regimes)
+  mutable = [DENSITY, *state.model_state.keys()]
+
+  def loss_fn(params):
+    def run(i):
+      return state.apply_fn({"params": params, **state.model_state}, batch["image"], keep=keeps[i], train=True,
+                            mutable=mutable, rngs={"dropout": dropout_rngs[i]})
+
+    dense_logits, dense_vars = run(0)
+    dense_loss = jnp.mean(cross_entropy(dense_logits, batch["label"]))
+    targets = jax.nn.softmax(lax.stop_gradient(dense_logits.astype(jnp.float32))) if distill else None
+    losses, small = [dense_loss], None
+    for i in range(1, regimes):
+      logits, new_vars = run(i)
+      if distill:
+        losses.append(jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)))
+      else:
+        losses.append(jnp.mean(cross_entropy(logits, batch["label"])))
+      if i == 1:  # the pass at `keep`: its accuracy and densities are the step's
+        small = (logits, new_vars[DENSITY] if DENSITY in new_vars else {})
+    return jnp.mean(jnp.stack(losses)), (dense_logits, dense_loss, dense_vars, small)
+
+  (loss, (dense_logits, dense_loss, dense_vars, (logits, density))), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  new_vars = flax.core.unfreeze(dense_vars)
+  new_vars.pop(DENSITY, None)
+  accuracy = lambda lg: jnp.mean(jnp.argmax(lg, -1) == batch["label"])  # noqa: E731
+  metrics = {"loss": loss, "accuracy": accuracy(logits), "dense_loss": dense_loss,
+             "dense_accuracy": accuracy(dense_logits)}
+  return _apply_grads(state, grads, new_vars, metrics, site_densities(density))
 
 
 def eval_step(state: TrainState, batch: dict, keep: jax.Array) -> dict:

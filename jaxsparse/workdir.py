@@ -45,6 +45,9 @@ def prepare_workdir(config: Config, workdir: Path, *, fresh: bool) -> None:
       raise ConfigMismatchError(f"{saved} is unreadable ({e}); pass --fresh to start the run over, or choose "
                                 f"another --workdir") from e
     new = json.loads(config.to_json())
+    # A field the saved config predates had its default's behaviour then.
+    defaults = json.loads(type(config)().to_json())
+    old = {**{k: defaults[k] for k in new if k not in old and k in defaults}, **old}
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff and not has_checkpoints(workdir / "checkpoints"):
       atomic_write(saved, config.to_json())

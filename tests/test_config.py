@@ -42,3 +42,33 @@ def test_unknown_preset_and_field():
     config_lib.Config.from_dict({"lr": 0.1})
   with pytest.raises(ValueError, match=r"unknown config fields: \['bogus'\]"):
     config_lib.preset("smoke", bogus=1)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(topk_keep="fraction"), r"topk_keep must be one of \['absolute', 'relative'\], got 'fraction'"),
+    (dict(regimes=0), "regimes must be an integer >= 1, got 0"),
+    (dict(regimes=2.5), "regimes must be an integer >= 1, got 2.5"),
+    (dict(distill=True), "distill needs regimes >= 2"),
+    (dict(regimes=2, distill="yes"), "distill must be a bool, got 'yes'"),
+])
+def test_bad_method_options_raise(bad, match):
+  with pytest.raises(ValueError, match=match):
+    config_lib.preset("smoke", **bad)
+
+
+def test_method_options_round_trip():
+  c = config_lib.preset("smoke", topk_keep="relative", regimes=4, distill=True)
+  assert config_lib.Config.from_dict(json.loads(c.to_json())) == c
+
+
+def test_a_saved_config_without_newer_fields_still_resumes(tmp_path):
+  from jaxsparse import workdir as workdir_lib
+  config = config_lib.preset("smoke")
+  saved = json.loads(config.to_json())
+  for field in ("topk_keep", "regimes", "distill"):   # a run directory written before these fields existed
+    del saved[field]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+  workdir_lib.prepare_workdir(config, tmp_path, fresh=False)   # same behaviour: accepted
+  with pytest.raises(workdir_lib.ConfigMismatchError, match="regimes: 1 -> 2"):
+    workdir_lib.prepare_workdir(config.replace(regimes=2), tmp_path, fresh=False)

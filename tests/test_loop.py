@@ -101,6 +101,20 @@ def test_cli_smoke_run_and_errors(genuine_npz, cache, tmp_path, capsys):
   assert "missing.npz" in capsys.readouterr().err
 
 
+def test_cli_relative_keep_and_sandwich_with_distillation(genuine_npz, cache, tmp_path):
+  argv = ["--preset=smoke", "--schedule=constant", "--keep=0.2", "--topk-keep=relative", "--regimes=3", "--distill",
+          "--epochs=1", "--train-size=128", f"--data={genuine_npz}", f"--cache-dir={cache}",
+          f"--workdir={tmp_path / 'sw'}", "--no-progress", "--eval-keeps=1,0.3"]
+  assert run_cli.main(argv) == 0
+  summary = json.loads((tmp_path / "sw" / "summary.json").read_text())
+  config = json.loads((tmp_path / "sw" / "config.json").read_text())
+  assert summary["passes_per_step"] == 3
+  assert (config["topk_keep"], config["regimes"], config["distill"]) == ("relative", 3, True)
+  record = json.loads((tmp_path / "sw" / "metrics.jsonl").read_text().splitlines()[0])
+  assert 0 < record["train_dense_accuracy"] <= 1
+  assert all(d < 0.2 for d in record["density"].values())   # 20% of the active units: below 20% of all units
+
+
 def test_eval_every_tests_every_nth_epoch_and_the_last(genuine_npz, cache, tmp_path):
   config = _config(genuine_npz, cache, schedule="dense", controller_options={}, eval_every=2)
   summary = train_and_evaluate(config, tmp_path, progress=False)

@@ -192,6 +192,9 @@ BAD_FLAGS = {
     "train_smaller_than_batch": (["--train-size=16"], 2, "train_size (16) must be >= batch_size (32)"),
     "zero_epochs": (["--epochs=0"], 2, "epochs must be >= 1, got 0"),
     "bad_shape": (["--shape=zigzag"], 2, "shape must be one of"),
+    "zero_regimes": (["--regimes=0"], 2, "regimes must be an integer >= 1, got 0"),
+    "distill_one_regime": (["--distill"], 2, "distill needs regimes >= 2"),
+    "sandwich_on_dense": (["--schedule=dense", "--regimes=3"], 2, "schedule 'dense' keeps 1.0"),
 }
 
 

@@ -192,6 +192,36 @@ def test_matches_wrn_builtin_sites():
     assert float(d) == float(builtin[f"{block}/{name}" if block else name]), path
 
 
+def test_per_site_keep_mapping(mlp):
+  model, variables, x = mlp
+  run = jax.jit(lambda v, keep: sparse_apply(model, v, x, keep=keep, return_density=True))
+  out, density = run(variables, {"Dense_2": jnp.float32(0.25)})
+  assert float(density["Dense_1"]) == 1.0                      # no key matches: dense
+  assert float(density["Dense_2"]) == pytest.approx(_expected(0.25, 40), abs=1e-6)
+  _, density = run(variables, {"Dense_*": jnp.float32(0.5), "Dense_1": jnp.float32(0.1)})
+  assert float(density["Dense_1"]) == pytest.approx(_expected(0.1, 48), abs=1e-6)
+  assert float(density["Dense_2"]) == pytest.approx(_expected(0.5, 40), abs=1e-6)
+  with jax.no_tracing():                                       # the values are traced data
+    _, density = run(variables, {"Dense_*": jnp.float32(0.2), "Dense_1": jnp.float32(1.0)})
+  assert float(density["Dense_1"]) == 1.0
+  # Both sites at the same keep through a mapping == the scalar keep.
+  same, _ = run(variables, {"*": jnp.float32(0.3)})
+  np.testing.assert_array_equal(same, sparse_apply(model, variables, x, keep=0.3))
+
+
+def test_relative_keep(mlp):
+  model, variables, x = mlp
+  relu_mlp = nn.Sequential([nn.Dense(64), nn.relu, nn.Dense(10)])
+  xs = x.reshape(4, -1)
+  v = relu_mlp.init(KEY, xs)
+  _, dense = sparse_apply(relu_mlp, v, xs, keep=1.0, return_density=True)
+  _, rel = sparse_apply(relu_mlp, v, xs, keep=0.5, relative=True, return_density=True)
+  h = nn.relu(nn.Dense(64).apply({"params": v["params"]["layers_0"]}, xs))
+  active = np.asarray((h > 0).sum(1))
+  expected = np.mean(np.maximum(np.ceil(0.5 * active), 1) / 64)
+  assert float(rel["layers_2"]) == pytest.approx(expected, abs=1e-6) and float(dense["layers_2"]) > expected
+
+
 def test_return_structure_follows_model_apply(mlp):
   model, variables, x = mlp
   out, state = sparse_apply(model, variables, x, keep=0.5, mutable=["batch_stats"])
@@ -225,6 +255,12 @@ def test_interception_is_scoped_to_the_call(mlp, mlp_run):
     (dict(keep=1.5), ValueError, "keep"),
     (dict(keep=float("nan")), ValueError, "keep"),
     (dict(where=nn.LayerNorm, keep=0.5), TypeError, None),
+    (dict(keep={"Dense_9": 0.5}), ValueError, "sparse_apply: keep key 'Dense_9' matches no top-k site; the sites "
+                                              "are: Dense_1, Dense_2"),
+    (dict(keep={"Dense_0": 0.5}), ValueError, "keep key 'Dense_0' matches no"),  # the input layer is no site
+    (dict(keep={"Dense_1": 2.0}), ValueError, r"keep\['Dense_1'\] must be in \(0, 1\], got 2.0"),
+    (dict(keep={"Dense_*": -0.1}), ValueError, r"keep\['Dense_\*'\] must be in \(0, 1\]"),
+    (dict(keep={None: 0.5}), ValueError, "keys must be site names or globs"),
 ])
 def test_bad_input_raises(mlp, kwargs, error, match):
   model, variables, x = mlp

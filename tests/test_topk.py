@@ -1,4 +1,5 @@
 """Tests for jaxsparse.topk: exact per-example global top-k with a traced keep."""
+import functools
 import os
 import subprocess
 import sys
@@ -346,3 +347,79 @@ def test_batch_sharded_over_8_cpu_devices():
   out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+# ------------------------------------------------------------ relative keep
+
+
+def ref_relative(x, keep, score="value"):
+  """NumPy reference of relative keep over all non-batch axes: k = clip(ceil(keep * n_active), 1, n)."""
+  xf = np.asarray(jnp.asarray(x).astype(jnp.float32)).reshape(x.shape[0], -1)
+  s = np.abs(xf) if score == "magnitude" else xf
+  n = s.shape[1]
+  active = ((s > 0) | np.isnan(s)).sum(1)
+  k = np.clip(np.ceil(np.broadcast_to(np.float32(keep), (len(s),)) * active.astype(np.float32)), 1, n).astype(int)
+  nan = np.isnan(s)
+  order = np.lexsort((-np.where(nan, 0, s), ~nan), axis=1)
+  thr = np.take_along_axis(s, order, axis=1)[np.arange(len(k)), k - 1]
+  y = np.where((s >= thr[:, None]) | nan, xf, 0.0)
+  return y.reshape(x.shape), k
+
+
+_mask_rel = jax.jit(functools.partial(topk_mask, relative=True), static_argnames=("score", "method"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("score", ["value", "magnitude"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_relative_keep_matches_numpy_reference(method, score, dtype):
+  rng = np.random.default_rng(11)
+  x = rng.normal(size=(6, 5, 40)).astype(np.float32)
+  x[0] = np.maximum(x[0], 0)                          # post-ReLU: about half zeros
+  x[1] = np.round(np.maximum(x[1], 0) * 2) / 2        # ties among the active units
+  x[2] = 0.0                                          # all zero: keeps itself
+  x[3] = -np.abs(x[3])                                # nothing active by value; all by magnitude
+  x[4, :, :30] = 0.0                                  # few active units
+  x[5, 0, 0] = np.nan                                 # NaN counts as active and is kept
+  x = jnp.asarray(x).astype(dtype)
+  for keep in ([0.5] * 6, [0.01, 0.3, 0.7, 0.2, 0.999, 0.4]):
+    keep = _f32(keep)
+    y = _mask_rel(x, keep, score=score, method=method)
+    ref, k = ref_relative(x, keep, score)
+    np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)), ref)
+  assert (np.asarray(y[2]) == 0).all() and k[2] == 1
+
+
+def test_relative_keep_is_a_fraction_of_the_active_units_exactly():
+  x = jnp.asarray(np.concatenate([np.arange(1.0, 11.0), np.zeros(10), -np.arange(1.0, 11.0)])[None], jnp.float32)
+  # 10 active of 30 units: keep 0.3 keeps the 3 largest (absolute keep 0.3 would keep 9 and 0 ties: all zeros).
+  np.testing.assert_array_equal(np.nonzero(np.asarray(topk_mask(x, _f32(0.3), relative=True)))[1], [7, 8, 9])
+  # magnitude: 20 active units (x != 0), keep 0.3 -> 6 units: +-10, +-9, +-8.
+  y = topk_mask(x, _f32(0.3), relative=True, score="magnitude")
+  np.testing.assert_array_equal(np.sort(np.asarray(y)[np.asarray(y) != 0]), [-10, -9, -8, 8, 9, 10])
+  thr = topk_threshold(x, _f32(0.3), relative=True)
+  np.testing.assert_array_equal(thr, [[8.0]])
+
+
+def test_relative_keep_one_is_identity_and_compiles_once():
+  x = special_array(np.random.default_rng(12), (3, 4, 4, 2))
+  y = _mask_rel(x, _f32(1.0))
+  np.testing.assert_array_equal(np.asarray(y).view(np.uint32), np.asarray(x).view(np.uint32))
+  step = jax.jit(lambda x, keep: jax.value_and_grad(lambda x: jnp.sum(topk_mask(x, keep, relative=True) ** 2))(x))
+  step(x, _f32(0.5))
+  with jax.no_tracing():
+    for keep in (0.01, 0.3, 1.0, 0.99):
+      step(x, _f32(keep))
+
+
+def test_relative_must_be_a_bool():
+  with pytest.raises(TypeError, match="relative must be a bool, got 'yes'"):
+    topk_mask(jnp.ones((2, 3)), 0.5, relative="yes")
+
+
+def test_relative_adds_no_work_outside_the_selection():
+  """The active count sits inside the keep < 1 branch of the cond: the ops outside it are the same."""
+  def outside(relative):
+    jaxpr = jax.make_jaxpr(lambda x, k: topk_mask(x, k, relative=relative))(jnp.ones((2, 8)), _f32(1.0))
+    return [e.primitive.name for e in jaxpr.jaxpr.eqns]
+  assert outside(True) == outside(False) and "cond" in outside(True)

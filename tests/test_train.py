@@ -1,6 +1,9 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxsparse import controllers
@@ -104,3 +107,113 @@ def test_batchnorm_state_is_updated():
   before = jax.tree.leaves(state.model_state)
   after = jax.tree.leaves(new.model_state)
   assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+# ------------------------------------------------------------ several regimes per step (sandwich)
+
+
+def _sgd_state(model=None):
+  """A state whose update is exactly params - grads (SGD, lr 1, no momentum or decay)."""
+  model = model or _tiny()
+  key = ("sgd", model)
+  if key not in _STATES:
+    init = jax.jit(lambda rng: train_lib.create_train_state(rng, model, optax.sgd(1.0), controllers.get("dense"),
+                                                             image_shape=(8, 8, 3)))
+    _STATES[key] = init(jax.random.PRNGKey(0))
+  return _STATES[key]
+
+
+def _grads_at(state, batch, keep, targets=None):
+  """Gradient of one pass at `keep`, against the labels or against constant soft targets."""
+  def loss(params):
+    logits, _ = state.apply_fn({"params": params, **state.model_state}, batch["image"], keep=keep, train=True,
+                               mutable=["density"])
+    if targets is None:
+      return jnp.mean(train_lib.cross_entropy(logits, batch["label"]))
+    return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+  return jax.jit(jax.grad(loss))(state.params)
+
+
+def _sandwich_keeps(state, keep, regimes):
+  keeps_rng = jax.random.split(jax.random.fold_in(state.rng, state.step), regimes + 1)[0]
+  return np.asarray(train_lib.regime_keeps(keeps_rng, jnp.float32(keep), regimes))
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_sandwich_gradient_is_the_mean_of_the_per_keep_gradients(distill):
+  state, batch, regimes = _sgd_state(), _batch(), 4
+  keeps = _sandwich_keeps(state, 0.2, regimes)
+  assert keeps[0] == 1.0 and keeps[1] == np.float32(0.2) and ((keeps[2:] >= 0.2) & (keeps[2:] < 1)).all()
+  new, metrics = jax.jit(functools.partial(train_lib.train_step, regimes=regimes, distill=distill))(
+      state, batch, jnp.float32(0.2))
+  grads = jax.tree.map(lambda a, b: a - b, state.params, new.params)          # SGD at lr 1: the gradient itself
+  targets = None
+  if distill:  # constant soft targets from the dense pass: the reference has no path through them
+    logits = state.apply_fn({"params": state.params}, batch["image"], keep=1.0, train=True)
+    targets = jax.nn.softmax(logits)
+  parts = [_grads_at(state, batch, jnp.float32(keeps[0]))]
+  parts += [_grads_at(state, batch, jnp.float32(k), targets) for k in keeps[1:]]
+  expected = jax.tree.map(lambda *g: sum(g) / regimes, *parts)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), grads, expected)
+  assert set(metrics) >= {"loss", "accuracy", "dense_loss", "dense_accuracy"}
+  assert all(0.0 < float(v) <= 0.2 + 0.05 for k, v in metrics.items() if k.startswith("density/"))
+
+
+def test_distillation_targets_carry_no_gradient():
+  """With distill, the sparse passes' loss reaches the parameters only through the sparse logits."""
+  state, batch = _sgd_state(), _batch()
+  new, _ = jax.jit(functools.partial(train_lib.train_step, regimes=2, distill=True))(state, batch, jnp.float32(0.3))
+  grads = jax.tree.map(lambda a, b: a - b, state.params, new.params)
+  logits = state.apply_fn({"params": state.params}, batch["image"], keep=1.0, train=True)
+
+  def through_targets(params):  # the (wrong) gradient that also flows into the dense pass via the targets
+    dense, _ = state.apply_fn({"params": params}, batch["image"], keep=1.0, train=True, mutable=["density"])
+    sparse, _ = state.apply_fn({"params": params}, batch["image"], keep=0.3, train=True, mutable=["density"])
+    return 0.5 * (jnp.mean(train_lib.cross_entropy(dense, batch["label"]))
+                  + jnp.mean(optax.softmax_cross_entropy(sparse, jax.nn.softmax(dense))))
+  wrong = jax.jit(jax.grad(through_targets))(state.params)
+  right = jax.tree.map(lambda a, b: (a + b) / 2, _grads_at(state, batch, jnp.float32(1.0)),
+                       _grads_at(state, batch, jnp.float32(0.3), jax.nn.softmax(logits)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), grads, right)
+  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(wrong)))
+  assert diff > 1e-4
+
+
+def test_sandwich_compiles_once_and_draws_new_keeps_each_step():
+  state, batch = _state(), _batch()
+  step = jax.jit(functools.partial(train_lib.train_step, regimes=3, distill=True))
+  state, _ = step(state, batch, jnp.float32(0.5))
+  with jax.no_tracing():
+    for keep in (0.1, 1.0, 0.3):
+      state, m = step(state, batch, jnp.float32(keep))
+  assert np.isfinite(float(m["loss"]))
+  k1, k2 = _sandwich_keeps(state, 0.1, 3), _sandwich_keeps(state.replace(step=state.step + 1), 0.1, 3)
+  assert k1[2] != k2[2]
+
+
+def test_one_regime_step_is_unchanged_by_the_option():
+  state, batch = _state(), _batch()
+  a = jax.jit(train_lib.train_step)(state, batch, jnp.float32(0.5))
+  b = jax.jit(functools.partial(train_lib.train_step, regimes=1))(state, batch, jnp.float32(0.5))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(regimes=0), "regimes must be an integer >= 1, got 0"),
+    (dict(regimes=2.0), "regimes must be an integer >= 1, got 2.0"),
+    (dict(regimes=1, distill=True), "distill needs regimes >= 2"),
+])
+def test_bad_regime_options_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    train_lib.train_step(_state(), _batch(), jnp.float32(0.5), **kwargs)
+
+
+@pytest.mark.parametrize("args, kwargs, match", [
+    ((0.5, 1), {}, "regimes must be an integer >= 2 for a multi-regime step, got 1"),
+    ((0.0, 3), {}, r"min_keep must be in \(0, 1\], got 0.0"),
+    ((0.6, 3), dict(max_keep=0.4), r"min_keep \(0.6\) must be <= max_keep \(0.4\)"),
+    ((0.5, 3), dict(max_keep=1.5), r"max_keep must be in \(0, 1\], got 1.5"),
+])
+def test_regime_keeps_bad_input(args, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    train_lib.regime_keeps(jax.random.PRNGKey(0), *args, **kwargs)

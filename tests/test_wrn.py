@@ -199,3 +199,76 @@ def test_keep_out_of_range_raises():
   for keep in (0.0, 1.5):
     with pytest.raises(ValueError, match="keep"):
       jax.eval_shape(lambda v: model.apply(v, _x(), keep=keep), variables)
+
+
+# ------------------------------------------------------------ per-site keep, relative keep
+
+
+def _densities(model, variables, x, keep):
+  _, state = model.apply(variables, x, keep=keep, mutable=["density"])
+  return {k: float(v) for k, v in site_densities(state["density"]).items()}
+
+
+def test_site_names_are_the_density_keys():
+  model = WRN10_1()
+  assert sorted(model.site_names()) == sorted(_site_names(model))
+
+
+def test_per_site_keep_mapping_applies_to_the_right_sites():
+  model = WRN10_1()
+  x = _x((2, 16, 16, 3))
+  variables = _variables(model, x)
+  keep = {"*": 0.3, "group2_*": 0.1, "group0_block0/act2": 0.2}   # exact name > longer glob > "*"
+  dens = _densities(model, variables, x, keep)
+  expected = {"group0_block0/act1": 0.3, "group0_block0/act2": 0.2, "group1_block0/act1": 0.3,
+              "group1_block0/act2": 0.3, "group2_block0/act1": 0.1, "group2_block0/act2": 0.1, "final_act": 0.3}
+  assert dens.keys() == expected.keys()
+  for name, k in expected.items():   # density of an exact top-k = ceil(k * n) / n, a hair above k
+    assert k - 1e-6 <= dens[name] <= k + 0.02, (name, dens[name], k)
+  # Sites no key matches stay dense: the output equals the per-site run with those sites at 1.0.
+  only = {"group1_block0/act1": 0.3}
+  full = {n: (0.3 if n == "group1_block0/act1" else 1.0) for n in model.site_names()}
+  np.testing.assert_array_equal(model.apply(variables, x, keep=only), model.apply(variables, x, keep=full))
+  assert _densities(model, variables, x, only)["group0_block0/act1"] > 0.3   # ReLU density, not masked
+
+
+def test_per_site_keep_is_traced_and_compiles_once():
+  model = WRN10_1()
+  x = _x()
+  variables = _variables(model, x)
+  f = jax.jit(lambda v, keep: model.apply(v, x, keep=keep))
+  f(variables, {"group*": jnp.float32(0.5), "final_act": jnp.float32(1.0)})
+  with jax.no_tracing():
+    for a, b in ((0.1, 0.2), (1.0, 1.0), (0.7, 0.05)):
+      f(variables, {"group*": jnp.float32(a), "final_act": jnp.float32(b)})
+
+
+@pytest.mark.parametrize("keep, error, match", [
+    ({"group9_*": 0.5}, ValueError, r"WideResNet: keep key 'group9_\*' matches no top-k site"),
+    ({"final": 0.5}, ValueError, "keep key 'final' matches no top-k site; the sites are: group0_block0/act1"),
+    ({"final_act": 1.5}, ValueError, r"keep\['final_act'\] must be in \(0, 1\], got 1.5"),
+    ({"final_act": 0.0}, ValueError, r"keep\['final_act'\] must be in \(0, 1\], got 0.0"),
+    ({"final_act": "half"}, ValueError, r"keep\['final_act'\] must be a keep ratio"),
+    ({3: 0.5}, ValueError, "keys must be site names or globs .*got 3"),
+    ({}, ValueError, "keep mapping is empty"),
+    ({"*/act1": 0.5, "group*": 0.2}, ValueError, r"matches several keep keys of equal rank"),
+])
+def test_bad_per_site_keep_raises_naming_the_key(keep, error, match):
+  model = WRN10_1()
+  variables = _variables(model, _x())
+  with pytest.raises(error, match=match):
+    jax.eval_shape(lambda v: model.apply(v, _x(), keep=keep), variables)
+
+
+def test_relative_keep_reaches_every_site():
+  x = _x((2, 16, 16, 3))
+  absolute, relative = WRN10_1(), WRN10_1(relative=True)
+  variables = _variables(absolute, x)
+  dense = _densities(absolute, variables, x, 1.0)
+  assert all(d < 0.75 for d in dense.values())            # post-ReLU: many zeros already
+  d_abs = _densities(absolute, variables, x, 0.9)          # absolute 0.9 is above the natural density: no-op
+  d_rel = _densities(relative, variables, x, 0.5)          # relative 0.5 halves the active units at every site
+  for name in dense:
+    assert d_abs[name] == dense[name], name
+    assert d_rel[name] < 0.5 * dense[name] + 0.05, (name, d_rel[name], dense[name])
+  np.testing.assert_array_equal(relative.apply(variables, x, keep=1.0), absolute.apply(variables, x, keep=1.0))

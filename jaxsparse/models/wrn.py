@@ -39,10 +39,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.models.conv import auto_conv, shifted_matmul_conv, wgrad_matmul_conv
+from jaxsparse.sites import DENSITY, check_keep_map, check_keys_match, is_keep_map, keep_for_site
+from jaxsparse.sites import site_densities  # noqa: F401  (re-exported: jaxsparse.models.site_densities)
 from jaxsparse.topk import nonzero_fraction, topk_mask
 
 NORMS = ("rmsnorm", "batchnorm", "none")
-# None: flax's default, lax.conv_general_dilated. Same parameters and function for all three.
+# None: flax's default, lax.conv_general_dilated. Same parameters and function for all four.
 CONVS = {"auto": auto_conv, "xla": None, "matmul": shifted_matmul_conv, "wgrad_matmul": wgrad_matmul_conv}
 
 
@@ -57,7 +59,7 @@ def resolve_conv(name: str) -> str:
   if name not in CONVS:
     raise ValueError(f"conv must be 'auto' or one of {tuple(CONVS)}, got {name!r}")
   return name
-DENSITY = "density"
+
 
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -79,11 +81,14 @@ class _Norm(nn.Module):
     return x
 
 
-def _site(module: nn.Module, name: str, x, keep, sites: bool, gradient: str, score: str):
-  """Top-k site: masks `x`; sows its achieved density only if "density" is mutable (not in init)."""
+def _site(module: nn.Module, name: str, x, keep, sites: bool, gradient: str, score: str, relative: bool):
+  """Top-k site: masks `x`; sows its achieved density only if "density" is mutable (not in init).
+
+  `keep` is the keep ratio, or {site name in `module`: keep ratio} (resolved by `WideResNet`).
+  """
   if not sites:
     return x
-  y = topk_mask(x, keep, score=score, gradient=gradient)
+  y = topk_mask(x, keep[name] if is_keep_map(keep) else keep, score=score, gradient=gradient, relative=relative)
   if module.is_mutable_collection(DENSITY) and not module.is_initializing():
     module.sow(DENSITY, name, nonzero_fraction(y),
                reduce_fn=lambda _, new: new, init_fn=lambda: jnp.zeros((), jnp.float32))
@@ -104,14 +109,16 @@ class BasicBlock(nn.Module):
   dtype: Any
   param_dtype: Any
   conv: str = "auto"
+  relative: bool = False
 
   @nn.compact
   def __call__(self, x, keep, train: bool):
+    """`keep`: a keep ratio, or {"act1": keep, "act2": keep}."""
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init, dtype=self.dtype,
                              param_dtype=self.param_dtype, conv_general_dilated=CONVS[resolve_conv(self.conv)])
     norm = functools.partial(_Norm, self.norm, self.dtype, self.param_dtype)
     site = functools.partial(_site, self, keep=keep, sites=self.sites,
-                             gradient=self.gradient, score=self.score)
+                             gradient=self.gradient, score=self.score, relative=self.relative)
     a1 = site("act1", nn.relu(norm(name="norm1")(x, train)))
     h = conv(self.features, (3, 3), self.strides, name="conv1")(a1)
     h = nn.relu(norm(name="norm2")(h, train))
@@ -138,6 +145,8 @@ class WideResNet(nn.Module):
       with no top-k code at all.
     gradient: top-k gradient mode, "masked" or "straight_through".
     score: top-k score, "value" or "magnitude".
+    relative: keep is a fraction of each example's active units (score > 0) at every site, not of all units
+      (`jaxsparse.topk_mask`).
     zero_init_residual: start every block's conv2 at zero (see the module docstring).
     dtype: compute dtype (e.g. jnp.bfloat16); logits are always float32.
     param_dtype: parameter dtype.
@@ -167,14 +176,40 @@ class WideResNet(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   conv: str = "auto"
+  relative: bool = False
+
+  def site_names(self) -> list[str]:
+    """The names of the top-k sites, in program order (also the keys of `site_densities`)."""
+    n = (self.depth - 4) // 6
+    return [f"group{g}_block{b}/act{i}" for g in range(3) for b in range(n) for i in (1, 2)] + ["final_act"]
+
+  def _site_keeps(self, keep):
+    """{block name: {"act1": keep, "act2": keep}, "final_act": keep} from a per-site mapping (validated)."""
+    check_keep_map(keep, owner="WideResNet")
+    names = self.site_names()
+    check_keys_match(keep, names, owner="WideResNet")
+    out: dict[str, Any] = {}
+    for name in names:
+      value = jnp.asarray(keep_for_site(keep, name), jnp.float32)
+      block, _, site = name.rpartition("/")
+      if block:
+        out.setdefault(block, {})[site] = value
+      else:
+        out[site] = value
+    return out
 
   @nn.compact
   def __call__(self, x_BxHxWxC, keep=1.0, train: bool = False):
-    """Logits (float32, (B, num_classes)) at keep ratio `keep` (traced float32; 1.0 = dense)."""
+    """Logits (float32, (B, num_classes)) at keep ratio `keep`.
+
+    `keep`: a traced float32 scalar (or per-example vector), 1.0 = dense; or a per-site mapping
+    {site name or glob: keep ratio} (`jaxsparse.sites`; unmatched sites stay dense).
+    """
     if (self.depth - 4) % 6 or self.depth < 10:
       raise ValueError(f"WRN depth must be 6n + 4 with n >= 1, got {self.depth}")
     if self.norm not in NORMS:
       raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+    per_site = self._site_keeps(keep) if is_keep_map(keep) else None
     conv = CONVS[resolve_conv(self.conv)]
     n = (self.depth - 4) // 6
     x = nn.Conv(16, (3, 3), use_bias=False, kernel_init=_conv_init, dtype=self.dtype,
@@ -183,35 +218,13 @@ class WideResNet(nn.Module):
       for b in range(n):
         x = BasicBlock(16 * self.widen * 2**g, stride if b == 0 else 1, self.norm, self.dropout,
                        self.sites, self.gradient, self.score, self.zero_init_residual,
-                       self.dtype, self.param_dtype, self.conv, name=f"group{g}_block{b}")(x, keep, train)
+                       self.dtype, self.param_dtype, self.conv, self.relative,
+                       name=f"group{g}_block{b}")(x, per_site[f"group{g}_block{b}"] if per_site else keep, train)
     x = nn.relu(_Norm(self.norm, self.dtype, self.param_dtype, name="final_norm")(x, train))
-    x = _site(self, "final_act", x, keep, self.sites, self.gradient, self.score)
+    x = _site(self, "final_act", x, per_site or keep, self.sites, self.gradient, self.score, self.relative)
     logits_BxHxWxK = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                               name="classifier")(x)
     return jnp.mean(logits_BxHxWxK.astype(jnp.float32), axis=(1, 2))
-
-
-def site_densities(collection: Mapping[str, Any]) -> dict[str, jax.Array]:
-  """Flattens a "density" collection to {"group0_block0/act1": density, ..., "final_act": ...}.
-
-  Args:
-    collection: ``state["density"]`` from ``model.apply(..., mutable=["density"])``.
-
-  Returns:
-    A flat dict from '/'-joined site name to the scalar achieved density (mean over the batch of the
-    fraction of nonzero entries).
-
-  Example:
-    >>> site_densities({"group0_block0": {"act1": 0.3}, "final_act": 0.3})
-    {'group0_block0/act1': 0.3, 'final_act': 0.3}
-  """
-  out = {}
-  for key, value in collection.items():
-    if isinstance(value, Mapping):
-      out.update({f"{key}/{k}": v for k, v in site_densities(value).items()})
-    else:
-      out[key] = value
-  return out
 
 
 WRN28_4 = functools.partial(WideResNet, depth=28, widen=4)

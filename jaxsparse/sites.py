@@ -1,0 +1,153 @@
+"""Top-k sites shared by `WideResNet`, `sparse_apply` and hand-placed layers: the explicit `TopK` layer, the
+"density" collection it sows into, and per-site keep ratios (a mapping from site name or glob to a keep ratio).
+
+Per-site keep. Wherever a model takes `keep`, it may also take a mapping ``{pattern: keep}`` whose keys are site
+names (e.g. ``"group2_block0/act1"``) or `fnmatch` globs over them (``"group2_*"``, ``"*/act2"``, ``"*"``) and
+whose values are keep ratios in (0, 1] (float32 scalars, traced or not: a dict of scalars is a pytree, so changing
+the values never recompiles). A site takes the value of the key naming it exactly; otherwise of the matching glob
+with the most literal (non-wildcard) characters (so ``"*"`` is a default that any longer glob overrides); two
+different globs of equal rank matching one site are an error. A site no key matches stays dense (keep 1.0). A key
+that matches no site is an error naming it.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Iterable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsparse.topk import nonzero_fraction, topk_mask
+
+DENSITY = "density"  # the Flax collection of achieved densities, one float32 scalar per top-k site
+_WILDCARDS = "*?["
+
+
+def is_keep_map(keep) -> bool:
+  """Whether `keep` is a per-site mapping (rather than a scalar or per-example keep)."""
+  return isinstance(keep, Mapping)
+
+
+def check_keep_map(keep: Mapping[str, Any], *, owner: str) -> None:
+  """Raises ValueError naming the key for an empty mapping, a non-string key, or a concrete value outside (0, 1]."""
+  if not keep:
+    raise ValueError(f"{owner}: keep mapping is empty; pass a keep ratio or {{site name or glob: keep}}")
+  for key, value in keep.items():
+    if not isinstance(key, str) or not key:
+      raise ValueError(f"{owner}: keep mapping keys must be site names or globs (non-empty strings), got {key!r}")
+    if isinstance(value, jax.core.Tracer):
+      continue
+    try:
+      arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+      raise ValueError(f"{owner}: keep[{key!r}] must be a keep ratio in (0, 1], got {value!r}") from None
+    if arr.size == 0 or np.isnan(arr).any() or (arr <= 0).any() or (arr > 1).any():
+      raise ValueError(f"{owner}: keep[{key!r}] must be in (0, 1], got {value!r}")
+
+
+def _literal_chars(pattern: str) -> int:
+  return sum(c not in _WILDCARDS for c in pattern)
+
+
+def keep_for_site(keep: Mapping[str, Any], name: str, default=1.0):
+  """The keep ratio of site `name` under a per-site mapping (see the module docstring); `default` if none matches.
+
+  Example:
+    >>> keep_for_site({"*": 0.5, "group2_*": 0.2}, "group2_block0/act1")
+    0.2
+  """
+  if name in keep:
+    return keep[name]
+  globs = [k for k in keep if fnmatch.fnmatchcase(name, k)]
+  if not globs:
+    return default
+  best = max(_literal_chars(g) for g in globs)
+  top = sorted(g for g in globs if _literal_chars(g) == best)
+  if len(top) > 1:
+    raise ValueError(f"keep: site {name!r} matches several keep keys of equal rank {top}; name the site exactly "
+                     "or make one glob more specific")
+  return keep[top[0]]
+
+
+def check_keys_match(keep: Mapping[str, Any], names: Iterable[str], *, owner: str) -> None:
+  """Raises ValueError naming the first key of `keep` that matches none of the site `names`."""
+  names = list(names)
+  for key in keep:
+    if not any(key == n or fnmatch.fnmatchcase(n, key) for n in names):
+      shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+      raise ValueError(f"{owner}: keep key {key!r} matches no top-k site; the sites are: {shown}")
+
+
+class TopK(nn.Module):
+  """An explicit top-k site: exact per-example global top-k of its input (`jaxsparse.topk_mask`).
+
+  For models that place their sites themselves. The keep ratio is a call argument (traced: one compilation serves
+  every keep; 1.0 returns the input unchanged). When the "density" collection is mutable (and not during `init`),
+  the achieved density (fraction of nonzero outputs) is sown as ``density`` in this module's scope, which
+  `jaxsparse.models.site_densities` reports under the module's path.
+
+  Attributes:
+    score: "value" or "magnitude".
+    gradient: "masked" or "straight_through".
+    relative: keep is a fraction of each example's active units (see `jaxsparse.topk_mask`).
+    axes: the axes ranked together; None: all but the first.
+
+  Example:
+    >>> class MLP(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, keep=1.0):
+    ...     return nn.Dense(10)(TopK(name="hidden")(nn.relu(nn.Dense(64)(x)), keep))
+    >>> model = MLP()
+    >>> variables = model.init(jax.random.key(0), jnp.ones((4, 32)))
+    >>> y, state = model.apply(variables, jnp.ones((4, 32)), keep=0.25, mutable=["density"])
+    >>> site_densities(state["density"])   # {'hidden': Array(0.25, dtype=float32)} for distinct activations
+  """
+
+  score: str = "value"
+  gradient: str = "masked"
+  relative: bool = False
+  axes: Any = None
+
+  @nn.compact
+  def __call__(self, x, keep=1.0):
+    """`x` masked at keep ratio `keep` (a float32 scalar or per-example vector; not a per-site mapping)."""
+    if is_keep_map(keep):
+      raise TypeError(f"TopK {'/'.join(map(str, self.path)) or '(root)'}: keep must be a keep ratio, not a mapping; "
+                      "per-site mappings belong to the model that owns the sites")
+    y = topk_mask(x, keep, axes=self.axes, score=self.score, gradient=self.gradient, relative=self.relative)
+    if self.is_mutable_collection(DENSITY) and not self.is_initializing():
+      self.sow(DENSITY, "density", nonzero_fraction(y), reduce_fn=lambda _, new: new,
+               init_fn=lambda: jnp.zeros((), jnp.float32))
+    return y
+
+
+def site_densities(collection: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """Flattens a "density" collection to {"group0_block0/act1": density, ..., "final_act": ...}.
+
+  A `TopK` layer's entry (``{"hidden": {"density": d}}``) is reported under the layer's path (``"hidden"``).
+
+  Args:
+    collection: ``state["density"]`` from ``model.apply(..., mutable=["density"])``.
+
+  Returns:
+    A flat dict from '/'-joined site name to the scalar achieved density (mean over the batch of the
+    fraction of nonzero entries).
+
+  Example:
+    >>> site_densities({"group0_block0": {"act1": 0.3}, "final_act": 0.3, "head": {"density": 0.5}})
+    {'group0_block0/act1': 0.3, 'final_act': 0.3, 'head': 0.5}
+  """
+  return _flatten(collection, "")
+
+
+def _flatten(collection: Mapping[str, Any], prefix: str) -> dict[str, jax.Array]:
+  out = {}
+  for key, value in collection.items():
+    path = f"{prefix}/{key}" if prefix else str(key)
+    if isinstance(value, Mapping):
+      out.update(_flatten(value, path))
+    else:
+      out[prefix if key == "density" and prefix else path] = value
+  return out
