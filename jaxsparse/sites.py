@@ -17,9 +17,8 @@ from typing import Any, Iterable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxsparse.topk import nonzero_fraction, topk_mask
+from jaxsparse.topk import concrete_keep, keep_in_range, nonzero_fraction, topk_mask
 
 DENSITY = "density"  # the Flax collection of achieved densities, one float32 scalar per top-k site
 _WILDCARDS = "*?["
@@ -37,13 +36,11 @@ def check_keep_map(keep: Mapping[str, Any], *, owner: str) -> None:
   for key, value in keep.items():
     if not isinstance(key, str) or not key:
       raise ValueError(f"{owner}: keep mapping keys must be site names or globs (non-empty strings), got {key!r}")
-    if isinstance(value, jax.core.Tracer):
-      continue
     try:
-      arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
+      arr = concrete_keep(value)
+    except TypeError:
       raise ValueError(f"{owner}: keep[{key!r}] must be a keep ratio in (0, 1], got {value!r}") from None
-    if arr.size == 0 or np.isnan(arr).any() or (arr <= 0).any() or (arr > 1).any():
+    if arr is not None and (arr.size == 0 or not keep_in_range(arr)):
       raise ValueError(f"{owner}: keep[{key!r}] must be in (0, 1], got {value!r}")
 
 

@@ -68,15 +68,25 @@ def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
     raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def _check_keep(keep) -> None:
-  """Raises for a concrete keep outside (0, 1]; traced values pass (clipped later)."""
+def concrete_keep(keep) -> np.ndarray | None:
+  """A concrete keep as a float64 array; None for a traced keep. Raises TypeError when it is not numeric."""
   if isinstance(keep, jax.core.Tracer):
-    return
+    return None
   try:
-    arr = np.asarray(keep, dtype=np.float64)
+    return np.asarray(keep, dtype=np.float64)
   except (TypeError, ValueError):
     raise TypeError(f"keep must be a float or float array, got {keep!r}") from None
-  if np.isnan(arr).any() or (arr <= 0).any() or (arr > 1).any():
+
+
+def keep_in_range(arr: np.ndarray) -> bool:
+  """Whether every value of a concrete keep lies in (0, 1] (NaN does not)."""
+  return not (np.isnan(arr).any() or (arr <= 0).any() or (arr > 1).any())
+
+
+def _check_keep(keep) -> None:
+  """Raises for a concrete keep outside (0, 1]; traced values pass (clipped later)."""
+  arr = concrete_keep(keep)
+  if arr is not None and not keep_in_range(arr):
     raise ValueError(f"keep must be in (0, 1] (and not NaN), got {keep!r}")
 
 
