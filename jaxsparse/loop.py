@@ -397,8 +397,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
       bar.close()
 
     keep_curve = {}
-    for k in config.eval_keeps:  # keep 1.0 is the last epoch's test accuracy (the same state): not evaluated twice
-      last_test = history[-1]["test_accuracy"] if history else None
+    last_test = history[-1]["test_accuracy"] if history else None  # the same state: keep 1.0 is not evaluated twice
+    for k in config.eval_keeps:
       keep_curve[k] = (last_test if k == 1.0 and last_test is not None
                        else evaluate(eval_fn, state, ds.test, keep=k, **eval_kw)["accuracy"])
     summary = report.summarize(history, keep_curve=keep_curve, device=_device_summary(),
