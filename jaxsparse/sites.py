@@ -12,7 +12,9 @@ that matches no site is an error naming it.
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Iterable, Mapping
+import re
+import warnings
+from typing import Any, Callable, Iterable, Mapping
 
 import flax.linen as nn
 import jax
@@ -148,3 +150,131 @@ def _flatten(collection: Mapping[str, Any], prefix: str) -> dict[str, jax.Array]
     else:
       out[prefix if key == "density" and prefix else path] = value
   return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Site selection and interception shared by the Linen and NNX `sparse_apply` (jaxsparse.sparse_apply, jaxsparse.nnx).
+
+POSITIONS = ("inputs", "outputs")
+GRADIENTS = ("masked", "straight_through")
+SCORES = ("value", "magnitude")
+
+Predicate = Callable[[Any, str], bool]
+
+
+def make_matcher(where, *, module_type: type, type_name: str, default: tuple[type, ...],
+                 owner: str = "sparse_apply") -> Predicate:
+  """Turns a `where` selector into a predicate (module, path) -> bool; raises on bad selectors.
+
+  `where` is None (the `default` layer classes), a `module_type` subclass (`type_name` in errors), a glob on the '/'-joined path, a
+  compiled regex (searched in the path), a predicate (module, path) -> bool, or a tuple/list of these (union).
+  """
+  if where is None:
+    return lambda m, _: isinstance(m, default)
+  if isinstance(where, type):
+    if not issubclass(where, module_type):
+      raise TypeError(f"{owner}: where class {where.__name__} is not a {type_name}")
+    return lambda m, _: isinstance(m, where)
+  if isinstance(where, str):
+    return lambda _, p: fnmatch.fnmatchcase(p, where)
+  if isinstance(where, re.Pattern):
+    return lambda _, p: where.search(p) is not None
+  if isinstance(where, (tuple, list)):
+    if not where:
+      raise ValueError(f"{owner}: where is an empty sequence; it would select no site")
+    matchers = [make_matcher(w, module_type=module_type, type_name=type_name, default=default, owner=owner)
+                for w in where]
+    return lambda m, p: any(f(m, p) for f in matchers)
+  if callable(where):
+    return lambda m, p: bool(where(m, p))
+  raise TypeError(f"{owner}: where must be None, a Module class, a glob string, a compiled regex, a predicate "
+                  f"(module, path) -> bool, or a tuple/list of these; got {type(where).__name__}")
+
+
+def check_site_args(*, where, position: str, gradient: str, score: str, owner: str = "sparse_apply") -> None:
+  """Raises ValueError naming the argument for a bad `position`, `gradient` or `score`."""
+  if position not in POSITIONS:
+    raise ValueError(f"{owner}: position must be one of {POSITIONS}, got {position!r}")
+  if position == "outputs" and where is None:
+    raise ValueError(f"{owner}: position='outputs' needs an explicit `where` (the default weight layers would also "
+                     "mask the model's final output)")
+  if gradient not in GRADIENTS:
+    raise ValueError(f"{owner}: gradient must be one of {GRADIENTS}, got {gradient!r}")
+  if score not in SCORES:
+    raise ValueError(f"{owner}: score must be one of {SCORES}, got {score!r}")
+
+
+def as_keep(keep, *, owner: str = "sparse_apply"):
+  """Checks a keep ratio or per-site mapping (concrete values in (0, 1]) and returns it as float32 array(s)."""
+  if is_keep_map(keep):
+    check_keep_map(keep, owner=owner)
+    return {k: jnp.asarray(v, jnp.float32) for k, v in keep.items()}
+  try:
+    arr = concrete_keep(keep)
+  except TypeError:
+    raise TypeError(f"{owner}: keep must be a keep ratio in (0, 1] or a mapping {{site: keep}}, got {keep!r}") from None
+  if arr is not None and (arr.size == 0 or not keep_in_range(arr)):
+    raise ValueError(f"{owner}: keep must be in (0, 1], got {keep!r}")
+  return jnp.asarray(keep, jnp.float32)
+
+
+class SiteRouter:
+  """What happens at each intercepted layer call of one `sparse_apply` call (Linen and NNX alike).
+
+  `route(module, path, call, args, kwargs)` runs `call(*args, **kwargs)` (the layer's own `__call__`) with the
+  site's input or output masked when `matches(module, path)`, except input layers: on inputs, a layer whose input
+  is one of `model_inputs` (by identity) or the very array the first `weight_layers` call received is skipped.
+  Each masked array's density goes to `record(module, path, density)` when `record` is given.
+  """
+
+  def __init__(self, *, keep, matches: Predicate, weight_layers: tuple[type, ...], model_inputs, position: str,
+               score: str, gradient: str, relative: bool, record=None, owner: str = "sparse_apply"):
+    self.keep, self.matches, self.weight_layers = keep, matches, weight_layers
+    self.model_inputs = [a for a in jax.tree.leaves(model_inputs) if hasattr(a, "shape")]
+    self.position, self.score, self.gradient, self.relative = position, score, gradient, relative
+    self.record, self.owner = record, owner
+    self.first_input = None
+    self.sites: list[str] = []   # masked site paths, in call order (with repeats)
+    self.skipped = 0
+
+  def _mask(self, module, path: str, x):
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+      raise TypeError(f"{self.owner}: site {path!r} ({self.position}) is not a floating array: "
+                      f"{getattr(x, 'dtype', type(x).__name__)}")
+    keep = keep_for_site(self.keep, path) if is_keep_map(self.keep) else self.keep
+    y = topk_mask(x, keep, score=self.score, gradient=self.gradient, relative=self.relative)
+    self.sites.append(path)
+    if self.record is not None:
+      self.record(module, path, nonzero_fraction(y))
+    return y
+
+  def route(self, module, path: str, call, args, kwargs):
+    if self.first_input is None and isinstance(module, self.weight_layers):
+      self.first_input = args[0] if args else kwargs.get("inputs")
+    if not self.matches(module, path):
+      return call(*args, **kwargs)
+    if self.position == "outputs":
+      return self._mask(module, path, call(*args, **kwargs))
+    if not args and "inputs" not in kwargs:
+      raise TypeError(f"{self.owner}: site {path!r} got no input to mask (neither a positional argument nor "
+                      "`inputs=`)")
+    x = args[0] if args else kwargs["inputs"]
+    if x is self.first_input or any(x is a for a in self.model_inputs):
+      self.skipped += 1
+      return call(*args, **kwargs)
+    if args:
+      return call(self._mask(module, path, x), *args[1:], **kwargs)
+    return call(**{**kwargs, "inputs": self._mask(module, path, x)})
+
+  def finish(self, model, where) -> None:
+    """After the call: a per-site keep key that matched no site is an error; no masked site is a warning."""
+    if is_keep_map(self.keep):
+      check_keys_match(self.keep, self.sites, owner=self.owner)
+    if not self.sites:
+      warnings.warn(f"{self.owner}: no site of {type(model).__name__} matched where={where!r} on {self.position} "
+                    f"({self.skipped} input layer(s) skipped); the output is dense.", stacklevel=3)
+
+
+def mean_densities(densities: Mapping[str, list]) -> dict[str, jax.Array]:
+  """{path: [d1, d2, ...]} (one per call of the site) -> {path: mean density}."""
+  return {p: d[0] if len(d) == 1 else jnp.mean(jnp.stack(d)) for p, d in densities.items()}

@@ -1,80 +1,49 @@
-"""`sparse_apply`: global top-k on the hidden activations of any Linen model, scoped to one call.
+"""`sparse_apply`: global top-k on the hidden activations of any Flax model (Linen or NNX), scoped to one call.
 
-The masking is installed with `flax.linen.intercept_methods` inside the function that runs the
-model, so it lives only in that call (and in the jit trace that contains it): nothing is patched
-globally and the model's code is not edited.
+For Linen models the masking is installed with `flax.linen.intercept_methods` inside the function that runs the
+model, so it lives only in that call (and in the jit trace that contains it): nothing is patched globally and the
+model's code is not edited. NNX models go to `jaxsparse.nnx.sparse_apply`. What happens at a site (selection,
+input layers, masking, densities) is `jaxsparse.sites.SiteRouter`, shared by both.
 """
 from __future__ import annotations
 
-import fnmatch
 import re
-import warnings
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+from flax import nnx as flax_nnx
 from flax.core import scope as flax_scope
 
-from jaxsparse.sites import check_keep_map, check_keys_match, is_keep_map, keep_for_site
-from jaxsparse.topk import nonzero_fraction, topk_mask
+from jaxsparse import nnx as jaxsparse_nnx
+from jaxsparse.sites import POSITIONS, SiteRouter, as_keep, check_site_args, make_matcher, mean_densities  # noqa: F401
 
-#: Weight layers whose inputs are the default sites (none of them subclasses another).
+#: Linen weight layers whose inputs are the default sites (none of them subclasses another).
 WEIGHT_LAYERS = (nn.Conv, nn.ConvTranspose, nn.ConvLocal, nn.Dense, nn.DenseGeneral, nn.Einsum)
-POSITIONS = ("inputs", "outputs")
-_GRADIENTS = ("masked", "straight_through")
-_SCORES = ("value", "magnitude")
 # Private collection the interceptor sows densities into; never returned to the caller.
 _DENSITY = "sparse_apply_density"
 _LEAF = "_sparse_apply"
 
-Predicate = Callable[[nn.Module, str], bool]
+Predicate = Callable[[Any, str], bool]
 Selector = Union[type, str, "re.Pattern[str]", Predicate, Sequence[Any]]
-
-
-def _make_matcher(where: Selector | None) -> Predicate:
-  """Turns a `where` selector into a predicate (module, path) -> bool; raises on bad selectors."""
-  if where is None:
-    return lambda m, _: isinstance(m, WEIGHT_LAYERS)
-  if isinstance(where, type):
-    if not issubclass(where, nn.Module):
-      raise TypeError(f"sparse_apply: where class {where.__name__} is not a flax.linen.Module")
-    return lambda m, _: isinstance(m, where)
-  if isinstance(where, str):
-    return lambda _, p: fnmatch.fnmatchcase(p, where)
-  if isinstance(where, re.Pattern):
-    return lambda _, p: where.search(p) is not None
-  if isinstance(where, (tuple, list)):
-    if not where:
-      raise ValueError("sparse_apply: where is an empty sequence; it would select no site")
-    matchers = [_make_matcher(w) for w in where]
-    return lambda m, p: any(f(m, p) for f in matchers)
-  if callable(where):
-    return lambda m, p: bool(where(m, p))
-  raise TypeError(
-      "sparse_apply: where must be None, a Module class, a glob string, a compiled regex, a "
-      f"predicate (module, path) -> bool, or a tuple/list of these; got {type(where).__name__}")
-
-
-def _check_keep(keep) -> None:
-  """Raises for a concrete keep outside (0, 1]; traced values are checked nowhere (data)."""
-  if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(keep)):
-    return
-  arr = np.asarray(keep, dtype=np.float64)
-  if arr.size == 0 or np.isnan(arr).any() or (arr <= 0).any() or (arr > 1).any():
-    raise ValueError(f"sparse_apply: keep must be in (0, 1], got {keep!r}")
 
 
 def _path(module: nn.Module) -> str:
   return "/".join(str(p) for p in module.path)
 
 
-def sparse_apply(model: nn.Module, variables: Mapping[str, Any], *args, keep,
-                 where: Selector | None = None, position: str = "inputs",
+def sparse_apply(model, *args, keep, where: Selector | None = None, position: str = "inputs",
                  gradient: str = "masked", score: str = "value", relative: bool = False,
-                 return_density: bool = False, **apply_kwargs):
-  """Like `model.apply`, with global per-example top-k applied to the selected hidden activations.
+                 return_density: bool = False, **kwargs):
+  """Runs a Flax model with global per-example top-k applied to the selected hidden activations.
+
+  One function for both Flax APIs, called in each API's idiom:
+
+  * Linen: ``sparse_apply(model, variables, *inputs, keep=..., **apply_kwargs)`` is like
+    ``model.apply(variables, *inputs, **apply_kwargs)``;
+  * NNX: ``sparse_apply(model, *inputs, keep=..., **call_kwargs)`` is like ``model(*inputs, **call_kwargs)``
+    (`jaxsparse.nnx.sparse_apply`; the model object is the same after the call, also when it raises).
 
   Sites. A site is a call of a submodule's `__call__` (never the root module's) selected by
   `where`; on `position="inputs"` its first positional argument (or `inputs=`: the activation) is
@@ -97,9 +66,9 @@ def sparse_apply(model: nn.Module, variables: Mapping[str, Any], *args, keep,
   input (e.g. the query/key/value projections of a first self-attention layer) are skipped.
 
   Args:
-    model: any `flax.linen.Module`.
-    variables: as for `model.apply`.
-    *args: positional arguments of `model.apply` (the model inputs).
+    model: a `flax.linen.Module` or a `flax.nnx.Module` instance.
+    *args: Linen: `variables`, then the positional arguments of `model.apply` (the model inputs). NNX: the
+      positional arguments of `model(...)`.
     keep: keep ratio in (0, 1], a Python float or a (traced) float32 scalar; 1.0 is dense.
       Changing a traced keep never recompiles. Or a per-site mapping {site path or glob: keep ratio}
       (`jaxsparse.sites`: the exact path wins, then the most specific glob; sites no key matches stay
@@ -110,8 +79,8 @@ def sparse_apply(model: nn.Module, variables: Mapping[str, Any], *args, keep,
     score: top-k score, "value" or "magnitude".
     relative: keep is a fraction of each example's active units (score > 0), not of all units.
     return_density: also return the achieved density of every site.
-    **apply_kwargs: passed to `model.apply` (e.g. `train=True`, `mutable=["batch_stats"]`,
-      `rngs={"dropout": key}`, `method=...`).
+    **kwargs: Linen: passed to `model.apply` (e.g. `train=True`, `mutable=["batch_stats"]`,
+      `rngs={"dropout": key}`, `method=...`). NNX: passed to `model(...)`.
 
   Returns:
     Exactly what `model.apply` returns (`out`, or `(out, state)` with `mutable=`). With
@@ -133,58 +102,37 @@ def sparse_apply(model: nn.Module, variables: Mapping[str, Any], *args, keep,
     >>> dens
     {'layers_2': Array(0.25, dtype=float32)}
   """
-  if position not in POSITIONS:
-    raise ValueError(f"sparse_apply: position must be one of {POSITIONS}, got {position!r}")
-  if position == "outputs" and where is None:
-    raise ValueError("sparse_apply: position='outputs' needs an explicit `where` (the default "
-                     "weight layers would also mask the model's final output)")
-  if gradient not in _GRADIENTS:
-    raise ValueError(f"sparse_apply: gradient must be one of {_GRADIENTS}, got {gradient!r}")
-  if score not in _SCORES:
-    raise ValueError(f"sparse_apply: score must be one of {_SCORES}, got {score!r}")
-  if is_keep_map(keep):
-    check_keep_map(keep, owner="sparse_apply")
-    keep = {k: jnp.asarray(v, jnp.float32) for k, v in keep.items()}
-  else:
-    _check_keep(keep)
-    keep = jnp.asarray(keep, jnp.float32)
-  matches = _make_matcher(where)
-  model_inputs = [a for a in jax.tree.leaves(args) if hasattr(a, "shape")]
-  seen = {"first_input": None, "masked": 0, "skipped": 0, "sites": []}
+  if isinstance(model, nn.Module):
+    if not args:
+      raise TypeError("sparse_apply: a Linen model needs its variables: sparse_apply(model, variables, *inputs, "
+                      "keep=...)")
+    return _sparse_apply_linen(model, args[0], args[1:], keep=keep, where=where, position=position,
+                               gradient=gradient, score=score, relative=relative, return_density=return_density,
+                               apply_kwargs=kwargs)
+  if isinstance(model, flax_nnx.Module):
+    return jaxsparse_nnx.sparse_apply(model, *args, keep=keep, where=where, position=position, gradient=gradient,
+                                      score=score, relative=relative, return_density=return_density, **kwargs)
+  what = f"the class {model.__name__} (pass an instance)" if isinstance(model, type) else type(model).__name__
+  raise TypeError(f"sparse_apply: model must be a flax.linen.Module or a flax.nnx.Module instance, got {what}")
 
-  def mask(module, x):
-    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-      raise TypeError(f"sparse_apply: site {_path(module)!r} ({position}) is not a floating "
-                      f"array: {getattr(x, 'dtype', type(x).__name__)}")
-    path = _path(module)
-    site_keep = keep_for_site(keep, path) if is_keep_map(keep) else keep
-    y = topk_mask(x, site_keep, score=score, gradient=gradient, relative=relative)
-    seen["masked"] += 1
-    seen["sites"].append(path)
-    if return_density:
-      module.sow(_DENSITY, _LEAF, nonzero_fraction(y))
-    return y
+
+def _sparse_apply_linen(model: nn.Module, variables, args, *, keep, where, position, gradient, score, relative,
+                        return_density, apply_kwargs):
+  check_site_args(where=where, position=position, gradient=gradient, score=score)
+  keep = as_keep(keep)
+
+  def record(module, path, density):
+    module.sow(_DENSITY, _LEAF, density)
+
+  matches = make_matcher(where, module_type=nn.Module, type_name="flax.linen.Module", default=WEIGHT_LAYERS)
+  router = SiteRouter(keep=keep, matches=matches,
+                      weight_layers=WEIGHT_LAYERS, model_inputs=args, position=position, score=score,
+                      gradient=gradient, relative=relative, record=record if return_density else None)
 
   def interceptor(next_fun, call_args, call_kwargs, ctx):
-    module = ctx.module
-    if ctx.method_name != "__call__" or not module.path:
+    if ctx.method_name != "__call__" or not ctx.module.path:
       return next_fun(*call_args, **call_kwargs)
-    if seen["first_input"] is None and isinstance(module, WEIGHT_LAYERS):
-      seen["first_input"] = call_args[0] if call_args else call_kwargs.get("inputs")
-    if not matches(module, _path(module)):
-      return next_fun(*call_args, **call_kwargs)
-    if position == "outputs":
-      return mask(module, next_fun(*call_args, **call_kwargs))
-    if not call_args and "inputs" not in call_kwargs:
-      raise TypeError(f"sparse_apply: site {_path(module)!r} got no input to mask (neither a "
-                      "positional argument nor `inputs=`)")
-    x = call_args[0] if call_args else call_kwargs["inputs"]
-    if x is seen["first_input"] or any(x is a for a in model_inputs):
-      seen["skipped"] += 1
-      return next_fun(*call_args, **call_kwargs)
-    if call_args:
-      return next_fun(mask(module, x), *call_args[1:], **call_kwargs)
-    return next_fun(**{**call_kwargs, "inputs": mask(module, x)})
+    return router.route(ctx.module, _path(ctx.module), next_fun, call_args, call_kwargs)
 
   mutable = apply_kwargs.pop("mutable", False)
   if return_density:
@@ -193,12 +141,7 @@ def sparse_apply(model: nn.Module, variables: Mapping[str, Any], *args, keep,
     apply_kwargs["mutable"] = mutable
   with nn.intercept_methods(interceptor):
     result = model.apply(variables, *args, **apply_kwargs)
-  if is_keep_map(keep):
-    check_keys_match(keep, seen["sites"], owner="sparse_apply")
-  if not seen["masked"]:
-    warnings.warn(
-        f"sparse_apply: no site of {type(model).__name__} matched where={where!r} on {position} "
-        f"({seen['skipped']} input layer(s) skipped); the output is dense.", stacklevel=2)
+  router.finish(model, where)
   if not return_density:
     return result
   out, state = result
