@@ -3,8 +3,8 @@
   python experiments/compare.py runs/cpu_* --out docs/study --title "CPU study"
 
 Reads each run's summary.json and metrics.jsonl; writes <out>/results.md (mean ± std per schedule and per
-seed, difference to dense with a 95% t-interval) and <out>/*.png (accuracy vs epoch, keep trajectories, keep
-curves).
+seed, difference to each --baseline group with a 95% t-interval, epochs spent sparse) and <out>/*.png (accuracy vs
+epoch, keep trajectories, keep curves, generalisation gap).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def main(argv=None) -> int:
   p.add_argument("runs", nargs="+", help="run directories (each with summary.json and metrics.jsonl)")
   p.add_argument("--out", required=True, help="output directory for results.md and figures")
   p.add_argument("--title", default="Comparison")
-  p.add_argument("--baseline", default="dense", help="schedule the others are compared with")
+  p.add_argument("--baseline", default="dense",
+                 help="group(s) the others are compared with, comma-separated (e.g. dense,dense+dropout0.3)")
   p.add_argument("--partial", action="store_true",
                  help="skip run directories without a summary.json (a study still running) and list them")
   args = p.parse_args(argv)
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   figures = report.plot_comparison(runs, out)
-  text = report.comparison_markdown(runs, title=args.title, baseline=args.baseline,
+  text = report.comparison_markdown(runs, title=args.title, baseline=args.baseline.split(","),
                                     figures=[f.name for f in figures])
   if unfinished:
     text += f"\nNot finished yet, left out: {', '.join(f'`{d}`' for d in unfinished)}.\n"

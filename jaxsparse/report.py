@@ -114,14 +114,15 @@ def load_runs(paths) -> list[dict]:
     summary = json.loads(summary_path.read_text())
     config_path = p / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {"schedule": summary["schedule"]}
-    runs.append({"path": str(p), "summary": summary, "history": history, "label": run_label(config)})
+    runs.append({"path": str(p), "summary": summary, "history": history, "label": run_label(config),
+                 "config": config})
   if not runs:
     raise ValueError("no runs given")
   return runs
 
 
 # Config fields that make a variant of a schedule when they differ from their default (seeds never do).
-_VARIANT_FIELDS = ("dropout", "norm", "topk_gradient", "topk_score", "augment")
+_VARIANT_FIELDS = ("dropout", "norm", "topk_gradient", "topk_score", "topk_keep", "regimes", "distill", "augment")
 
 
 def run_label(config: Mapping) -> str:
@@ -138,7 +139,8 @@ def run_label(config: Mapping) -> str:
   for name in _VARIANT_FIELDS:
     value = config.get(name, getattr(defaults, name))
     if value != getattr(defaults, name):
-      label += f"+dropout{value:g}" if name == "dropout" else f"+{name}={value}"
+      label += (f"+dropout{value:g}" if name == "dropout" else "+distill" if name == "distill"
+                else f"+{name}={value}")
   return label
 
 
@@ -154,6 +156,32 @@ def mean_std(values) -> tuple[float, float]:
   """Mean and sample standard deviation (0 for a single value)."""
   a = np.asarray(values, np.float64)
   return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def sparsity_stats(history: Sequence[Mapping], config: Mapping | None = None) -> dict[str, float]:
+  """How sparse a run really trained, from its per-epoch records.
+
+  Returns:
+    ``keep_below_1``: epochs trained at a keep < 1; ``bit``: those epochs weighted by the fraction of top-k sites
+    whose achieved density reached the keep (>= 0.98 keep): at a keep above a site's natural density the mask
+    removes nothing there, so such epochs trained like dense ones (with ``topk_keep="relative"`` every keep < 1
+    bites, so every site counts); ``mean_density``: achieved density averaged over sites and epochs (nan when not
+    recorded).
+  """
+  relative = (config or {}).get("topk_keep") == "relative"
+  below = bit = 0.0
+  densities = []
+  for r in history:
+    sites = list((r.get("density") or {}).values())
+    if sites:
+      densities.append(float(np.mean(sites)))
+    if r["keep"] < 1.0:
+      below += 1
+      if relative:
+        bit += 1.0
+      elif sites:
+        bit += float(np.mean([d >= 0.98 * r["keep"] for d in sites]))
+  return {"keep_below_1": below, "bit": bit, "mean_density": float(np.mean(densities)) if densities else math.nan}
 
 
 def paired_difference(a: Mapping[int, float], b: Mapping[int, float], confidence: float = 0.95):
@@ -277,34 +305,44 @@ def seeds_needed(sd_diff: float, *, delta: float, confidence: float = 0.95, powe
   raise ValueError(f"more than {max_n} seeds needed for delta={delta} at sd_diff={sd_diff}")
 
 
-def comparison_markdown(runs, *, title: str, baseline: str = "dense", figures=()) -> str:
-  """One markdown table: per schedule mean ± std of final and best dense test accuracy, difference to the
-  baseline schedule (paired by seed, 95% t-interval), keep curve means, cycles, wall time; then per-seed rows.
+def comparison_markdown(runs, *, title: str, baseline: str | Sequence[str] = "dense", figures=()) -> str:
+  """One markdown table: per schedule mean ± std of final and best dense test accuracy, difference to each
+  baseline group (`baseline`: one label or several; paired by seed, 95% t-interval), epochs spent sparse (see
+  `sparsity_stats`), keep curve means, cycles, wall time; then per-seed rows.
   Each table is followed by the machine(s) its runs were made on (see `machine_label`); a warning above them says
   when the runs mix hardware or commits (see `mixed_machines_warning`)."""
   groups = _by_schedule(runs)
+  baselines = [baseline] if isinstance(baseline, str) else list(baseline)
   keeps = sorted({float(k) for r in runs for k in r["summary"]["keep_curve"]}, reverse=True)
   final = {s: {r["summary"]["seed"]: r["summary"]["test_accuracy"] for r in rs} for s, rs in groups.items()}
   tags, machine_lines = machines_markdown(runs)
   warning = mixed_machines_warning(runs)
   lines = [f"# {title}", ""] + ([warning, ""] if warning else []) + [
            "Dense (keep = 1) test accuracy at the end of training; mean ± std over seeds. "
-           f"Δ vs {baseline}: mean paired difference over shared seeds ± the 95% t-interval half-width.", "",
-           "| schedule | seeds | final test acc | best test acc | Δ final vs " + baseline + " | cycles | "
-           + " | ".join(f"keep {k:g}" for k in keeps) + " | wall (min) |",
-           "|---|---:|---:|---:|---:|---:|" + "---:|" * len(keeps) + "---:|"]
+           f"Δ vs {' / '.join(baselines)}: mean paired difference over shared seeds ± the 95% t-interval "
+           "half-width. Sparse epochs: epochs at keep < 1, and those weighted by the share of top-k sites the keep "
+           "actually cut (achieved density reached the keep); mean density: achieved, over sites and epochs.", "",
+           "| schedule | seeds | final test acc | best test acc | " + " | ".join(f"Δ final vs {b}" for b in baselines)
+           + " | sparse epochs (cut) | mean density | cycles | " + " | ".join(f"keep {k:g}" for k in keeps)
+           + " | wall (min) |",
+           "|---|---:|---:|---:|" + "---:|" * len(baselines) + "---:|---:|---:|" + "---:|" * len(keeps) + "---:|"]
   for s, rs in groups.items():
     fm, fs = mean_std([r["summary"]["test_accuracy"] for r in rs])
     bm, bs = mean_std([r["summary"]["best_test_accuracy"] for r in rs])
-    if s == baseline or baseline not in final:
-      delta = "—"
-    else:
-      d, half, n = paired_difference(final[s], final[baseline])
-      delta = f"{d:+.4f} ± {half:.4f} (n={n})" if n > 1 else f"{d:+.4f} (n={n})"
+    deltas = []
+    for b in baselines:
+      if s == b or b not in final:
+        deltas.append("—")
+        continue
+      d, half, n = paired_difference(final[s], final[b])
+      deltas.append(f"{d:+.4f} ± {half:.4f} (n={n})" if n > 1 else f"{d:+.4f} (n={n})")
+    sparse = [sparsity_stats(r["history"], r.get("config")) for r in rs]
+    below, bit, density = (mean_std([x[k] for x in sparse])[0] for k in ("keep_below_1", "bit", "mean_density"))
     curve = [mean_std([r["summary"]["keep_curve"].get(str(k), math.nan) for r in rs])[0] for k in keeps]
     cycles = mean_std([r["summary"]["cycles"] for r in rs])[0]
     wall = mean_std([r["summary"]["wall_time_s"] / 60 for r in rs])[0]
-    lines.append(f"| {s} | {len(rs)} | {fm:.4f} ± {fs:.4f} | {bm:.4f} ± {bs:.4f} | {delta} | {cycles:.1f} | "
+    lines.append(f"| {s} | {len(rs)} | {fm:.4f} ± {fs:.4f} | {bm:.4f} ± {bs:.4f} | " + " | ".join(deltas)
+                 + f" | {below:.1f} ({bit:.1f}) | {density:.3f} | {cycles:.1f} | "
                  + " | ".join(f"{c:.4f}" for c in curve) + f" | {wall:.1f} |")
   lines += [""] + machine_lines
   mixed = len(set(tags.values())) > 1  # then each per-seed row names its machine
@@ -324,7 +362,8 @@ def comparison_markdown(runs, *, title: str, baseline: str = "dense", figures=()
 
 def plot_comparison(runs, outdir: str | Path) -> list[Path]:
   """accuracy.png (dense test accuracy vs epoch, mean over seeds per schedule), keep.png (first seed's keep
-  trajectory per schedule, with the achieved density when recorded), keep_curve.png (mean test accuracy vs test-time keep)."""
+  trajectory per schedule, with the achieved density when recorded), keep_curve.png (mean test accuracy vs test-time
+  keep), gap.png (generalisation gap: train − validation accuracy every epoch, train − test at tested epochs)."""
   outdir = Path(outdir)
   outdir.mkdir(parents=True, exist_ok=True)
   groups = _by_schedule(runs)
@@ -366,4 +405,22 @@ def plot_comparison(runs, outdir: str | Path) -> list[Path]:
   ax.set(xscale="log", xlabel="test-time keep ratio", ylabel="test accuracy", title="Keep curve (mean over seeds)")
   ax.legend()
   paths.append(_save(fig, outdir / "keep_curve.png"))
+
+  fig = Figure(figsize=(12, 4))
+  ax1, ax2 = fig.subplots(1, 2, sharey=True)
+  for i, (s, rs) in enumerate(groups.items()):
+    color = f"C{i % 10}"
+    n = min(len(r["history"]) for r in rs)
+    if all(r["history"][e].get("val_accuracy") is not None for r in rs for e in range(n)):
+      gap = np.mean([[h["train_accuracy"] - h["val_accuracy"] for h in r["history"][:n]] for r in rs], axis=0)
+      ax1.plot([h["epoch"] for h in rs[0]["history"][:n]], gap, color=color, label=f"{s} (n={len(rs)})")
+    tested = [e for e in range(n) if all(r["history"][e].get("test_accuracy") is not None for r in rs)]
+    gap = np.mean([[r["history"][e]["train_accuracy"] - r["history"][e]["test_accuracy"] for e in tested]
+                   for r in rs], axis=0)
+    ax2.plot([rs[0]["history"][e]["epoch"] for e in tested], gap, color=color, marker="o", label=s)
+  ax1.set(xlabel="epoch", ylabel="train accuracy − held-out accuracy",
+          title="Generalisation gap: train − validation (every epoch)")
+  ax2.set(xlabel="epoch", title="train − dense test (tested epochs)")
+  ax1.legend(fontsize=7)
+  paths.append(_save(fig, outdir / "gap.png"))
   return paths

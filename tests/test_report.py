@@ -164,3 +164,37 @@ def test_seeds_needed_meets_its_definitions():
   assert report.seeds_needed(0.0, delta=0.01) == 2
   with pytest.raises(ValueError, match="delta > 0"):
     report.seeds_needed(0.01, delta=0)
+
+
+def test_sparsity_stats_count_only_epochs_where_the_keep_cut():
+  history = [{"keep": 1.0, "density": {"a": 0.45, "b": 0.40}},
+             {"keep": 0.7, "density": {"a": 0.45, "b": 0.40}},      # above both natural densities: no cut
+             {"keep": 0.42, "density": {"a": 0.4219, "b": 0.40}},   # cuts site a only
+             {"keep": 0.1, "density": {"a": 0.1016, "b": 0.1016}}]  # cuts both
+  st = report.sparsity_stats(history)
+  assert st["keep_below_1"] == 3 and st["bit"] == pytest.approx(1.5)
+  assert st["mean_density"] == pytest.approx(np.mean([0.425, 0.425, 0.41095, 0.1016]))
+  assert report.sparsity_stats(history, {"topk_keep": "relative"})["bit"] == 3  # every keep < 1 cuts
+  assert math.isnan(report.sparsity_stats([{"keep": 0.5}])["mean_density"])
+
+
+def test_several_baselines_and_method_variants_are_labelled_apart(tmp_path):
+  for sub in ("a", "b", "c", "d"):
+    (tmp_path / sub).mkdir()
+  dirs = [_fake_run(tmp_path / "a", "dense", s, 0.80 + 0.01 * s) for s in (0, 1)]
+  dirs += [_fake_run(tmp_path / "b", "dense", s, 0.79 + 0.02 * s, config={"dropout": 0.3}) for s in (0, 1)]
+  dirs += [_fake_run(tmp_path / "c", "constant", s, 0.82, config={"regimes": 3, "distill": True,
+                                                                  "controller_options": {"keep": 0.1}})
+           for s in (0, 1)]
+  dirs += [_fake_run(tmp_path / "d", "adaptive_b", 0, 0.81, config={"topk_keep": "relative"})]
+  runs = report.load_runs(dirs)
+  assert sorted({r["label"] for r in runs}) == ["adaptive_b+topk_keep=relative", "constant(keep=0.1)+regimes=3+distill",
+                                                "dense", "dense+dropout0.3"]
+  md = report.comparison_markdown(runs, title="T", baseline=["dense", "dense+dropout0.3"])
+  assert "| Δ final vs dense | Δ final vs dense+dropout0.3 | sparse epochs (cut) |" in md
+  row = next(line for line in md.splitlines() if line.startswith("| constant(keep=0.1)+regimes=3+distill | 2 |"))
+  # vs dense: 0.82 - (0.80, 0.81) = (0.02, 0.01); vs dropout: 0.82 - (0.79, 0.81) = (0.03, 0.01)
+  assert "| +0.0150 ± 0.0635 (n=2) | +0.0200 ± 0.1271 (n=2) |" in row
+  assert "| 1.0 (" in row  # one of its two fake epochs has keep 0.5
+  paths = report.plot_comparison(runs, tmp_path / "out")
+  assert (tmp_path / "out" / "gap.png") in paths and (tmp_path / "out" / "gap.png").stat().st_size > 1000
