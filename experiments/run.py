@@ -55,8 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--schedule", default="adaptive_b", choices=controllers.names(),
                  help="keep-ratio controller (default: %(default)s)")
   p.add_argument("--preset", default="paper", choices=sorted(config_lib.PRESETS),
-                 help="paper: WRN-28-4, full data, 200 epochs (GPU); cpu: ~15 min on 2 CPU cores; "
-                      "smoke: seconds (default: %(default)s)")
+                 help="paper: WRN-28-4, full data, 200 epochs (GPU); cpu: ~8 min on 2 CPU cores; study: ~5 min and "
+                      "overfit: ~20 min on one core (README, Presets); smoke: seconds (default: %(default)s)")
   p.add_argument("--data", help="cifar10 (default: a prepared TFDS cifar10, else the original archive, downloaded "
                                 "once), tfds:cifar10, a CIFAR-10 image-folder .tar.gz or folder, "
                                 "cifar-10-python.tar.gz or its folder, or an .npz with x_train,y_train,x_test,y_test")

@@ -1,4 +1,4 @@
-"""Frozen run configurations and named presets (paper, cpu, smoke).
+"""Frozen run configurations and named presets (paper, cpu, study, overfit, smoke).
 
 The config stops at one boundary: only `jaxsparse.loop.train_and_evaluate` reads a whole `Config`; every other
 module takes explicit keyword arguments. Values marked "ours" are this project's choices, since the paper does
@@ -144,6 +144,12 @@ PRESETS: dict[str, Config] = {
     # Dense test accuracy at epochs 4, 8 and 12 (the controllers read validation accuracy, every epoch).
     "study": Config(model="wrn16_1", train_size=4000, val_size=1000, epochs=12, warmup_epochs=1, batch_size=64,
                     learning_rate=0.05, eval_keeps=(1.0, 0.5, 0.3, 0.2, 0.1, 0.05), eval_every=4),
+    # A CPU proxy of the paper's regime (a model that memorises its training set), chosen by a measured pilot
+    # (docs/results.md, "Evidence study"): the study recipe with a WRN-16-2 on 2k images for 40 epochs. Dense
+    # training reaches train accuracy 1.0 by epoch 27 and its test accuracy is flat from there; ~20 min per run on
+    # one core of the 2-core Xeon. Dense test accuracy every 5 epochs (validation: every epoch).
+    "overfit": Config(model="wrn16_2", train_size=2000, val_size=1000, epochs=40, warmup_epochs=1, batch_size=64,
+                      learning_rate=0.05, eval_keeps=(1.0, 0.5, 0.3, 0.2, 0.1), eval_every=5),
     # Seconds: plumbing checks (tests, CI, notebooks).
     "smoke": Config(model="wrn10_1", train_size=256, val_size=128, epochs=3, batch_size=64,
                     warmup_epochs=1, learning_rate=0.05, eval_keeps=(1.0, 0.3)),

@@ -13,6 +13,15 @@ def test_presets_are_valid_and_paper_is_the_default():
   assert paper.eval_keeps == (1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05)
 
 
+def test_overfit_preset_is_the_study_recipe_on_a_wider_model_and_fewer_images():
+  study, overfit = config_lib.preset("study"), config_lib.preset("overfit")
+  assert (overfit.model, overfit.train_size, overfit.val_size, overfit.epochs, overfit.augment) == (
+      "wrn16_2", 2000, 1000, 40, None)
+  same = ("batch_size", "learning_rate", "warmup_epochs", "norm", "weight_decay", "schedule")
+  assert all(getattr(overfit, f) == getattr(study, f) for f in same)
+  assert overfit.epochs % overfit.eval_every == 0 and 1.0 in overfit.eval_keeps
+
+
 def test_json_round_trip():
   c = config_lib.preset("smoke", controller_options={"min_keep": 0.2}, eval_keeps=[1, 0.5])
   back = config_lib.Config.from_dict(json.loads(c.to_json()))
