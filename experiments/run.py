@@ -91,7 +91,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--fresh", action="store_true", help="delete this run's previous outputs and start over")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--distributed", action="store_true",
-                 help="call jax.distributed.initialize() first (multi-host GPU / TPU pod)")
+                 help="several processes, one run: call jax.distributed.initialize() first. With no coordinator "
+                      "flags or variables, JAX detects the cluster (SLURM, Open MPI, TPU pods, GKE)")
+  p.add_argument("--coordinator-address", help="with --distributed: host:port of process 0 (default: "
+                                               "$JAX_COORDINATOR_ADDRESS, else detected)")
+  p.add_argument("--num-processes", type=int, help="with --distributed: how many processes (default: "
+                                                   "$JAX_NUM_PROCESSES, else detected)")
+  p.add_argument("--process-id", type=int, help="with --distributed: this process's index in [0, num-processes) "
+                                                "(default: $JAX_PROCESS_ID, else detected)")
+  p.add_argument("--heartbeat-timeout", type=int, metavar="SECONDS",
+                 help="with --distributed: a process silent this long counts as dead and every other process "
+                      "stops with an error naming it (default: JAX's, 100)")
   group = p.add_argument_group("controller options (each applies to the schedules named)")
   for opt, defaults in _controller_flags().items():
     shown = ", ".join(f"{n}={d}" for n, d in defaults.items())
@@ -118,6 +128,36 @@ def config_from_args(args: argparse.Namespace) -> config_lib.Config:
   from jaxsparse.loop import check_config
   check_config(config)
   return config
+
+
+def distributed_args(args: argparse.Namespace) -> dict:
+  """jax.distributed.initialize's coordinator_address / num_processes / process_id from the flags, else from
+  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (left out: JAX's cluster detection), and
+  heartbeat_timeout_seconds from --heartbeat-timeout."""
+  import os
+  given = {"coordinator_address": args.coordinator_address, "num_processes": args.num_processes,
+           "process_id": args.process_id, "heartbeat_timeout_seconds": args.heartbeat_timeout}
+  if not args.distributed:
+    named = [k for k, v in given.items() if v is not None]
+    if named:
+      flag = "heartbeat-timeout" if named[0] == "heartbeat_timeout_seconds" else named[0].replace("_", "-")
+      raise ValueError(f"--{flag} needs --distributed")
+    return {}
+  for key, var, cast in (("coordinator_address", "JAX_COORDINATOR_ADDRESS", str),
+                         ("num_processes", "JAX_NUM_PROCESSES", int), ("process_id", "JAX_PROCESS_ID", int)):
+    if given[key] is None and os.environ.get(var):
+      try:
+        given[key] = cast(os.environ[var])
+      except ValueError:
+        raise ValueError(f"{var}={os.environ[var]!r} is not an integer") from None
+  if given["heartbeat_timeout_seconds"] is not None and given["heartbeat_timeout_seconds"] < 1:
+    raise ValueError(f"--heartbeat-timeout must be >= 1 second, got {given['heartbeat_timeout_seconds']}")
+  if given["num_processes"] is not None and given["num_processes"] < 1:
+    raise ValueError(f"--num-processes must be >= 1, got {given['num_processes']}")
+  if given["process_id"] is not None and given["num_processes"] is not None and \
+      not 0 <= given["process_id"] < given["num_processes"]:
+    raise ValueError(f"--process-id must be in [0, {given['num_processes']}), got {given['process_id']}")
+  return {k: v for k, v in given.items() if v is not None}
 
 
 class _StopRequest:
@@ -148,9 +188,16 @@ def main(argv=None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  try:
+    coordination = distributed_args(args)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if args.distributed:
     import jax
-    jax.distributed.initialize()
+    # CPU processes exchange gradients through gloo (GPUs and TPUs use their own collectives).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**coordination)
   from tqdm.auto import tqdm
   from jaxsparse import data as data_lib
   from jaxsparse.loop import Interrupted, WorkdirError, train_and_evaluate

@@ -9,6 +9,10 @@ stop request (`should_stop`, or a KeyboardInterrupt during the train steps) save
 position and the partial epoch's metric sums in its meta, so the resumed run continues mid-epoch and ends bitwise
 identical to an uninterrupted one. A checkpoint that fails to load is skipped, logged and moved aside. Every
 failure to write the run directory (read-only, disk full) is a `WorkdirError` naming the file and the fix.
+
+Several processes (after `jax.distributed.initialize()`): every process trains on its slice of each batch, saves and
+restores the checkpoints with the others, and combines its stop flag with theirs after every step; process 0 alone
+writes the run's files and logs the epochs.
 """
 from __future__ import annotations
 
@@ -294,15 +298,22 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
     >>> summary["test_accuracy"]
   """
   ckpt_log = log or _logger.warning      # checkpoint fallbacks must be seen even with the default logger
-  log = log or _logger.info
-  should_stop = should_stop or (lambda: False)
+  # Multi-process runs: every process computes; process 0 alone writes the run's files and logs epochs.
+  primary = parallel.is_primary()
+  log = (log or _logger.info) if primary else (lambda _: None)
+  progress = progress and primary
+  user_stop = should_stop or (lambda: False)
+  should_stop = (lambda: parallel.any_process(user_stop())) if jax.process_count() > 1 else user_stop
   workdir = Path(workdir)
   controller = check_config(config)     # validates the schedule and its options before any work
   with workdir_lib.writing(f"the run directory {workdir}"):
-    workdir_lib.prepare_workdir(config, workdir, fresh=fresh)
-  with workdir_lib.writing(workdir / "provenance.jsonl"):  # one line per (re)start: where each part of the run ran
-    workdir_lib.append_line(workdir / "provenance.jsonl", json.dumps(
-        {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **provenance.provenance()}))
+    workdir_lib.prepare_workdir(config, workdir, fresh=fresh, write=primary)
+  if primary:
+    with workdir_lib.writing(workdir / "provenance.jsonl"):  # one line per (re)start: where each part ran
+      workdir_lib.append_line(workdir / "provenance.jsonl", json.dumps(
+          {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "process_count": jax.process_count(),
+           **provenance.provenance()}))
+  parallel.sync("jaxsparse:workdir")   # the run directory is ready (and, with fresh, emptied) for every process
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   ds = _load_data(config, progress=progress)
@@ -317,7 +328,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
   with ckpt:
     state, position = _restore(ckpt, state, steps_per_epoch, log)
     metrics_path = workdir / "metrics.jsonl"
-    history = workdir_lib.read_history(metrics_path, position["epoch"], log)
+    history = workdir_lib.read_history(metrics_path, position["epoch"], log, write=primary)
 
     step = functools.partial(train_lib.train_step, regimes=config.regimes, distill=config.distill)
     train_fn = jax.jit(step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep), donate_argnums=0)
@@ -380,8 +391,9 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
             "epoch_time_s": time.time() - t_epoch, "eval_time_s": eval_time, "wall_time_s": wall(),
         }
         history.append(record)
-        with workdir_lib.writing(metrics_path):
-          workdir_lib.append_line(metrics_path, json.dumps(record))
+        if primary:
+          with workdir_lib.writing(metrics_path):
+            workdir_lib.append_line(metrics_path, json.dumps(record))
         save(state, _position(epoch + 1, 0, _EpochSums(), record["wall_time_s"], cycle), cycle_end=cycle_end)
         log(f"epoch {epoch + 1:3d}/{config.epochs} keep {keep_value:.3f} cycle {cycle:2d} "
             f"loss {train['loss']:.4f} train {train['accuracy']:.4f} "
@@ -406,10 +418,12 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
     summary["conv"] = _conv_summary(config)  # what "auto" meant on this backend
     summary["passes_per_step"] = config.regimes  # forward/backward passes of the model per train step
     summary["provenance"] = provenance.provenance()
-    with workdir_lib.writing(workdir / "summary.json"):
-      workdir_lib.atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
-    with workdir_lib.writing(workdir / "plots"):
-      report.plot_run(history, keep_curve, workdir / "plots")
+    summary["process_count"] = jax.process_count()
+    if primary:
+      with workdir_lib.writing(workdir / "summary.json"):
+        workdir_lib.atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
+      with workdir_lib.writing(workdir / "plots"):
+        report.plot_run(history, keep_curve, workdir / "plots")
     with workdir_lib.writing(ckpt.directory):
       ckpt.wait()
   log(report.format_summary(summary))

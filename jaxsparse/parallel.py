@@ -1,9 +1,10 @@
 """Data parallelism on a 1-D `data` mesh: shardings and host -> device feeding.
 
 One compiled program serves 1 CPU, 8 GPUs or a TPU pod slice: the batch is sharded on the mesh's `data` axis and
-the train state is replicated; XLA inserts the gradient all-reduce. Multi-host runs call
+the train state is replicated; XLA inserts the gradient all-reduce. Multi-process runs call
 `jax.distributed.initialize()` first (in the entry point, not here); each process then feeds its own slice of
-every global batch and `make_array_from_process_local_data` assembles the global array.
+every global batch and `make_array_from_process_local_data` assembles the global array. Process 0 writes the
+run's files (`is_primary`); `sync` and `any_process` keep the processes in step.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Iterable, Iterator
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -83,3 +85,21 @@ def prefetch_to_mesh(batches: Iterable[dict], mesh: Mesh, size: int = 2) -> Iter
         q.get_nowait()
       except queue.Empty:
         thread.join(timeout=0.01)
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's files (process 0; the only process of a single-process run)."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """Waits until every process of a multi-process run reaches the barrier `name`; nothing with one process."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is True in any process (a collective in multi-process runs: every process must call it)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))

@@ -23,16 +23,19 @@ class WorkdirError(OSError):
   """The run directory cannot be written (permissions, full disk); what was saved before is intact."""
 
 
-def prepare_workdir(config: Config, workdir: Path, *, fresh: bool) -> None:
+def prepare_workdir(config: Config, workdir: Path, *, fresh: bool, write: bool = True) -> None:
   """Creates `workdir`, or checks that the run already there was made with the same config.
 
   A directory whose run never saved a checkpoint (e.g. it stopped on bad input) has nothing to lose: its
-  config.json is replaced, so a corrected command is not refused.
+  config.json is replaced, so a corrected command is not refused. With `write=False` (the other processes of a
+  multi-process run) nothing is created, deleted or written: only the check runs, and not at all when `fresh`.
 
   Raises:
     ConfigMismatchError: an existing run used another config (nothing is overwritten).
   """
   saved = workdir / "config.json"
+  if fresh and not write:
+    return
   if fresh and workdir.exists():
     for name in ("checkpoints", "plots"):
       shutil.rmtree(workdir / name, ignore_errors=True)
@@ -50,15 +53,17 @@ def prepare_workdir(config: Config, workdir: Path, *, fresh: bool) -> None:
     old = {**{k: defaults[k] for k in new if k not in old and k in defaults}, **old}
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff and not has_checkpoints(workdir / "checkpoints"):
-      atomic_write(saved, config.to_json())
+      if write:
+        atomic_write(saved, config.to_json())
     elif diff:
       details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
       raise ConfigMismatchError(
           f"{workdir} holds a run with a different config ({details}); pass --fresh to start it over, or "
           f"choose another --workdir")
     return
-  workdir.mkdir(parents=True, exist_ok=True)
-  atomic_write(saved, config.to_json())
+  if write:
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write(saved, config.to_json())
 
 
 @contextlib.contextmanager
@@ -88,8 +93,9 @@ def append_line(path: Path, text: str) -> None:
     f.write(text + "\n")
 
 
-def read_history(path: Path, upto_epoch: int, log: Callable[[str], None]) -> list[dict]:
-  """Epoch records already written, dropping any beyond the restored checkpoint (they will be redone)."""
+def read_history(path: Path, upto_epoch: int, log: Callable[[str], None], *, write: bool = True) -> list[dict]:
+  """Epoch records already written, dropping any beyond the restored checkpoint (they will be redone); the file is
+  rewritten without them unless `write=False`."""
   if not path.exists():
     return []
   lines = [line for line in path.read_text().splitlines() if line.strip()]
@@ -100,7 +106,7 @@ def read_history(path: Path, upto_epoch: int, log: Callable[[str], None]) -> lis
     except json.JSONDecodeError:  # a line cut short when the process was killed while appending it
       log(f"dropped an unreadable line of {path}: {line[:80]!r}")
   records = [r for r in records if r["epoch"] <= upto_epoch]
-  if len(records) != len(lines):
+  if len(records) != len(lines) and write:
     with writing(path):
       atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
   return records
