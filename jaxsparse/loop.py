@@ -308,11 +308,13 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
   controller = check_config(config)     # validates the schedule and its options before any work
   with workdir_lib.writing(f"the run directory {workdir}"):
     workdir_lib.prepare_workdir(config, workdir, fresh=fresh, write=primary)
+  # Where (and from which commit) this process runs, taken at its start: the tree may change while it runs.
+  origin = provenance.provenance()
   if primary:
     with workdir_lib.writing(workdir / "provenance.jsonl"):  # one line per (re)start: where each part ran
       workdir_lib.append_line(workdir / "provenance.jsonl", json.dumps(
           {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "process_count": jax.process_count(),
-           **provenance.provenance()}))
+           **origin}))
   parallel.sync("jaxsparse:workdir")   # the run directory is ready (and, with fresh, emptied) for every process
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
@@ -417,7 +419,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
                                data_source=ds.source, config=config.to_dict())
     summary["conv"] = _conv_summary(config)  # what "auto" meant on this backend
     summary["passes_per_step"] = config.regimes  # forward/backward passes of the model per train step
-    summary["provenance"] = provenance.provenance()
+    summary["provenance"] = origin
     summary["process_count"] = jax.process_count()
     if primary:
       with workdir_lib.writing(workdir / "summary.json"):

@@ -48,6 +48,8 @@ def test_run_outputs_and_summary(full_run):
   saved = json.loads((workdir / "summary.json").read_text())
   (start,) = [json.loads(line) for line in (workdir / "provenance.jsonl").read_text().splitlines()]
   assert saved["provenance"]["cpu"] == start["cpu"] and len(saved["provenance"]["git"]["commit"]) in (7, 40)
+  # Taken when the run started (the tree may change while it runs): the summary's is the start line's.
+  assert saved["provenance"] == {k: v for k, v in start.items() if k not in ("started", "process_count")}
   assert "provenance" not in json.loads((workdir / "config.json").read_text())
   records = _records(workdir)
   # adaptive_a with tol=0.99 always compresses: 1.0 (dense reference epoch) -> 0.5 -> 0.25.
