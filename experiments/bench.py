@@ -31,6 +31,7 @@ Sections (``--sections``, comma-separated; default all):
   .venv/bin/python experiments/bench.py --quick     # WRN-16-2, every section, <= 5 minutes on 2 CPU cores
   .venv/bin/python experiments/bench.py             # WRN-28-4, ~15 minutes on 2 CPU cores
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,15 +47,15 @@ import time
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
+from torch_wrn import make_conv_step, make_torch_step, one_thread
 
 from jaxsparse import controllers, data, parallel
 from jaxsparse import train as train_lib
-from jaxsparse.models.wrn import CONVS, WideResNet, resolve_conv
 from jaxsparse.models import conv as conv_lib
+from jaxsparse.models.wrn import CONVS, WideResNet, resolve_conv
 from jaxsparse.topk import topk_mask, topk_threshold
-from torch_wrn import make_conv_step, make_torch_step, one_thread
 
 SECTIONS = ("step", "torch", "conv", "layers", "topk", "pipeline")
 MODELS = {"wrn28_4": (28, 4), "wrn16_4": (16, 4), "wrn16_2": (16, 2), "wrn16_1": (16, 1), "wrn10_1": (10, 1)}
@@ -92,21 +93,32 @@ def interleaved(fns: dict, rounds: int) -> tuple[dict[str, list[float]], dict[st
       flt2, st2 = _rusage()
       faults[name].append(flt2 - flt)
       sys_s[name].append(st2 - st)
-  os_cost = {name: {"minor_page_faults": int(statistics.median(faults[name])),
-                    "system_s": round(statistics.median(sys_s[name]), 3)} for name in fns}
+  os_cost = {
+    name: {
+      "minor_page_faults": int(statistics.median(faults[name])),
+      "system_s": round(statistics.median(sys_s[name]), 3),
+    }
+    for name in fns
+  }
   return times, os_cost
 
 
 def ratio(times: dict, num: str, den: str) -> dict:
   """Median and min of per-round ratios num/den, and the ratio of best times."""
   per_round = [a / b for a, b in zip(times[num], times[den])]
-  return {"median": round(statistics.median(per_round), 4), "min": round(min(per_round), 4),
-          "best_over_best": round(min(times[num]) / min(times[den]), 4)}
+  return {
+    "median": round(statistics.median(per_round), 4),
+    "min": round(min(per_round), 4),
+    "best_over_best": round(min(times[num]) / min(times[den]), 4),
+  }
 
 
 def summary(seconds: list[float]) -> dict:
-  return {"median_s": round(statistics.median(seconds), 4), "min_s": round(min(seconds), 4),
-          "all_s": [round(s, 4) for s in seconds]}
+  return {
+    "median_s": round(statistics.median(seconds), 4),
+    "min_s": round(min(seconds), 4),
+    "all_s": [round(s, 4) for s in seconds],
+  }
 
 
 class CompileCounter:
@@ -134,26 +146,35 @@ class CompileCounter:
 class JaxStep:
   """One WRN train state and its jitted train step, as jaxsparse.loop builds them."""
 
-  def __init__(self, depth: int, widen: int, batch_size: int, *, sites: bool, counter: CompileCounter,
-               conv: str = "xla"):
+  def __init__(
+    self, depth: int, widen: int, batch_size: int, *, sites: bool, counter: CompileCounter, conv: str = "xla"
+  ):
     mesh = parallel.make_mesh()
     rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     model = WideResNet(depth=depth, widen=widen, sites=sites, conv=conv)
     tx = train_lib.make_optimizer(train_lib.lr_schedule(0.1, total_steps=351 * 200, warmup_steps=5 * 351))
-    init_fn = jax.jit(lambda rng: train_lib.create_train_state(rng, model, tx, controllers.get("dense")),
-                      out_shardings=rep)
+    init_fn = jax.jit(
+      lambda rng: train_lib.create_train_state(rng, model, tx, controllers.get("dense")), out_shardings=rep
+    )
     self.state = init_fn(jax.random.PRNGKey(0))
-    self.fn = jax.jit(train_lib.train_step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep),
-                      donate_argnums=0)
+    self.fn = jax.jit(train_lib.train_step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep), donate_argnums=0)
     self.eval_fn = jax.jit(train_lib.eval_step, in_shardings=(rep, bat, rep), out_shardings=rep)
     rng = np.random.default_rng(0)
-    self.batch = parallel.to_global({
+    self.batch = parallel.to_global(
+      {
         "image": rng.standard_normal((batch_size, 32, 32, 3), np.float32),
-        "label": rng.integers(0, 10, batch_size).astype(np.int32)}, mesh)
-    self.eval_batch = parallel.to_global({
+        "label": rng.integers(0, 10, batch_size).astype(np.int32),
+      },
+      mesh,
+    )
+    self.eval_batch = parallel.to_global(
+      {
         "image": rng.standard_normal((2 * batch_size, 32, 32, 3), np.float32),
         "label": rng.integers(0, 10, 2 * batch_size).astype(np.int32),
-        "mask": np.ones(2 * batch_size, np.float32)}, mesh)
+        "mask": np.ones(2 * batch_size, np.float32),
+      },
+      mesh,
+    )
     self._rep = rep
     with counter:
       self.first_call_s = _timed(lambda: self.step(1.0))
@@ -175,9 +196,11 @@ def epoch_estimate(times: dict, batch_size: int) -> dict:
   step_s = statistics.median(times["keep1.0"])
   eval_s = statistics.median(times["eval_2x_batch"])
   eval_batches = -(-15_000 // (2 * batch_size))
-  return {"train_images_per_s": round(batch_size / step_s, 1),
-          "epoch_s": round(351 * step_s + eval_batches * eval_s, 1),
-          "formula": f"351 x keep1.0 step + {eval_batches} x eval step (batch {2 * batch_size})"}
+  return {
+    "train_images_per_s": round(batch_size / step_s, 1),
+    "epoch_s": round(351 * step_s + eval_batches * eval_s, 1),
+    "formula": f"351 x keep1.0 step + {eval_batches} x eval step (batch {2 * batch_size})",
+  }
 
 
 def bench_step(args, counter: CompileCounter, with_torch: bool) -> tuple[dict, dict]:
@@ -185,13 +208,16 @@ def bench_step(args, counter: CompileCounter, with_torch: bool) -> tuple[dict, d
   depth, widen = MODELS[args.model]
   sparse = JaxStep(depth, widen, args.batch_size, sites=True, counter=counter, conv=args.conv)
   plain = JaxStep(depth, widen, args.batch_size, sites=False, counter=counter, conv=args.conv)
-  fns = {"keep0.3": lambda: sparse.step(SPARSE_KEEP), "keep1.0": lambda: sparse.step(1.0),
-         "plain": lambda: plain.step(1.0)}
+  fns = {
+    "keep0.3": lambda: sparse.step(SPARSE_KEEP),
+    "keep1.0": lambda: sparse.step(1.0),
+    "plain": lambda: plain.step(1.0),
+  }
   others = {}  # the same model with other convolution implementations (jaxsparse.models.conv)
   for conv in args.convs:
     others[conv] = JaxStep(depth, widen, args.batch_size, sites=True, counter=counter, conv=conv)
     fns[f"{conv}_keep1.0"] = functools.partial(others[conv].step, 1.0)  # the top-k cost does not depend on the conv
-  torch_step, torch_info = (make_torch_step(depth, widen, args.batch_size) if with_torch else (None, None))
+  torch_step, torch_info = make_torch_step(depth, widen, args.batch_size) if with_torch else (None, None)
   if torch_step is not None:
     fns["torch"] = torch_step
     if torch_info["device"] == "cpu":
@@ -206,27 +232,38 @@ def bench_step(args, counter: CompileCounter, with_torch: bool) -> tuple[dict, d
   # A retrace (hence a recompile) for a new keep value would raise under no_tracing.
   with jax.no_tracing(True):
     sparse.step(0.05)
-  recompile = {"keeps_called": [1.0, SPARSE_KEEP, 0.05], "backend_compiles_in_timed_rounds": compiles,
-               "train_step_jit_cache_entries_before_after": [cache_before, cache_after],
-               "keep_0.05_step_under_jax_no_tracing": "ok"}
+  recompile = {
+    "keeps_called": [1.0, SPARSE_KEEP, 0.05],
+    "backend_compiles_in_timed_rounds": compiles,
+    "train_step_jit_cache_entries_before_after": [cache_before, cache_after],
+    "keep_0.05_step_under_jax_no_tracing": "ok",
+  }
   model = f"{args.model} batch {args.batch_size} conv {args.conv}"
   results = {
-      "model": model, "rounds": args.repeats, "order": list(fns),
-      "times": {name: dict(summary(t), **os_cost[name]) for name, t in times.items()},
-      "compile": {"sites_first_call_s": round(sparse.first_call_s, 2),
-                  "sites_backend_compile_s": round(sparse.compile_s, 2),
-                  "sites_backend_compiles": sparse.compiles,
-                  "plain_first_call_s": round(plain.first_call_s, 2),
-                  "plain_backend_compile_s": round(plain.compile_s, 2),
-                  **{f"{conv}_first_call_s": round(st.first_call_s, 2) for conv, st in others.items()}},
-      "no_recompile": recompile,
-      "paper_epoch_estimate": epoch_estimate(times, args.batch_size)}
-  ratios = {"sparse_over_dense": dict(ratio(times, "keep0.3", "keep1.0"), model=model),
-            "keep1_over_plain": dict(ratio(times, "keep1.0", "plain"), model=model)}
+    "model": model,
+    "rounds": args.repeats,
+    "order": list(fns),
+    "times": {name: dict(summary(t), **os_cost[name]) for name, t in times.items()},
+    "compile": {
+      "sites_first_call_s": round(sparse.first_call_s, 2),
+      "sites_backend_compile_s": round(sparse.compile_s, 2),
+      "sites_backend_compiles": sparse.compiles,
+      "plain_first_call_s": round(plain.first_call_s, 2),
+      "plain_backend_compile_s": round(plain.compile_s, 2),
+      **{f"{conv}_first_call_s": round(st.first_call_s, 2) for conv, st in others.items()},
+    },
+    "no_recompile": recompile,
+    "paper_epoch_estimate": epoch_estimate(times, args.batch_size),
+  }
+  ratios = {
+    "sparse_over_dense": dict(ratio(times, "keep0.3", "keep1.0"), model=model),
+    "keep1_over_plain": dict(ratio(times, "keep1.0", "plain"), model=model),
+  }
   if others:  # the main convolution against the fastest implementation timed beside it (the goal for "auto": <= 1.02)
     best = min(others, key=lambda c: statistics.median(times[f"{c}_keep1.0"]))
     ratios["auto_over_best_conv" if args.conv == "auto" else f"{args.conv}_over_best_conv"] = dict(
-        ratio(times, "keep1.0", f"{best}_keep1.0"), model=model, best_other_conv=best)
+      ratio(times, "keep1.0", f"{best}_keep1.0"), model=model, best_other_conv=best
+    )
   for conv in others:  # > 1: the main model (args.conv) is slower than this one
     results[f"conv_{args.conv}_over_{conv}"] = {"keep1.0": ratio(times, "keep1.0", f"{conv}_keep1.0")}
   if torch_step is not None:
@@ -235,11 +272,18 @@ def bench_step(args, counter: CompileCounter, with_torch: bool) -> tuple[dict, d
     fastest = lambda names: min((k for k in names if k in times), key=lambda k: statistics.median(times[k]))  # noqa: E731
     best = fastest(("torch", "torch_1thread"))
     jax_best = fastest(["keep1.0"] + [f"{conv}_keep1.0" for conv in others])
-    per_conv = {args.conv: ratio(times, "keep1.0", best)["median"],
-                **{conv: ratio(times, f"{conv}_keep1.0", best)["median"] for conv in others}}
-    ratios["jax_over_torch"] = dict(ratio(times, jax_best, best), model=model, torch_variant=best,
-                                    jax_variant=jax_best, by_conv=per_conv,
-                                    plain_over_torch=ratio(times, "plain", best)["median"])
+    per_conv = {
+      args.conv: ratio(times, "keep1.0", best)["median"],
+      **{conv: ratio(times, f"{conv}_keep1.0", best)["median"] for conv in others},
+    }
+    ratios["jax_over_torch"] = dict(
+      ratio(times, jax_best, best),
+      model=model,
+      torch_variant=best,
+      jax_variant=jax_best,
+      by_conv=per_conv,
+      plain_over_torch=ratio(times, "plain", best)["median"],
+    )
     results["torch"] = torch_info
   elif with_torch:
     ratios["jax_over_torch"] = {"median": None, "reason": torch_info, "model": model}
@@ -278,21 +322,30 @@ def bench_conv(args) -> dict:
       per_step[name] += count * row[f"{name}_fwd_bwd_ms"]
     conv = functools.partial(lax.conv_general_dilated, window_strides=(1, 1), padding="SAME", dimension_numbers=dn)
     row["xla_fwd_ms"] = _best_ms(jax.jit(conv), x, w, reps=reps)[1]
-    row["xla_input_grad_ms"] = _best_ms(jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)),
-                                        x, w, g, reps=reps)[1]
-    row["xla_kernel_grad_ms"] = _best_ms(jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)),
-                                         x, w, g, reps=reps)[1]
+    row["xla_input_grad_ms"] = _best_ms(
+      jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)), x, w, g, reps=reps
+    )[1]
+    row["xla_kernel_grad_ms"] = _best_ms(
+      jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)), x, w, g, reps=reps
+    )[1]
     padding = ((1, 1), (1, 1))
     row["matmul_kernel_grad_ms"] = _best_ms(
-        jax.jit(lambda x, g: conv_lib.kernel_gradient(x, g, (3, 3), (1, 1), padding)), x, g, reps=reps)[1]
+      jax.jit(lambda x, g: conv_lib.kernel_gradient(x, g, (3, 3), (1, 1), padding)), x, g, reps=reps
+    )[1]
     torch_step, info = make_conv_step(*(np.asarray(a) for a in (x, w, g)))
     if torch_step is not None:
       torch_step()
       row["torch_fwd_bwd_ms"] = round(min(_timed(torch_step) for _ in range(reps)) * 1e3, 2)
       per_step["torch"] += count * row["torch_fwd_bwd_ms"]
     rows.append(row)
-  return {"model": args.model, "dtype": "float32", "reps": reps, "shapes": rows, "torch": info,
-          "per_step_sum_over_stride1_3x3_convs_ms": {k: round(v, 1) for k, v in per_step.items()}}
+  return {
+    "model": args.model,
+    "dtype": "float32",
+    "reps": reps,
+    "shapes": rows,
+    "torch": info,
+    "per_step_sum_over_stride1_3x3_convs_ms": {k: round(v, 1) for k, v in per_step.items()},
+  }
 
 
 def conv_layers(depth: int, widen: int) -> collections.Counter:
@@ -302,11 +355,11 @@ def conv_layers(depth: int, widen: int) -> collections.Counter:
     out = 16 * widen * 2**g
     for b in range((depth - 4) // 6):
       s = stride if b == 0 else 1
-      layers[(hw, c, out, 3, s)] += 1            # conv1
+      layers[(hw, c, out, 3, s)] += 1  # conv1
       if c != out or s != 1:
-        layers[(hw, c, out, 1, s)] += 1          # projection shortcut
+        layers[(hw, c, out, 1, s)] += 1  # projection shortcut
       hw, c = hw // s, out
-      layers[(hw, c, c, 3, 1)] += 1              # conv2
+      layers[(hw, c, c, 3, 1)] += 1  # conv2
   return layers
 
 
@@ -330,8 +383,15 @@ def bench_layers(args) -> dict:
         x = jax.random.normal(kx, (batch, hw, hw, cin))
         w = jax.random.normal(kw, (k, k, cin, cout)) * (2 / (k * k * cin)) ** 0.5
         g = jax.random.normal(kg, (batch, hw // stride, hw // stride, cout))
-        row = {"batch": batch, "hw": hw, "c_in": cin, "c_out": cout, "kernel": k, "stride": stride,
-               "auto": conv_lib.choose_conv(x.shape, w.shape, (stride, stride), backend=jax.default_backend())}
+        row = {
+          "batch": batch,
+          "hw": hw,
+          "c_in": cin,
+          "c_out": cout,
+          "kernel": k,
+          "stride": stride,
+          "auto": conv_lib.choose_conv(x.shape, w.shape, (stride, stride), backend=jax.default_backend()),
+        }
         for name, fn in impls.items():
           conv = functools.partial(fn, window_strides=(stride, stride), padding="SAME", dimension_numbers=dn)
           fwd_bwd = jax.jit(lambda x, w, g, conv=conv: jax.vjp(conv, x, w)[1](g))
@@ -339,8 +399,13 @@ def bench_layers(args) -> dict:
         row["fastest"] = min(impls, key=lambda n: row[f"{n}_ms"])
         row["auto_over_fastest"] = round(row[f"{row['auto']}_ms"] / row[f"{row['fastest']}_ms"], 3)
         rows.append(row)
-  return {"reps": reps, "dtype": "float32", "backend": jax.default_backend(), "layers": rows,
-          "auto_not_fastest": [r for r in rows if r["auto"] != r["fastest"]]}
+  return {
+    "reps": reps,
+    "dtype": "float32",
+    "backend": jax.default_backend(),
+    "layers": rows,
+    "auto_not_fastest": [r for r in rows if r["auto"] != r["fastest"]],
+  }
 
 
 # ----------------------------------------------------------------------------- top-k
@@ -352,11 +417,11 @@ def site_shapes(depth: int, widen: int, batch: int) -> collections.Counter:
   for g, stride in enumerate((1, 2, 2)):
     for b in range((depth - 4) // 6):
       out = 16 * widen * 2**g
-      shapes[(batch, hw, hw, c)] += 1            # act1: the block's (pre-stride) input
+      shapes[(batch, hw, hw, c)] += 1  # act1: the block's (pre-stride) input
       hw = hw // stride if b == 0 else hw
-      shapes[(batch, hw, hw, out)] += 1          # act2: conv1's output
+      shapes[(batch, hw, hw, out)] += 1  # act2: conv1's output
       c = out
-  shapes[(batch, hw, hw, c)] += 1                # final_act
+  shapes[(batch, hw, hw, c)] += 1  # final_act
   return shapes
 
 
@@ -395,9 +460,15 @@ def bench_topk(args) -> dict:
     for key in ("mask_ms", "mask_fwd_bwd_ms", "mask_keep1_ms"):
       per_step[key] += count * row[key]
     rows.append(row)
-  return {"keep": SPARSE_KEEP, "dtype": "float32", "data": "relu(normal)", "reps": reps,
-          "shapes": rows, "model": args.model,
-          "per_step_sum_over_sites_ms": {k: round(v, 1) for k, v in per_step.items()}}
+  return {
+    "keep": SPARSE_KEEP,
+    "dtype": "float32",
+    "data": "relu(normal)",
+    "reps": reps,
+    "shapes": rows,
+    "model": args.model,
+    "per_step_sum_over_sites_ms": {k: round(v, 1) for k, v in per_step.items()},
+  }
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -406,8 +477,10 @@ def bench_topk(args) -> dict:
 def bench_pipeline(args, steps_per_s: float | None) -> dict:
   """train_batches (normalise + gather) over 50,000 random uint8 images; optionally device-put too."""
   rng = np.random.default_rng(0)
-  split = data.Split(images=rng.integers(0, 256, (50_000, 32, 32, 3), dtype=np.uint8),
-                     labels=rng.integers(0, 10, 50_000).astype(np.int32))
+  split = data.Split(
+    images=rng.integers(0, 256, (50_000, 32, 32, 3), dtype=np.uint8),
+    labels=rng.integers(0, 10, 50_000).astype(np.int32),
+  )
   mean, std = data.channel_stats(split.images[:5000])
   n = 60 if args.quick else 200
   mesh = parallel.make_mesh()
@@ -422,8 +495,12 @@ def bench_pipeline(args, steps_per_s: float | None) -> dict:
 
   host = max(run(False) for _ in range(2))
   device = max(run(True) for _ in range(2))
-  out = {"batches": n, "batch_size": args.batch_size, "host_batches_per_s": round(host, 1),
-         "host_and_device_put_batches_per_s": round(device, 1)}
+  out = {
+    "batches": n,
+    "batch_size": args.batch_size,
+    "host_batches_per_s": round(host, 1),
+    "host_and_device_put_batches_per_s": round(device, 1),
+  }
   if steps_per_s:
     out["train_steps_per_s"] = round(steps_per_s, 3)
     out["pipeline_headroom"] = round(device / steps_per_s, 1)
@@ -435,11 +512,18 @@ def bench_pipeline(args, steps_per_s: float | None) -> dict:
 
 def machine() -> dict:
   from jaxsparse import provenance  # imported here so that only this function changes
+
   dev = jax.devices()[0]
-  basic = {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
-           "backend": jax.default_backend(), "device_kind": dev.device_kind, "device_count": jax.device_count(),
-           "cpu_count": os.cpu_count(),
-           "env": {k: os.environ[k] for k in ("GLIBC_TUNABLES", "XLA_FLAGS", "OMP_NUM_THREADS") if k in os.environ}}
+  basic = {
+    "platform": platform.platform(),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "device_kind": dev.device_kind,
+    "device_count": jax.device_count(),
+    "cpu_count": os.cpu_count(),
+    "env": {k: os.environ[k] for k in ("GLIBC_TUNABLES", "XLA_FLAGS", "OMP_NUM_THREADS") if k in os.environ},
+  }
   # adds hostname, os, cpu, devices, driver, versions, git; its "env" has the same variables and more (None: unset)
   return {**basic, **provenance.provenance()}
 
@@ -451,30 +535,49 @@ def parse(argv):
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; quick: 3)")
   parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-  parser.add_argument("--conv", choices=sorted(CONVS), default=None,
-                      help="convolution of the step section's main models (keep 0.3, keep 1.0, plain); default: "
-                           "what conv='auto' means on this backend (per layer on CPU, xla on GPU)")
-  parser.add_argument("--other-convs", default=None,
-                      help="comma-separated convolutions also timed at keep 1.0 (default: xla, wgrad_matmul and auto "
-                           "minus --conv; '' none; 'matmul' on request)")
-  parser.add_argument("--layer-models", default=None,
-                      help="layers section: comma-separated WRNs whose conv layers are timed (default: all five; "
-                           "quick: --model)")
-  parser.add_argument("--layer-batches", default=None, help="layers section: batch sizes (default 64,128; quick: "
-                                                             "--batch-size)")
+  parser.add_argument(
+    "--conv",
+    choices=sorted(CONVS),
+    default=None,
+    help="convolution of the step section's main models (keep 0.3, keep 1.0, plain); default: "
+    "what conv='auto' means on this backend (per layer on CPU, xla on GPU)",
+  )
+  parser.add_argument(
+    "--other-convs",
+    default=None,
+    help="comma-separated convolutions also timed at keep 1.0 (default: xla, wgrad_matmul and auto "
+    "minus --conv; '' none; 'matmul' on request)",
+  )
+  parser.add_argument(
+    "--layer-models",
+    default=None,
+    help="layers section: comma-separated WRNs whose conv layers are timed (default: all five; quick: --model)",
+  )
+  parser.add_argument(
+    "--layer-batches", default=None, help="layers section: batch sizes (default 64,128; quick: --batch-size)"
+  )
   args = parser.parse_args(argv)
   args.model = args.model or ("wrn16_2" if args.quick else "wrn28_4")
-  args.layer_models = (args.layer_models.split(",") if args.layer_models
-                       else [args.model] if args.quick else list(MODELS))
-  args.layer_batches = ([int(b) for b in args.layer_batches.split(",")] if args.layer_batches
-                        else [args.batch_size] if args.quick else [64, 128])
+  args.layer_models = (
+    args.layer_models.split(",") if args.layer_models else [args.model] if args.quick else list(MODELS)
+  )
+  args.layer_batches = (
+    [int(b) for b in args.layer_batches.split(",")]
+    if args.layer_batches
+    else [args.batch_size]
+    if args.quick
+    else [64, 128]
+  )
   if set(args.layer_models) - set(MODELS):
     parser.error(f"--layer-models: choose from {sorted(MODELS)}, got {args.layer_models}")
   args.conv = args.conv or resolve_conv("auto")
   # Default: the implementations "auto" chooses between ("matmul" only when asked: one more WRN-28-4 model at batch
   # 128 needs more than 24 GiB with the allocator tunables). "auto" is xla off the CPU: never time it twice there.
-  others = ([c for c in ("auto", "xla", "wgrad_matmul") if c != args.conv and (c != "auto" or resolve_conv(c) == "auto")]
-            if args.other_convs is None else [c for c in args.other_convs.split(",") if c])
+  others = (
+    [c for c in ("auto", "xla", "wgrad_matmul") if c != args.conv and (c != "auto" or resolve_conv(c) == "auto")]
+    if args.other_convs is None
+    else [c for c in args.other_convs.split(",") if c]
+  )
   if set(others) - set(CONVS) or args.conv in others:
     parser.error(f"--other-convs: choose from {sorted(set(CONVS) - {args.conv})}, got {others}")
   args.convs = others
@@ -501,7 +604,8 @@ def main(argv=None):
       out[key] = r["median"]
       goal = GOALS.get(key)
       out.setdefault("ratio_details", {})[key] = dict(
-          r, goal=goal, met=None if r["median"] is None or goal is None else r["median"] <= goal)
+        r, goal=goal, met=None if r["median"] is None or goal is None else r["median"] <= goal
+      )
       if r["median"] is None:
         out["notes"].append(f"{key} is null: {r['reason']}")
     steps_per_s = 1 / out["step"]["times"]["keep1.0"]["median_s"]
@@ -521,5 +625,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
   from malloc_env import reexec_with_tunables
+
   reexec_with_tunables()  # CPU: glibc keeps XLA's temp buffers (GLIBC_TUNABLES set by you: left as it is)
   main()

@@ -6,6 +6,7 @@ Reads each run's summary.json and metrics.jsonl; writes <out>/results.md (mean Â
 seed, difference to each --baseline group with a 95% t-interval, epochs spent sparse) and <out>/*.png (accuracy vs
 epoch, keep trajectories, keep curves, generalisation gap).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,16 @@ def main(argv=None) -> int:
   p.add_argument("runs", nargs="+", help="run directories (each with summary.json and metrics.jsonl)")
   p.add_argument("--out", required=True, help="output directory for results.md and figures")
   p.add_argument("--title", default="Comparison")
-  p.add_argument("--baseline", default="dense",
-                 help="group(s) the others are compared with, comma-separated (e.g. dense,dense+dropout0.3)")
-  p.add_argument("--partial", action="store_true",
-                 help="skip run directories without a summary.json (a study still running) and list them")
+  p.add_argument(
+    "--baseline",
+    default="dense",
+    help="group(s) the others are compared with, comma-separated (e.g. dense,dense+dropout0.3)",
+  )
+  p.add_argument(
+    "--partial",
+    action="store_true",
+    help="skip run directories without a summary.json (a study still running) and list them",
+  )
   args = p.parse_args(argv)
   paths, unfinished = args.runs, []
   if args.partial:
@@ -39,8 +46,9 @@ def main(argv=None) -> int:
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   figures = report.plot_comparison(runs, out)
-  text = report.comparison_markdown(runs, title=args.title, baseline=args.baseline.split(","),
-                                    figures=[f.name for f in figures])
+  text = report.comparison_markdown(
+    runs, title=args.title, baseline=args.baseline.split(","), figures=[f.name for f in figures]
+  )
   if unfinished:
     text += f"\nNot finished yet, left out: {', '.join(f'`{d}`' for d in unfinished)}.\n"
   (out / "results.md").write_text(text)

@@ -10,6 +10,7 @@ of the difference genuine - JPEG). The JPEG copy numbers each class's files in t
 the r-th genuine test image of class c is the r-th test image of class c in the copy; the pixel difference of
 every matched pair is checked (JPEG loss is ~6/255 on average) before anything is evaluated.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ def match_jpeg(genuine_labels: np.ndarray, copy_labels: np.ndarray) -> np.ndarra
     pool = np.flatnonzero(copy_labels == c)
     if len(pool) < len(where):
       raise ValueError(f"class {c}: {len(where)} genuine images but only {len(pool)} in the copy")
-    out[where] = pool[:len(where)]
+    out[where] = pool[: len(where)]
   return out
 
 
@@ -44,16 +45,16 @@ def check_pairs(genuine: np.ndarray, jpeg: np.ndarray) -> float:
   diff = np.abs(genuine.astype(np.float32) - jpeg.astype(np.float32)).reshape(len(genuine), -1).mean(1)
   bad = np.flatnonzero(diff > MAX_MEAN_ABS_DIFF)
   if len(bad):
-    raise ValueError(f"{len(bad)} genuine test images do not match their JPEG partner (first: #{bad[0]}, mean |diff| "
-                     f"{diff[bad[0]]:.1f}/255): is the run's data the CIFAR-10 JPEG image-folder copy?")
+    raise ValueError(
+      f"{len(bad)} genuine test images do not match their JPEG partner (first: #{bad[0]}, mean |diff| "
+      f"{diff[bad[0]]:.1f}/255): is the run's data the CIFAR-10 JPEG image-folder copy?"
+    )
   return float(diff.mean())
 
 
 def evaluate_run(workdir: str, genuine_path: str, keeps) -> dict:
   from jaxsparse import data as data_lib
-  from jaxsparse import loop
-  from jaxsparse import parallel
-  from jaxsparse import report
+  from jaxsparse import loop, parallel, report
 
   config, state, ds = loop.load_trained(workdir)
   with np.load(genuine_path) as f:
@@ -66,24 +67,36 @@ def evaluate_run(workdir: str, genuine_path: str, keeps) -> dict:
   eval_fn = loop.make_eval_fn(mesh)
   kw = dict(batch_size=2 * config.batch_size, mean=ds.mean, std=ds.std, mesh=mesh)
   splits = {"genuine": data_lib.Split(x, y), "jpeg": data_lib.Split(ds.test.images[index], y)}
-  acc = {name: {k: loop.evaluate(eval_fn, state, split, keep=k, **kw)["accuracy"] for k in keeps}
-         for name, split in splits.items()}
+  acc = {
+    name: {k: loop.evaluate(eval_fn, state, split, keep=k, **kw)["accuracy"] for k in keeps}
+    for name, split in splits.items()
+  }
   label = report.run_label(config.to_dict())
   return {"run": workdir, "label": label, "seed": config.seed, "n": len(y), "pixel_diff": pixel_diff, **acc}
 
 
 def markdown(results, keeps) -> str:
   from jaxsparse import report
-  lines = [f"Accuracy on the {results[0]['n']} genuine CIFAR-10 test images of the subset file and on their JPEG "
-           f"versions (same images, same model); Δ = genuine - JPEG, in accuracy points (x100).", "",
-           "| variant | seed | " + " | ".join(f"genuine @{k:g} | JPEG @{k:g} | Δ @{k:g}" for k in keeps) + " |",
-           "|---|---:|" + "---:|" * (3 * len(keeps))]
+
+  lines = [
+    f"Accuracy on the {results[0]['n']} genuine CIFAR-10 test images of the subset file and on their JPEG "
+    f"versions (same images, same model); Δ = genuine - JPEG, in accuracy points (x100).",
+    "",
+    "| variant | seed | " + " | ".join(f"genuine @{k:g} | JPEG @{k:g} | Δ @{k:g}" for k in keeps) + " |",
+    "|---|---:|" + "---:|" * (3 * len(keeps)),
+  ]
   for r in sorted(results, key=lambda r: (r["label"], r["seed"])):
-    cells = [f"{r['genuine'][k]:.4f} | {r['jpeg'][k]:.4f} | {100 * (r['genuine'][k] - r['jpeg'][k]):+.2f}"
-             for k in keeps]
+    cells = [
+      f"{r['genuine'][k]:.4f} | {r['jpeg'][k]:.4f} | {100 * (r['genuine'][k] - r['jpeg'][k]):+.2f}" for k in keeps
+    ]
     lines.append(f"| {r['label']} | {r['seed']} | " + " | ".join(cells) + " |")
-  lines += ["", "Mean ± std over seeds of Δ (points):", "",
-            "| variant | runs | " + " | ".join(f"Δ @{k:g}" for k in keeps) + " |", "|---|---:|" + "---:|" * len(keeps)]
+  lines += [
+    "",
+    "Mean ± std over seeds of Δ (points):",
+    "",
+    "| variant | runs | " + " | ".join(f"Δ @{k:g}" for k in keeps) + " |",
+    "|---|---:|" + "---:|" * len(keeps),
+  ]
   labels = sorted({r["label"] for r in results})
   for group in labels + ["all runs"]:
     rs = [r for r in results if group in ("all runs", r["label"])]
@@ -115,8 +128,11 @@ def main(argv=None) -> int:
       print(f"error: {run}: {e}", file=sys.stderr)
       return 1
     r = results[-1]
-    print(f"[{i}/{len(args.runs)}] {run}: genuine {r['genuine'][keeps[0]]:.4f}  JPEG {r['jpeg'][keeps[0]]:.4f} "
-          f"at keep {keeps[0]:g}", file=sys.stderr)
+    print(
+      f"[{i}/{len(args.runs)}] {run}: genuine {r['genuine'][keeps[0]]:.4f}  JPEG {r['jpeg'][keeps[0]]:.4f} "
+      f"at keep {keeps[0]:g}",
+      file=sys.stderr,
+    )
   text = markdown(results, keeps)
   if args.out:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ train step page-faults that memory again (docs/performance.md, "the allocator").
 the heap instead. The variable is read by glibc when a process starts, so an entry point that finds it unset
 re-executes itself once with it set. Setting GLIBC_TUNABLES yourself (an empty value included) opts out.
 """
+
 from __future__ import annotations
 
 import importlib.util

@@ -10,6 +10,7 @@ checkpoints, so re-running the same command after a crash or Ctrl-C continues th
 is bound to its own CPU core (Linux): on a small CPU, two single-core runs side by side finish ~1.8x more runs
 per hour than one run using both cores, because XLA's CPU convolutions use a second core poorly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,22 +26,22 @@ RUN = Path(__file__).resolve().parent / "run.py"
 
 # The study's variants: run.py flags. The dropout baseline is dense training with dropout between the convs.
 VARIANTS = {
-    "dense": ["--schedule=dense"],
-    "dropout": ["--schedule=dense", "--dropout=0.3"],
-    "cyclic": ["--schedule=cyclic", "--period=4"],
-    "adaptive_a": ["--schedule=adaptive_a"],
-    "adaptive_b": ["--schedule=adaptive_b"],
-    # Follow-ups to the main study: gentler sparsity, and gradients through the masked units.
-    "adaptive_b_min0.3": ["--schedule=adaptive_b", "--min-keep=0.3"],
-    "adaptive_b_st": ["--schedule=adaptive_b", "--topk-gradient=straight_through"],
-    # Keep relative to each example's active units, so that every keep < 1 drops units (README, Relative keep).
-    "adaptive_a_rel": ["--schedule=adaptive_a", "--topk-keep=relative"],
-    "adaptive_b_rel": ["--schedule=adaptive_b", "--topk-keep=relative"],
-    "adaptive_b_rel_min0.3": ["--schedule=adaptive_b", "--topk-keep=relative", "--min-keep=0.3"],
-    # Three regimes per step (keep 1.0, 0.1 and one random keep in between; 3 passes per step), without and with
-    # in-place distillation from the dense pass (README, Several regimes per step).
-    "sandwich": ["--schedule=constant", "--keep=0.1", "--regimes=3"],
-    "sandwich_distill": ["--schedule=constant", "--keep=0.1", "--regimes=3", "--distill"],
+  "dense": ["--schedule=dense"],
+  "dropout": ["--schedule=dense", "--dropout=0.3"],
+  "cyclic": ["--schedule=cyclic", "--period=4"],
+  "adaptive_a": ["--schedule=adaptive_a"],
+  "adaptive_b": ["--schedule=adaptive_b"],
+  # Follow-ups to the main study: gentler sparsity, and gradients through the masked units.
+  "adaptive_b_min0.3": ["--schedule=adaptive_b", "--min-keep=0.3"],
+  "adaptive_b_st": ["--schedule=adaptive_b", "--topk-gradient=straight_through"],
+  # Keep relative to each example's active units, so that every keep < 1 drops units (README, Relative keep).
+  "adaptive_a_rel": ["--schedule=adaptive_a", "--topk-keep=relative"],
+  "adaptive_b_rel": ["--schedule=adaptive_b", "--topk-keep=relative"],
+  "adaptive_b_rel_min0.3": ["--schedule=adaptive_b", "--topk-keep=relative", "--min-keep=0.3"],
+  # Three regimes per step (keep 1.0, 0.1 and one random keep in between; 3 passes per step), without and with
+  # in-place distillation from the dense pass (README, Several regimes per step).
+  "sandwich": ["--schedule=constant", "--keep=0.1", "--regimes=3"],
+  "sandwich_distill": ["--schedule=constant", "--keep=0.1", "--regimes=3", "--distill"],
 }
 MAIN = ("dense", "dropout", "cyclic", "adaptive_a", "adaptive_b")
 
@@ -72,8 +73,9 @@ def _lane(lane: int, jobs: queue.Queue, common: list[str], pin: bool, results: d
     t0 = time.time()
     workdir.parent.mkdir(parents=True, exist_ok=True)
     with open(workdir.parent / f"{name}.log", "a") as log:
-      rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec,
-                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+      rc = subprocess.call(
+        cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+      )
     with lock:
       results[name] = rc
       print(f"[lane {lane}] {name}: exit {rc} after {(time.time() - t0) / 60:.1f} min", flush=True)
@@ -81,12 +83,13 @@ def _lane(lane: int, jobs: queue.Queue, common: list[str], pin: bool, results: d
 
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  common = argv[argv.index("--") + 1:] if "--" in argv else []
-  argv = argv[:argv.index("--")] if "--" in argv else argv
+  common = argv[argv.index("--") + 1 :] if "--" in argv else []
+  argv = argv[: argv.index("--")] if "--" in argv else argv
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="study directory")
-  p.add_argument("--variants", default=",".join(MAIN),
-                 help=f"comma-separated, from: {', '.join(VARIANTS)} (default: %(default)s)")
+  p.add_argument(
+    "--variants", default=",".join(MAIN), help=f"comma-separated, from: {', '.join(VARIANTS)} (default: %(default)s)"
+  )
   p.add_argument("--seeds", default="0,1,2", help="comma-separated integers (default: %(default)s)")
   p.add_argument("--lanes", type=int, default=1, help="runs at once (default: %(default)s)")
   p.add_argument("--pin", action="store_true", help="bind each lane to one CPU core (Linux)")
@@ -108,8 +111,10 @@ def main(argv=None) -> int:
     jobs.put(job)
   results: dict = {}
   lock = threading.Lock()
-  threads = [threading.Thread(target=_lane, args=(i, jobs, common, args.pin, results, lock), daemon=True)
-             for i in range(args.lanes)]
+  threads = [
+    threading.Thread(target=_lane, args=(i, jobs, common, args.pin, results, lock), daemon=True)
+    for i in range(args.lanes)
+  ]
   for t in threads:
     t.start()
   try:

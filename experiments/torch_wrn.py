@@ -2,6 +2,7 @@
 
 torch is optional (the 'bench' extra: pip install -e ".[bench]"); both functions return (None, reason) without it.
 """
+
 from __future__ import annotations
 
 
@@ -19,6 +20,7 @@ def make_torch_step(depth: int, widen: int, batch_size: int):
   if torch is None:
     return None, reason
   from torch import nn  # pylint: disable=import-outside-toplevel
+
   torch.manual_seed(0)
   device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -39,8 +41,7 @@ def make_torch_step(depth: int, widen: int, batch_size: int):
       self.norm1, self.norm2 = RMSNorm2d(cin), RMSNorm2d(cout)
       self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
       self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.shortcut = (nn.Conv2d(cin, cout, 1, stride, bias=False)
-                       if cin != cout or stride != 1 else None)
+      self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if cin != cout or stride != 1 else None
 
     def forward(self, x):
       a1 = torch.relu(self.norm1(x))
@@ -56,8 +57,12 @@ def make_torch_step(depth: int, widen: int, batch_size: int):
   model = nn.Sequential(*layers).to(device, memory_format=torch.channels_last)
   decay = [p for p in model.parameters() if p.ndim > 1]
   no_decay = [p for p in model.parameters() if p.ndim <= 1]
-  opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
-                        lr=0.1, momentum=0.9, nesterov=True)
+  opt = torch.optim.SGD(
+    [{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
+    lr=0.1,
+    momentum=0.9,
+    nesterov=True,
+  )
   gen = torch.Generator().manual_seed(0)
   x = torch.randn(batch_size, 3, 32, 32, generator=gen).to(device, memory_format=torch.channels_last)
   y = torch.randint(0, 10, (batch_size,), generator=gen).to(device)
@@ -69,8 +74,12 @@ def make_torch_step(depth: int, widen: int, batch_size: int):
     opt.step()
     loss.item()  # waits for the step (also on a GPU)
 
-  info = {"version": torch.__version__, "device": device, "threads": torch.get_num_threads(),
-          "params": sum(p.numel() for p in model.parameters())}
+  info = {
+    "version": torch.__version__,
+    "device": device,
+    "threads": torch.get_num_threads(),
+    "params": sum(p.numel() for p in model.parameters()),
+  }
   return step, info
 
 

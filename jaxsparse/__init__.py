@@ -9,6 +9,7 @@ Public API:
   models                                        models.WideResNet: the paper's backbone with explicit top-k sites
   Config, preset, train_and_evaluate            whole runs (loaded on first use: they pull in Orbax and the data code)
 """
+
 import importlib
 
 from jaxsparse import controllers, models, nnx, schedules
@@ -16,12 +17,27 @@ from jaxsparse.sites import TopK
 from jaxsparse.sparse_apply import sparse_apply
 from jaxsparse.topk import nonzero_fraction, topk_mask, topk_threshold
 
-__all__ = ["topk_mask", "topk_threshold", "nonzero_fraction", "sparse_apply", "TopK", "nnx", "schedules", "controllers",
-           "models", "Config", "preset", "train_and_evaluate"]
+__all__ = [
+  "topk_mask",
+  "topk_threshold",
+  "nonzero_fraction",
+  "sparse_apply",
+  "TopK",
+  "nnx",
+  "schedules",
+  "controllers",
+  "models",
+  "Config",
+  "preset",
+  "train_and_evaluate",
+]
 __version__ = "0.1.0"
 
-_LAZY = {"Config": ("jaxsparse.config", "Config"), "preset": ("jaxsparse.config", "preset"),
-         "train_and_evaluate": ("jaxsparse.loop", "train_and_evaluate")}
+_LAZY = {
+  "Config": ("jaxsparse.config", "Config"),
+  "preset": ("jaxsparse.config", "preset"),
+  "train_and_evaluate": ("jaxsparse.loop", "train_and_evaluate"),
+}
 
 
 def __getattr__(name):

@@ -14,11 +14,11 @@ the loop can save those steps again. Interrupted saves never become checkpoints:
 ``<step>.orbax-checkpoint-tmp`` and renames on commit; such leftovers are ignored and deleted.
 """
 
-from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -43,6 +43,7 @@ class Restored(NamedTuple):
     step: the key of the checkpoint that was restored.
     skipped: ``(step, reason)`` for each newer checkpoint that failed to load, newest first.
   """
+
   state: PyTree
   meta: dict[str, Any]
   step: int
@@ -57,6 +58,7 @@ class Restored(NamedTuple):
 @dataclasses.dataclass
 class _KeepSteps:
   """Orbax preservation policy: keep every checkpoint whose step is a key of ``cycle_of``."""
+
   cycle_of: Mapping[int, int]
 
   def should_preserve(self, checkpoints, *, context) -> list[bool]:
@@ -89,8 +91,9 @@ class Checkpointer:
   Single host only for the quarantine of unloadable checkpoints (done by process 0, no barrier).
   """
 
-  def __init__(self, directory: str | os.PathLike[str], *, keep_latest: int = 2,
-               async_save: bool = True, log: Log | None = None):
+  def __init__(
+    self, directory: str | os.PathLike[str], *, keep_latest: int = 2, async_save: bool = True, log: Log | None = None
+  ):
     """Opens (creating if needed) a checkpoint directory.
 
     Args:
@@ -109,15 +112,13 @@ class Checkpointer:
       raise ValueError(f"keep_latest must be >= 1, got {keep_latest}")
     self._log = log
     self._cycle_of: dict[int, int] = {}  # step -> cycle whose end it marks
-    policy = ocp_managers.AnyPreservationPolicy(
-        [ocp_managers.LatestN(n=keep_latest), _KeepSteps(self._cycle_of)])
+    policy = ocp_managers.AnyPreservationPolicy([ocp_managers.LatestN(n=keep_latest), _KeepSteps(self._cycle_of)])
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, enable_async_checkpointing=async_save, create=True,
-        cleanup_tmp_directories=True)
+      preservation_policy=policy, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
+    )
     # Naming the item handlers lets Orbax read step metadata without warning about unknown items.
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    self._manager = ocp.CheckpointManager(_absolute(directory), options=options,
-                                          item_handlers=handlers)
+    self._manager = ocp.CheckpointManager(_absolute(directory), options=options, item_handlers=handlers)
     self._cycle_of.update(self._read_cycle_marks(self._manager.all_steps()))
 
   @property
@@ -125,8 +126,7 @@ class Checkpointer:
     """The absolute checkpoint directory."""
     return os.fspath(self._manager.directory)
 
-  def save(self, step: int, state: PyTree, *, meta: Mapping[str, Any],
-           cycle_end: int | None = None) -> bool:
+  def save(self, step: int, state: PyTree, *, meta: Mapping[str, Any], cycle_end: int | None = None) -> bool:
     """Saves the state as checkpoint `step` (asynchronously unless `async_save=False`).
 
     The arrays are copied to host before this returns, so the caller may donate or delete the
@@ -181,8 +181,9 @@ class Checkpointer:
     """
     self._manager.wait_until_finished()
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    restored = self._manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+    )
     if restored.meta is None:
       raise ValueError(f"checkpoint of step {step} has no meta item")
     return restored.state, restored.meta
@@ -220,12 +221,13 @@ class Checkpointer:
         continue
       if skipped:
         self._quarantine([s for s, _ in skipped])
-        self._warn(f"fell back to checkpoint {self._path(step)}: newer checkpoint(s) at step(s) "
-                   f"{[s for s, _ in skipped]} could not be read and were moved aside")
+        self._warn(
+          f"fell back to checkpoint {self._path(step)}: newer checkpoint(s) at step(s) "
+          f"{[s for s, _ in skipped]} could not be read and were moved aside"
+        )
       return Restored(state, meta, step, tuple(skipped))
     if skipped:
-      raise RuntimeError(
-          f"no checkpoint in {self.directory} could be restored (template mismatch?): {skipped}")
+      raise RuntimeError(f"no checkpoint in {self.directory} could be restored (template mismatch?): {skipped}")
     return None
 
   def cycle_checkpoints(self) -> dict[int, int]:

@@ -4,6 +4,7 @@ The config stops at one boundary: only `jaxsparse.loop.train_and_evaluate` reads
 module takes explicit keyword arguments. Values marked "ours" are this project's choices, since the paper does
 not publish them (see README, "What is ours").
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,11 +13,11 @@ from typing import Any, Mapping
 
 # depth, widen of the named WideResNet variants.
 MODELS = {
-    "wrn28_4": (28, 4),   # the paper's backbone
-    "wrn16_4": (16, 4),
-    "wrn16_2": (16, 2),
-    "wrn16_1": (16, 1),
-    "wrn10_1": (10, 1),   # tiny: tests and smoke runs
+  "wrn28_4": (28, 4),  # the paper's backbone
+  "wrn16_4": (16, 4),
+  "wrn16_2": (16, 2),
+  "wrn16_1": (16, 1),
+  "wrn10_1": (10, 1),  # tiny: tests and smoke runs
 }
 NORMS = ("rmsnorm", "batchnorm", "none")
 DTYPES = ("float32", "bfloat16")
@@ -31,21 +32,22 @@ PAPER_KEEPS = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05)
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Everything one training run depends on. Saved as config.json beside the run."""
+
   # Data.
-  data: str = "cifar10"             # prepared TFDS cifar10, else the original archive, downloaded once
-  cache_dir: str | None = None        # None: the data module's default (~/.cache/jaxsparse)
-  train_size: int | None = None       # None: the whole training set (minus validation)
-  val_size: int = 5000                # held out from train, same split for every schedule (ours)
-  augment: str | None = None          # the paper trains without augmentation
+  data: str = "cifar10"  # prepared TFDS cifar10, else the original archive, downloaded once
+  cache_dir: str | None = None  # None: the data module's default (~/.cache/jaxsparse)
+  train_size: int | None = None  # None: the whole training set (minus validation)
+  val_size: int = 5000  # held out from train, same split for every schedule (ours)
+  augment: str | None = None  # the paper trains without augmentation
   # Model.
   model: str = "wrn28_4"
   norm: str = "rmsnorm"
   dropout: float = 0.0
-  dtype: str = "float32"              # compute dtype; parameters stay float32
-  conv: str = "auto"                  # per layer on CPU (xla or wgrad_matmul by shape), xla elsewhere
+  dtype: str = "float32"  # compute dtype; parameters stay float32
+  conv: str = "auto"  # per layer on CPU (xla or wgrad_matmul by shape), xla elsewhere
   topk_gradient: str = "masked"
   topk_score: str = "value"
-  topk_keep: str = "absolute"         # "relative": keep is a fraction of each example's active (score > 0) units
+  topk_keep: str = "absolute"  # "relative": keep is a fraction of each example's active (score > 0) units
   # Optimisation (ours: common WRN practice, plus a linear warm-up that RMSNorm WRNs need at lr 0.1).
   epochs: int = 200
   batch_size: int = 128
@@ -53,20 +55,20 @@ class Config:
   warmup_epochs: int = 5
   momentum: float = 0.9
   nesterov: bool = True
-  weight_decay: float = 5e-4          # on conv/dense kernels only, not on norms or biases
+  weight_decay: float = 5e-4  # on conv/dense kernels only, not on norms or biases
   # Keep-ratio control.
   schedule: str = "adaptive_b"
   controller_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   eval_keeps: tuple[float, ...] = PAPER_KEEPS
-  eval_every: int = 1                 # dense test accuracy every N epochs and at the last (validation: every epoch)
+  eval_every: int = 1  # dense test accuracy every N epochs and at the last (validation: every epoch)
   # Several regimes per step (ours; slimmable networks' sandwich rule): 1 trains the controller's keep only;
   # n >= 2 trains keep 1.0, the controller's keep (the smallest) and n - 2 keeps drawn from [that keep, 1) in
   # every step, on the mean loss: n forward/backward passes per step.
   regimes: int = 1
-  distill: bool = False               # with regimes >= 2: sparse passes learn from the dense pass's predictions
+  distill: bool = False  # with regimes >= 2: sparse passes learn from the dense pass's predictions
   # Bookkeeping.
   seed: int = 0
-  keep_checkpoints: int = 2           # latest epochs kept, besides one checkpoint per reset cycle
+  keep_checkpoints: int = 2  # latest epochs kept, besides one checkpoint per reset cycle
 
   def __post_init__(self):
     _check_choice("model", self.model, tuple(MODELS))
@@ -93,8 +95,7 @@ class Config:
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
     if not self.learning_rate > 0 or self.weight_decay < 0:
-      raise ValueError(f"need learning_rate > 0 and weight_decay >= 0, got {self.learning_rate}, "
-                       f"{self.weight_decay}")
+      raise ValueError(f"need learning_rate > 0 and weight_decay >= 0, got {self.learning_rate}, {self.weight_decay}")
     bad = [k for k in self.eval_keeps if not 0.0 < k <= 1.0]
     if bad or not self.eval_keeps:
       raise ValueError(f"eval_keeps must be a non-empty list of values in (0, 1], got {self.eval_keeps}")
@@ -133,26 +134,52 @@ def _check_choice(name, value, choices):
 
 # Named presets. Each is the full Config; flags override fields one by one.
 PRESETS: dict[str, Config] = {
-    # The paper's setting: WRN-28-4, RMSNorm, CIFAR-10 without augmentation, 200 epochs (ours).
-    "paper": Config(),
-    # Fits a 2-core CPU in under 20 minutes: a small WRN on a stratified 5k-image subset, where training
-    # without augmentation overfits within the run.
-    # Dense test accuracy every 5 epochs (and at the last): 10k test images cost ~0.6 of a 5k-image training epoch.
-    "cpu": Config(model="wrn16_1", train_size=5000, val_size=1000, epochs=20, warmup_epochs=1, eval_every=5),
-    # The CPU study (docs/results.md): 15 runs (5 variants x 3 seeds) in ~1.5 h on 2 cores, two runs at a time.
-    # 4k training images without augmentation, 12 epochs of 63 steps; batch 64 for twice the updates per epoch.
-    # Dense test accuracy at epochs 4, 8 and 12 (the controllers read validation accuracy, every epoch).
-    "study": Config(model="wrn16_1", train_size=4000, val_size=1000, epochs=12, warmup_epochs=1, batch_size=64,
-                    learning_rate=0.05, eval_keeps=(1.0, 0.5, 0.3, 0.2, 0.1, 0.05), eval_every=4),
-    # A CPU proxy of the paper's regime (a model that memorises its training set), chosen by a measured pilot
-    # (docs/results.md, "Evidence study"): the study recipe with a WRN-16-2 on 2k images for 40 epochs. Dense
-    # training reaches train accuracy 1.0 by epoch 27 and its test accuracy is flat from there; ~20 min per run on
-    # one core of the 2-core Xeon. Dense test accuracy every 5 epochs (validation: every epoch).
-    "overfit": Config(model="wrn16_2", train_size=2000, val_size=1000, epochs=40, warmup_epochs=1, batch_size=64,
-                      learning_rate=0.05, eval_keeps=(1.0, 0.5, 0.3, 0.2, 0.1), eval_every=5),
-    # Seconds: plumbing checks (tests, CI, notebooks).
-    "smoke": Config(model="wrn10_1", train_size=256, val_size=128, epochs=3, batch_size=64,
-                    warmup_epochs=1, learning_rate=0.05, eval_keeps=(1.0, 0.3)),
+  # The paper's setting: WRN-28-4, RMSNorm, CIFAR-10 without augmentation, 200 epochs (ours).
+  "paper": Config(),
+  # Fits a 2-core CPU in under 20 minutes: a small WRN on a stratified 5k-image subset, where training
+  # without augmentation overfits within the run.
+  # Dense test accuracy every 5 epochs (and at the last): 10k test images cost ~0.6 of a 5k-image training epoch.
+  "cpu": Config(model="wrn16_1", train_size=5000, val_size=1000, epochs=20, warmup_epochs=1, eval_every=5),
+  # The CPU study (docs/results.md): 15 runs (5 variants x 3 seeds) in ~1.5 h on 2 cores, two runs at a time.
+  # 4k training images without augmentation, 12 epochs of 63 steps; batch 64 for twice the updates per epoch.
+  # Dense test accuracy at epochs 4, 8 and 12 (the controllers read validation accuracy, every epoch).
+  "study": Config(
+    model="wrn16_1",
+    train_size=4000,
+    val_size=1000,
+    epochs=12,
+    warmup_epochs=1,
+    batch_size=64,
+    learning_rate=0.05,
+    eval_keeps=(1.0, 0.5, 0.3, 0.2, 0.1, 0.05),
+    eval_every=4,
+  ),
+  # A CPU proxy of the paper's regime (a model that memorises its training set), chosen by a measured pilot
+  # (docs/results.md, "Evidence study"): the study recipe with a WRN-16-2 on 2k images for 40 epochs. Dense
+  # training reaches train accuracy 1.0 by epoch 27 and its test accuracy is flat from there; ~20 min per run on
+  # one core of the 2-core Xeon. Dense test accuracy every 5 epochs (validation: every epoch).
+  "overfit": Config(
+    model="wrn16_2",
+    train_size=2000,
+    val_size=1000,
+    epochs=40,
+    warmup_epochs=1,
+    batch_size=64,
+    learning_rate=0.05,
+    eval_keeps=(1.0, 0.5, 0.3, 0.2, 0.1),
+    eval_every=5,
+  ),
+  # Seconds: plumbing checks (tests, CI, notebooks).
+  "smoke": Config(
+    model="wrn10_1",
+    train_size=256,
+    val_size=128,
+    epochs=3,
+    batch_size=64,
+    warmup_epochs=1,
+    learning_rate=0.05,
+    eval_keeps=(1.0, 0.3),
+  ),
 }
 
 

@@ -18,6 +18,7 @@ Example:
   >>> float(state.keep)
   0.5
 """
+
 from __future__ import annotations
 
 import inspect
@@ -29,17 +30,17 @@ import jax.numpy as jnp
 from jaxsparse import schedules
 
 __all__ = [
-    "EpochMetrics",
-    "ControllerState",
-    "Controller",
-    "dense",
-    "constant",
-    "cyclic",
-    "adaptive_a",
-    "adaptive_b",
-    "get",
-    "names",
-    "options",
+  "EpochMetrics",
+  "ControllerState",
+  "Controller",
+  "dense",
+  "constant",
+  "cyclic",
+  "adaptive_a",
+  "adaptive_b",
+  "get",
+  "names",
+  "options",
 ]
 
 
@@ -106,8 +107,15 @@ def _i32(x) -> jax.Array:
 
 def _state(keep=1.0, cycle=0, epoch=0, ref=jnp.nan, prev=jnp.nan, gamma=1.0, holds=0):
   """Builds a state with canonical dtypes (also casts traced values)."""
-  return ControllerState(keep=_f32(keep), cycle=_i32(cycle), epoch=_i32(epoch), ref=_f32(ref),
-                         prev=_f32(prev), gamma=_f32(gamma), holds=_i32(holds))
+  return ControllerState(
+    keep=_f32(keep),
+    cycle=_i32(cycle),
+    epoch=_i32(epoch),
+    ref=_f32(ref),
+    prev=_f32(prev),
+    gamma=_f32(gamma),
+    holds=_i32(holds),
+  )
 
 
 def _next_epoch(state: ControllerState, metrics: EpochMetrics) -> ControllerState:
@@ -119,8 +127,7 @@ def _next_epoch(state: ControllerState, metrics: EpochMetrics) -> ControllerStat
 def _check_range(name: str, value, low: float, high: float, low_open: bool, high_open: bool):
   ok = isinstance(value, (int, float)) and not isinstance(value, bool)
   if ok:
-    ok = (value > low if low_open else value >= low) and (
-        value < high if high_open else value <= high)
+    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
   if not ok:
     interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
@@ -159,13 +166,13 @@ def constant(*, keep: float = 0.5) -> Controller:
 
 
 def cyclic(
-    *,
-    min_keep: float = 0.1,
-    period: int = 10,
-    shape: str = "geometric",
-    warmup: int = 0,
-    cycles: int | None = None,
-    final_keep: float = 1.0,
+  *,
+  min_keep: float = 0.1,
+  period: int = 10,
+  shape: str = "geometric",
+  warmup: int = 0,
+  cycles: int | None = None,
+  final_keep: float = 1.0,
 ) -> Controller:
   """The fixed cyclic schedule, in epochs: keep(e) = ``schedules.cyclic(...)(e)``.
 
@@ -186,8 +193,7 @@ def cyclic(
     >>> float(ctrl.update(ctrl.init(), EpochMetrics(0., 0., 0.)).keep)
     0.5
   """
-  keep_at = schedules.cyclic(
-      min_keep, period, shape=shape, warmup=warmup, cycles=cycles, final_keep=final_keep)
+  keep_at = schedules.cyclic(min_keep, period, shape=shape, warmup=warmup, cycles=cycles, final_keep=final_keep)
   cycle_at = schedules.cycle_index(period, warmup=warmup, cycles=cycles)
 
   def at(epoch) -> ControllerState:
@@ -200,9 +206,7 @@ def cyclic(
   return Controller(init=lambda: at(0), update=update)
 
 
-def adaptive_a(
-    *, min_keep: float = 0.1, gamma: float = 0.7, tol: float = 0.02, patience: int = 3
-) -> Controller:
+def adaptive_a(*, min_keep: float = 0.1, gamma: float = 0.7, tol: float = 0.02, patience: int = 3) -> Controller:
   """Strategy 1 (our rule): recovery-gated compression.
 
   A cycle starts with a dense epoch (keep = 1.0) whose train accuracy becomes the cycle's
@@ -257,21 +261,20 @@ def adaptive_a(
     keep = jnp.where(reset, _f32(1.0), jnp.where(go, compressed, state.keep))
     cycle = state.cycle + reset.astype(jnp.int32)
     holds = jnp.where(go, 0, state.holds + 1)
-    return _state(keep=keep, cycle=cycle, epoch=state.epoch + 1, ref=ref,
-                  gamma=state.gamma, holds=holds)
+    return _state(keep=keep, cycle=cycle, epoch=state.epoch + 1, ref=ref, gamma=state.gamma, holds=holds)
 
   return Controller(init=init, update=update)
 
 
 def adaptive_b(
-    *,
-    min_keep: float = 0.1,
-    gamma: float = 0.7,
-    tol: float = 0.01,
-    grow: float = 1.25,
-    shrink: float = 0.8,
-    gamma_min: float = 0.3,
-    gamma_max: float = 0.9,
+  *,
+  min_keep: float = 0.1,
+  gamma: float = 0.7,
+  tol: float = 0.01,
+  grow: float = 1.25,
+  shrink: float = 0.8,
+  gamma_min: float = 0.3,
+  gamma_max: float = 0.9,
 ) -> Controller:
   """Strategy 2 (our rule): generalization-gated compression with an adaptive step.
 
@@ -333,24 +336,23 @@ def adaptive_b(
     # fmax ignores a NaN best (start of run), so one value never poisons the cycle.
     best = jnp.where(is_dense, v, jnp.fmax(state.ref, v))
     exponent = jnp.where(v >= state.prev, _f32(grow), _f32(shrink))
-    adapted = jnp.clip(state.gamma ** exponent, gamma_min, gamma_max)
+    adapted = jnp.clip(state.gamma**exponent, gamma_min, gamma_max)
     new_gamma = jnp.where(is_dense, state.gamma, adapted)
     within = is_dense | (v >= best - tol)
     reset = ~within | (state.keep <= min_keep)
     keep = jnp.where(reset, _f32(1.0), jnp.maximum(state.keep * new_gamma, _f32(min_keep)))
     cycle = state.cycle + reset.astype(jnp.int32)
-    return _state(keep=keep, cycle=cycle, epoch=state.epoch + 1, ref=best, prev=v,
-                  gamma=new_gamma)
+    return _state(keep=keep, cycle=cycle, epoch=state.epoch + 1, ref=best, prev=v, gamma=new_gamma)
 
   return Controller(init=init, update=update, needs_validation=True)
 
 
 _REGISTRY: dict[str, Callable[..., Controller]] = {
-    "dense": dense,
-    "constant": constant,
-    "cyclic": cyclic,
-    "adaptive_a": adaptive_a,
-    "adaptive_b": adaptive_b,
+  "dense": dense,
+  "constant": constant,
+  "cyclic": cyclic,
+  "adaptive_a": adaptive_a,
+  "adaptive_b": adaptive_b,
 }
 
 

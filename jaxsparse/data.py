@@ -45,8 +45,16 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from jaxsparse import data_sources as sources
-from jaxsparse.data_sources import (CIFAR10_MD5, CIFAR10_SIZE, CIFAR10_URL, IMAGE_SHAPE,
-                                    NUM_CLASSES, DataError, DataNotFoundError, Raw)
+from jaxsparse.data_sources import (
+  CIFAR10_MD5,
+  CIFAR10_SIZE,
+  CIFAR10_URL,
+  IMAGE_SHAPE,
+  NUM_CLASSES,
+  DataError,
+  DataNotFoundError,
+  Raw,
+)
 
 DEFAULT_CACHE_DIR = "~/.cache/jaxsparse"
 _KEYS = sources.KEYS
@@ -65,8 +73,8 @@ class Dataset:
   val: Split | None
   test: Split
   mean: np.ndarray  # float32 (3,), train split actually used, [0, 1] pixel units
-  std: np.ndarray   # float32 (3,)
-  source: str       # human-readable identity of the source
+  std: np.ndarray  # float32 (3,)
+  source: str  # human-readable identity of the source
   num_classes: int = NUM_CLASSES
 
 
@@ -81,8 +89,7 @@ def _validate(raw: Raw, where: str) -> Raw:
     if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
       raise DataError(f"{where}: y_{split} is {y.dtype} {y.shape}, expected integers ({len(x)},)")
     if y.min() < 0 or y.max() >= NUM_CLASSES:
-      raise DataError(f"{where}: y_{split} has labels in [{y.min()}, {y.max()}], "
-                      f"expected 0..{NUM_CLASSES - 1}")
+      raise DataError(f"{where}: y_{split} has labels in [{y.min()}, {y.max()}], expected 0..{NUM_CLASSES - 1}")
     out += [x, y.astype(np.int32)]
   return tuple(out)
 
@@ -122,14 +129,18 @@ def _save_cached(path: str, raw: Raw) -> None:
 def _tfds_plan(source: str, tfds_sources) -> tuple[str, str, object, Callable[[], Raw]]:
   info = tfds_sources[0].dataset_info
   files = sorted(os.listdir(info.data_dir)) if os.path.isdir(info.data_dir) else []
-  key = (str(info.version), tuple(len(s) for s in tfds_sources),
-         tuple(_stat(os.path.join(info.data_dir, f)) for f in files))
+  key = (
+    str(info.version),
+    tuple(len(s) for s in tfds_sources),
+    tuple(_stat(os.path.join(info.data_dir, f)) for f in files),
+  )
   where = f"{source} ({info.data_dir})"
-  return where, f"tfds_{source[len('tfds:'):]}", key, lambda: sources.read_tfds(tfds_sources, where)
+  return where, f"tfds_{source[len('tfds:') :]}", key, lambda: sources.read_tfds(tfds_sources, where)
 
 
-def _fetch_cifar10(cache_dir: str, tfds_data_dir: str | None, url: str, md5: str, size: int,
-                   progress: sources.Progress | None) -> str:
+def _fetch_cifar10(
+  cache_dir: str, tfds_data_dir: str | None, url: str, md5: str, size: int, progress: sources.Progress | None
+) -> str:
   """Path of the verified cifar-10-python.tar.gz in cache_dir, downloading it if absent."""
   path = os.path.join(cache_dir, "cifar-10-python.tar.gz")
   if os.path.isfile(path) and os.path.getsize(path) == size:
@@ -138,14 +149,14 @@ def _fetch_cifar10(cache_dir: str, tfds_data_dir: str | None, url: str, md5: str
     sources.download(url, path, md5=md5, size=size, progress=progress)
   except DataNotFoundError as e:
     raise DataNotFoundError(
-        f"{e}; TFDS cifar10 is not prepared in the TFDS data_dir "
-        f"({tfds_data_dir or '$TFDS_DATA_DIR or ~/tensorflow_datasets'}) either. Connect to the "
-        f"internet, or pass --data with a local copy: {sources.LOCAL_SOURCES}.") from e
+      f"{e}; TFDS cifar10 is not prepared in the TFDS data_dir "
+      f"({tfds_data_dir or '$TFDS_DATA_DIR or ~/tensorflow_datasets'}) either. Connect to the "
+      f"internet, or pass --data with a local copy: {sources.LOCAL_SOURCES}."
+    ) from e
   return path
 
 
-def _load_raw(source: str, cache_dir: str, tfds_data_dir: str | None,
-              fetch: dict) -> tuple[Raw, str]:
+def _load_raw(source: str, cache_dir: str, tfds_data_dir: str | None, fetch: dict) -> tuple[Raw, str]:
   """Returns validated (x_train, y_train, x_test, y_test) and a description of the source."""
   if source == "cifar10":
     try:
@@ -155,11 +166,12 @@ def _load_raw(source: str, cache_dir: str, tfds_data_dir: str | None,
     else:
       return _cached(cache_dir, *_tfds_plan("tfds:cifar10", tfds_sources))
   if source.startswith("tfds:"):
-    name = source[len("tfds:"):]
+    name = source[len("tfds:") :]
     return _cached(cache_dir, *_tfds_plan(source, sources.open_tfds(name, tfds_data_dir)))
   if re.match(r"^[A-Za-z][\w+.-]+:", source) and not os.path.exists(source):
-    raise DataError(f"unknown data source {source!r}: expected 'cifar10', 'tfds:<name>' or a "
-                    f"local path to {sources.LOCAL_SOURCES}")
+    raise DataError(
+      f"unknown data source {source!r}: expected 'cifar10', 'tfds:<name>' or a local path to {sources.LOCAL_SOURCES}"
+    )
   where = os.path.abspath(os.path.expanduser(source))
   if not os.path.exists(where):
     raise DataNotFoundError(f"data source {where} does not exist; expected {sources.LOCAL_SOURCES}")
@@ -176,8 +188,7 @@ def _load_raw(source: str, cache_dir: str, tfds_data_dir: str | None,
   return _cached(cache_dir, where, os.path.basename(where), key, decode)
 
 
-def _cached(cache_dir: str, where: str, label: str, key: object,
-            decode: Callable[[], Raw]) -> tuple[Raw, str]:
+def _cached(cache_dir: str, where: str, label: str, key: object, decode: Callable[[], Raw]) -> tuple[Raw, str]:
   digest = hashlib.sha256(repr((_CACHE_VERSION, where, key)).encode()).hexdigest()[:24]
   label = re.sub(r"[^\w.-]", "_", label)
   cache_path = os.path.join(cache_dir, f"{label}-{digest}.npz")
@@ -193,14 +204,14 @@ def _stratified_indices(labels: np.ndarray, n: int, rng: np.random.Generator) ->
   classes, counts = np.unique(labels, return_counts=True)
   exact = n * counts / counts.sum()
   quota = np.floor(exact).astype(np.int64)
-  quota[np.argsort(quota - exact, kind="stable")[:n - quota.sum()]] += 1
-  picked = [rng.choice(np.flatnonzero(labels == c), q, replace=False)
-            for c, q in zip(classes, quota)]
+  quota[np.argsort(quota - exact, kind="stable")[: n - quota.sum()]] += 1
+  picked = [rng.choice(np.flatnonzero(labels == c), q, replace=False) for c, q in zip(classes, quota)]
   return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
-def _split_train(images: np.ndarray, labels: np.ndarray, val_size: int,
-                 train_size: int | None, seed: int) -> tuple[Split, Split | None]:
+def _split_train(
+  images: np.ndarray, labels: np.ndarray, val_size: int, train_size: int | None, seed: int
+) -> tuple[Split, Split | None]:
   n = len(labels)
   if not 0 <= val_size < n:
     raise ValueError(f"val_size={val_size} must be in [0, {n}) (training examples: {n})")
@@ -208,8 +219,10 @@ def _split_train(images: np.ndarray, labels: np.ndarray, val_size: int,
   rest = np.setdiff1d(np.arange(n), val_idx)
   if train_size is not None:
     if not 0 < train_size <= len(rest):
-      raise ValueError(f"train_size={train_size} must be in [1, {len(rest)}] "
-                       f"({n} training examples, {val_size} held out for validation)")
+      raise ValueError(
+        f"train_size={train_size} must be in [1, {len(rest)}] "
+        f"({n} training examples, {val_size} held out for validation)"
+      )
     rest = rest[_stratified_indices(labels[rest], train_size, np.random.default_rng([seed, 1]))]
   val = _frozen_split(images[val_idx], labels[val_idx]) if val_size else None
   if train_size is None and not val_size:
@@ -238,7 +251,7 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """
   hist = np.zeros((3, 256), np.int64)
   for start in range(0, len(images), 1024):  # chunks keep bincount's int64 copy in cache
-    pixels = images[start:start + 1024].reshape(-1, 3)
+    pixels = images[start : start + 1024].reshape(-1, 3)
     for c in range(3):
       hist[c] += np.bincount(pixels[:, c], minlength=256)
   values = np.arange(256) / 255.0
@@ -247,11 +260,19 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
 
 
-def load(source: str = "cifar10", *, cache_dir: str | None = None, val_size: int = 0,
-         train_size: int | None = None, seed: int = 0, tfds_data_dir: str | None = None,
-         download_url: str = CIFAR10_URL, download_md5: str = CIFAR10_MD5,
-         download_size: int = CIFAR10_SIZE,
-         progress: Callable[[int, int], None] | None = None) -> Dataset:
+def load(
+  source: str = "cifar10",
+  *,
+  cache_dir: str | None = None,
+  val_size: int = 0,
+  train_size: int | None = None,
+  seed: int = 0,
+  tfds_data_dir: str | None = None,
+  download_url: str = CIFAR10_URL,
+  download_md5: str = CIFAR10_MD5,
+  download_size: int = CIFAR10_SIZE,
+  progress: Callable[[int, int], None] | None = None,
+) -> Dataset:
   """Loads CIFAR-10 from `source`, decoding once and caching (see the module docstring).
 
   Args:
@@ -284,11 +305,11 @@ def load(source: str = "cifar10", *, cache_dir: str | None = None, val_size: int
   """
   fetch = dict(url=download_url, md5=download_md5, size=download_size, progress=progress)
   (x_train, y_train, x_test, y_test), where = _load_raw(
-      source, os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR), tfds_data_dir, fetch)
+    source, os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR), tfds_data_dir, fetch
+  )
   train, val = _split_train(x_train, y_train, val_size, train_size, seed)
   mean, std = channel_stats(train.images)
-  return Dataset(train=train, val=val, test=_frozen_split(x_test, y_test), mean=mean, std=std,
-                 source=where)
+  return Dataset(train=train, val=val, test=_frozen_split(x_test, y_test), mean=mean, std=std, source=where)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -300,8 +321,7 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 def _local_slice(batch_size: int, process_index: int, process_count: int) -> slice:
   if batch_size <= 0 or process_count <= 0 or batch_size % process_count:
-    raise ValueError(f"global batch_size={batch_size} must be a positive multiple of "
-                     f"process_count={process_count}")
+    raise ValueError(f"global batch_size={batch_size} must be a positive multiple of process_count={process_count}")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, {process_count})")
   local = batch_size // process_count
@@ -337,14 +357,24 @@ def flip_crop(images: np.ndarray, flip: np.ndarray, offsets: np.ndarray) -> np.n
   padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
   out = np.empty_like(images)
   for i, (row, col) in enumerate(offsets):  # slice copies: 2x faster than a per-pixel gather
-    out[i] = padded[i, row:row + h, col:col + w]
+    out[i] = padded[i, row : row + h, col : col + w]
   out[flip] = out[flip, :, ::-1]
   return out
 
 
-def train_batches(split: Split, batch_size: int, *, mean, std, seed: int, epoch: int,
-                  start_step: int = 0, augment: str | None = None, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def train_batches(
+  split: Split,
+  batch_size: int,
+  *,
+  mean,
+  std,
+  seed: int,
+  epoch: int,
+  start_step: int = 0,
+  augment: str | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
   """Yields one epoch of normalised training batches, this process's slice of each.
 
   The order is `np.random.default_rng([seed, epoch]).permutation(N)` (remainder dropped) and
@@ -379,7 +409,7 @@ def train_batches(split: Split, batch_size: int, *, mean, std, seed: int, epoch:
   def batches():
     order = np.random.default_rng([seed, epoch]).permutation(len(split.labels))
     for step in range(start_step, steps):
-      idx = order[step * batch_size:(step + 1) * batch_size][local]
+      idx = order[step * batch_size : (step + 1) * batch_size][local]
       images = split.images[idx]
       if augment == "flip_crop":
         rng = np.random.default_rng([seed, epoch, step])
@@ -391,8 +421,9 @@ def train_batches(split: Split, batch_size: int, *, mean, std, seed: int, epoch:
   return batches()
 
 
-def eval_batches(split: Split, batch_size: int, *, mean, std, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+  split: Split, batch_size: int, *, mean, std, process_index: int = 0, process_count: int = 1
+) -> Iterator[dict[str, np.ndarray]]:
   """Yields every example exactly once; the last batch is padded and masked.
 
   Args:
@@ -417,7 +448,10 @@ def eval_batches(split: Split, batch_size: int, *, mean, std, process_index: int
       idx = np.arange(start, start + batch_size)[local]
       real = idx < n
       idx = np.where(real, idx, 0)
-      yield {"image": _normalize(split.images[idx], mean, std), "label": split.labels[idx],
-             "mask": real.astype(np.float32)}
+      yield {
+        "image": _normalize(split.images[idx], mean, std),
+        "label": split.labels[idx],
+        "mask": real.astype(np.float32),
+      }
 
   return batches()

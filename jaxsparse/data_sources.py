@@ -34,9 +34,10 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_SIZE = 170_498_071
 LOCAL_SOURCES = (
-    "an image-folder tree <root>/{train,test}/<class>/*.jpg|png or its .tar.gz, "
-    f"cifar-10-python.tar.gz (md5 {CIFAR10_MD5}) or its extracted "
-    "cifar-10-batches-py/ folder, or an .npz with x_train, y_train, x_test, y_test")
+  "an image-folder tree <root>/{train,test}/<class>/*.jpg|png or its .tar.gz, "
+  f"cifar-10-python.tar.gz (md5 {CIFAR10_MD5}) or its extracted "
+  "cifar-10-batches-py/ folder, or an .npz with x_train, y_train, x_test, y_test"
+)
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 _CHUNK = 1 << 20
 
@@ -77,25 +78,23 @@ def read_tar(path: str) -> dict[str, bytes]:
 
 def dir_files(path: str) -> list[str]:
   """The CIFAR-10 files (images, python batches) under a folder, sorted."""
-  return sorted(os.path.join(root, n) for root, _, names in os.walk(path)
-                for n in names if _wanted(n))
+  return sorted(os.path.join(root, n) for root, _, names in os.walk(path) for n in names if _wanted(n))
 
 
 def read_dir(path: str) -> dict[str, bytes]:
   """`dir_files(path)` read into memory, keyed by '/'-separated relative path."""
-  return {os.path.relpath(f, path).replace(os.sep, "/"): pathlib.Path(f).read_bytes()
-          for f in dir_files(path)}
+  return {os.path.relpath(f, path).replace(os.sep, "/"): pathlib.Path(f).read_bytes() for f in dir_files(path)}
 
 
 class _ArrayUnpickler(pickle.Unpickler):
   """Unpickles only plain containers and numpy arrays (no arbitrary code)."""
 
   _ALLOWED = {  # (top-level module, name) -> object
-      ("numpy", "_reconstruct"): np.zeros(1).__reduce__()[0],
-      ("numpy", "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0],
-      ("numpy", "ndarray"): np.ndarray,
-      ("numpy", "dtype"): np.dtype,
-      ("_codecs", "encode"): codecs.encode,  # bytes in protocol-2 pickles written by Python 3
+    ("numpy", "_reconstruct"): np.zeros(1).__reduce__()[0],
+    ("numpy", "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0],
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,  # bytes in protocol-2 pickles written by Python 3
   }
 
   def find_class(self, module: str, name: str):
@@ -111,8 +110,9 @@ def _decode_batch(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     images = np.asarray(batch[b"data"])
     labels = np.asarray(batch[b"labels"])
   except Exception as e:  # pickle raises many types on corrupt input
-    raise DataError(f"{where}: not a CIFAR-10 python batch, a pickled dict with b'data' "
-                    f"and b'labels' ({type(e).__name__}: {e})") from e
+    raise DataError(
+      f"{where}: not a CIFAR-10 python batch, a pickled dict with b'data' and b'labels' ({type(e).__name__}: {e})"
+    ) from e
   if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072:
     raise DataError(f"{where}: b'data' is {images.dtype} {images.shape}, expected uint8 (N, 3072)")
   return images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
@@ -131,12 +131,12 @@ def _assemble_batches(members: dict[str, bytes], where: str) -> Raw:
     raise DataError(f"{where}: missing {', '.join(missing)}; expected data_batch_1..5 and test_batch")
   train = [_decode_batch(*found[b]) for b in BATCH_NAMES[:-1]]
   x_test, y_test = _decode_batch(*found["test_batch"])
-  return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
-          x_test, y_test)
+  return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), x_test, y_test)
 
 
 def _decode_image(data: bytes, where: str) -> np.ndarray:
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   try:
     with Image.open(io.BytesIO(data)) as image:
       if image.size != IMAGE_SHAPE[:2]:
@@ -162,8 +162,10 @@ def _assemble_folder(members: dict[str, bytes], where: str) -> Raw:
     raise DataError(f"{where}: several image trees ({sorted('/'.join(p) for p in prefixes)})")
   classes = sorted(tree["train"])
   if sorted(tree["test"]) != classes or len(classes) != NUM_CLASSES:
-    raise DataError(f"{where}: train classes {classes} and test classes {sorted(tree['test'])} "
-                    f"must be the same {NUM_CLASSES} folders ({layout})")
+    raise DataError(
+      f"{where}: train classes {classes} and test classes {sorted(tree['test'])} "
+      f"must be the same {NUM_CLASSES} folders ({layout})"
+    )
   arrays = []
   for split in ("train", "test"):
     names = [(c, n) for c, cls in enumerate(classes) for n in sorted(tree[split][cls])]
@@ -210,11 +212,12 @@ def open_tfds(name: str, data_dir: str | None):
     return tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False)
   except Exception as e:  # TFDS raises KeyError, AssertionError, ... when not prepared
     raise DataNotFoundError(
-        f"TFDS dataset {name!r} is not prepared in the TFDS data_dir "
-        f"({data_dir or '$TFDS_DATA_DIR or ~/tensorflow_datasets'}), and jaxsparse does not "
-        f"download through TFDS (preparing needs TensorFlow and network: `tfds build {name}`). "
-        f"Use --data=cifar10 to download the original archive, or pass --data with a "
-        f"local copy: {LOCAL_SOURCES}. [{type(e).__name__}: {e}]") from e
+      f"TFDS dataset {name!r} is not prepared in the TFDS data_dir "
+      f"({data_dir or '$TFDS_DATA_DIR or ~/tensorflow_datasets'}), and jaxsparse does not "
+      f"download through TFDS (preparing needs TensorFlow and network: `tfds build {name}`). "
+      f"Use --data=cifar10 to download the original archive, or pass --data with a "
+      f"local copy: {LOCAL_SOURCES}. [{type(e).__name__}: {e}]"
+    ) from e
 
 
 def read_tfds(sources, where: str) -> Raw:
@@ -249,8 +252,9 @@ def _chunks(url: str, size: int, timeout: float) -> Iterator[bytes]:
     raise DataNotFoundError(f"cannot download {url} ({type(e).__name__}: {e})") from e
 
 
-def download(url: str, path: str, *, md5: str, size: int, progress: Progress | None = None,
-             timeout: float = 10.0) -> None:
+def download(
+  url: str, path: str, *, md5: str, size: int, progress: Progress | None = None, timeout: float = 10.0
+) -> None:
   """Downloads `url` to `path`, moved into place only once its size and md5 match.
 
   One attempt, no retries: `timeout` bounds the connection and every read, so an offline
@@ -292,8 +296,9 @@ def download(url: str, path: str, *, md5: str, size: int, progress: Progress | N
           break
     if done != size or digest.hexdigest() != md5:
       got = f"{done} bytes" if done != size else f"md5 {digest.hexdigest()}"
-      raise DataError(f"{url}: downloaded file failed verification: got {got}, expected "
-                      f"{size} bytes with md5 {md5}; nothing was kept")
+      raise DataError(
+        f"{url}: downloaded file failed verification: got {got}, expected {size} bytes with md5 {md5}; nothing was kept"
+      )
     os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
     os.replace(tmp, path)
   finally:

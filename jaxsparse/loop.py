@@ -14,6 +14,7 @@ Several processes (after `jax.distributed.initialize()`): every process trains o
 restores the checkpoints with the others, and combines its stop flag with theirs after every step; process 0 alone
 writes the run's files and logs the epochs.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,9 +35,7 @@ from tqdm import tqdm  # plain tqdm: tqdm.auto warns in Jupyter without ipywidge
 from jaxsparse import checkpoint as checkpoint_lib
 from jaxsparse import controllers as controllers_lib
 from jaxsparse import data as data_lib
-from jaxsparse import parallel
-from jaxsparse import provenance
-from jaxsparse import report
+from jaxsparse import parallel, provenance, report
 from jaxsparse import train as train_lib
 from jaxsparse import workdir as workdir_lib
 from jaxsparse.config import MODELS, Config
@@ -61,9 +60,18 @@ class Interrupted(KeyboardInterrupt):
 
 def build_model(config: Config) -> WideResNet:
   depth, widen = MODELS[config.model]
-  return WideResNet(depth=depth, widen=widen, num_classes=10, norm=config.norm, dropout=config.dropout,
-                    dtype=jnp.dtype(config.dtype), gradient=config.topk_gradient, score=config.topk_score,
-                    conv=config.conv, relative=config.topk_keep == "relative")
+  return WideResNet(
+    depth=depth,
+    widen=widen,
+    num_classes=10,
+    norm=config.norm,
+    dropout=config.dropout,
+    dtype=jnp.dtype(config.dtype),
+    gradient=config.topk_gradient,
+    score=config.topk_score,
+    conv=config.conv,
+    relative=config.topk_keep == "relative",
+  )
 
 
 def build_controller(config: Config) -> controllers_lib.Controller:
@@ -81,27 +89,35 @@ def check_config(config: Config) -> controllers_lib.Controller:
   if controller.needs_validation and config.val_size < 1:
     raise ValueError(f"schedule {config.schedule!r} needs a validation split: set val_size > 0 (--val-size)")
   if config.regimes > 1 and config.schedule == "dense":
-    raise ValueError(f"regimes={config.regimes} trains keeps from the controller's keep up to 1.0, and schedule "
-                     "'dense' keeps 1.0: every pass would be dense. For a fixed smallest keep use schedule "
-                     "'constant' with controller_options {'keep': k}")
+    raise ValueError(
+      f"regimes={config.regimes} trains keeps from the controller's keep up to 1.0, and schedule "
+      "'dense' keeps 1.0: every pass would be dense. For a fixed smallest keep use schedule "
+      "'constant' with controller_options {'keep': k}"
+    )
   return controller
 
 
 def _lr_schedule(config: Config, steps_per_epoch: int):
   """The run's learning-rate schedule (linear warm-up, then cosine decay over all steps)."""
   total_steps = steps_per_epoch * config.epochs
-  return train_lib.lr_schedule(config.learning_rate, total_steps=total_steps,
-                               warmup_steps=min(config.warmup_epochs * steps_per_epoch, total_steps))
+  return train_lib.lr_schedule(
+    config.learning_rate, total_steps=total_steps, warmup_steps=min(config.warmup_epochs * steps_per_epoch, total_steps)
+  )
 
 
 def initial_state(config: Config, steps_per_epoch: int, mesh, controller=None) -> train_lib.TrainState:
   """The run's state before its first step (model, optimizer and controller from `config`), replicated."""
   controller = controller or build_controller(config)
-  tx = train_lib.make_optimizer(_lr_schedule(config, steps_per_epoch), momentum=config.momentum,
-                                nesterov=config.nesterov, weight_decay=config.weight_decay)
+  tx = train_lib.make_optimizer(
+    _lr_schedule(config, steps_per_epoch),
+    momentum=config.momentum,
+    nesterov=config.nesterov,
+    weight_decay=config.weight_decay,
+  )
   model = build_model(config)
-  init_fn = jax.jit(lambda rng: train_lib.create_train_state(rng, model, tx, controller),
-                    out_shardings=parallel.replicated(mesh))
+  init_fn = jax.jit(
+    lambda rng: train_lib.create_train_state(rng, model, tx, controller), out_shardings=parallel.replicated(mesh)
+  )
   return init_fn(jax.random.PRNGKey(config.seed))
 
 
@@ -136,8 +152,14 @@ def _load_data(config: Config, *, progress: bool) -> data_lib.Dataset:
     bar.update(done - bar.n)
 
   try:
-    return data_lib.load(config.data, cache_dir=config.cache_dir, val_size=config.val_size,
-                         train_size=config.train_size, seed=config.seed, progress=on_download)
+    return data_lib.load(
+      config.data,
+      cache_dir=config.cache_dir,
+      val_size=config.val_size,
+      train_size=config.train_size,
+      seed=config.seed,
+      progress=on_download,
+    )
   finally:
     if bar is not None:
       bar.close()
@@ -153,13 +175,13 @@ def evaluate(eval_fn, state, split, *, keep: float, batch_size: int, mean, std, 
   """Exact accuracy and loss over every example of `split` (padded, masked batches)."""
   rep = parallel.replicated(mesh)
   keep = jax.device_put(jnp.float32(keep), rep)
-  batches = data_lib.eval_batches(split, batch_size, mean=mean, std=std, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+  batches = data_lib.eval_batches(
+    split, batch_size, mean=mean, std=std, process_index=jax.process_index(), process_count=jax.process_count()
+  )
   sums = [eval_fn(state, batch, keep) for batch in parallel.prefetch_to_mesh(batches, mesh)]
   totals = jax.device_get(jax.tree.map(lambda *xs: jnp.sum(jnp.stack(xs)), *sums))
   count = float(totals["count"])
-  return {"accuracy": float(totals["correct"]) / count, "loss": float(totals["loss"]) / count,
-          "count": int(count)}
+  return {"accuracy": float(totals["correct"]) / count, "loss": float(totals["loss"]) / count, "count": int(count)}
 
 
 def _device_summary() -> str:
@@ -192,8 +214,14 @@ class _EpochSums:
 
 def _position(epoch: int, step_in_epoch: int, sums: _EpochSums, wall_time_s: float, cycle: int) -> dict:
   """A checkpoint's meta: completed epochs, steps done in the next one and their metric sums, wall time."""
-  return {"epoch": epoch, "step_in_epoch": step_in_epoch, "partial_sums": sums.sums,
-          "partial_count": sums.count, "wall_time_s": wall_time_s, "cycle": cycle}
+  return {
+    "epoch": epoch,
+    "step_in_epoch": step_in_epoch,
+    "partial_sums": sums.sums,
+    "partial_count": sums.count,
+    "wall_time_s": wall_time_s,
+    "cycle": cycle,
+  }
 
 
 def _restore(ckpt: checkpoint_lib.Checkpointer, state, steps_per_epoch: int, log: Callable[[str], None]):
@@ -202,22 +230,29 @@ def _restore(ckpt: checkpoint_lib.Checkpointer, state, steps_per_epoch: int, log
     restored = ckpt.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
   except RuntimeError as e:
     raise ConfigMismatchError(
-        f"no checkpoint in {ckpt.directory} fits this config's model (see the log above); pass --fresh to start "
-        f"over, or choose another --workdir") from e
+      f"no checkpoint in {ckpt.directory} fits this config's model (see the log above); pass --fresh to start "
+      f"over, or choose another --workdir"
+    ) from e
   if restored is None:
     return state, _position(0, 0, _EpochSums(), 0.0, 0)
   meta = {"step_in_epoch": 0, "partial_sums": {}, "partial_count": 0, **restored.meta}
   epoch, in_epoch = int(meta["epoch"]), int(meta["step_in_epoch"])
   if int(restored.state.step) != epoch * steps_per_epoch + in_epoch:
     raise ConfigMismatchError(
-        f"checkpoint {ckpt.path(restored.step)} is at step {int(restored.state.step)}, which is not epoch {epoch} "
-        f"+ {in_epoch} steps of {steps_per_epoch}; pass --fresh to start over, or choose another --workdir")
+      f"checkpoint {ckpt.path(restored.step)} is at step {int(restored.state.step)}, which is not epoch {epoch} "
+      f"+ {in_epoch} steps of {steps_per_epoch}; pass --fresh to start over, or choose another --workdir"
+    )
   if restored.skipped:
-    log(f"resuming from an older checkpoint: the newer one(s) at step(s) {[s for s, _ in restored.skipped]} "
-        f"could not be read (moved aside as <step>.corrupt; their steps will be redone)")
-  log(f"resumed from {ckpt.path(restored.step)}: step {restored.step} (epoch {epoch + 1}, step {in_epoch} of "
-      f"{steps_per_epoch})" if in_epoch else f"resumed from {ckpt.path(restored.step)}: step {restored.step} "
-      f"(end of epoch {epoch})")
+    log(
+      f"resuming from an older checkpoint: the newer one(s) at step(s) {[s for s, _ in restored.skipped]} "
+      f"could not be read (moved aside as <step>.corrupt; their steps will be redone)"
+    )
+  log(
+    f"resumed from {ckpt.path(restored.step)}: step {restored.step} (epoch {epoch + 1}, step {in_epoch} of "
+    f"{steps_per_epoch})"
+    if in_epoch
+    else f"resumed from {ckpt.path(restored.step)}: step {restored.step} (end of epoch {epoch})"
+  )
   return restored.state, meta
 
 
@@ -262,14 +297,23 @@ def _interrupted(ckpt: checkpoint_lib.Checkpointer, steps_per_epoch: int) -> Int
   step = steps[-1]
   epoch, in_epoch = divmod(step, steps_per_epoch)
   where = f"epoch {epoch + 1}, step {in_epoch} of {steps_per_epoch}" if in_epoch else f"end of epoch {epoch}"
-  return Interrupted(f"interrupted; checkpoint {ckpt.path(step)} holds step {step} ({where}); run the same "
-                     f"command again (or train_and_evaluate with the same config and workdir) to resume",
-                     checkpoint=ckpt.path(step), step=step)
+  return Interrupted(
+    f"interrupted; checkpoint {ckpt.path(step)} holds step {step} ({where}); run the same "
+    f"command again (or train_and_evaluate with the same config and workdir) to resume",
+    checkpoint=ckpt.path(step),
+    step=step,
+  )
 
 
-def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: bool = False,
-                       progress: bool = True, log: Callable[[str], None] | None = None,
-                       should_stop: Callable[[], bool] | None = None) -> dict:
+def train_and_evaluate(
+  config: Config,
+  workdir: str | os.PathLike,
+  *,
+  fresh: bool = False,
+  progress: bool = True,
+  log: Callable[[str], None] | None = None,
+  should_stop: Callable[[], bool] | None = None,
+) -> dict:
   """Trains `config` in `workdir`, resuming from its checkpoints if any, and returns the summary dict.
 
   Args:
@@ -297,7 +341,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
     >>> summary = train_and_evaluate(preset("smoke", data="cifar10.npz"), "runs/smoke")
     >>> summary["test_accuracy"]
   """
-  ckpt_log = log or _logger.warning      # checkpoint fallbacks must be seen even with the default logger
+  ckpt_log = log or _logger.warning  # checkpoint fallbacks must be seen even with the default logger
   # Multi-process runs: every process computes; process 0 alone writes the run's files and logs epochs.
   primary = parallel.is_primary()
   log = (log or _logger.info) if primary else (lambda _: None)
@@ -305,17 +349,24 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
   user_stop = should_stop or (lambda: False)
   should_stop = (lambda: parallel.any_process(user_stop())) if jax.process_count() > 1 else user_stop
   workdir = Path(workdir)
-  controller = check_config(config)     # validates the schedule and its options before any work
+  controller = check_config(config)  # validates the schedule and its options before any work
   with workdir_lib.writing(f"the run directory {workdir}"):
     workdir_lib.prepare_workdir(config, workdir, fresh=fresh, write=primary)
   # Where (and from which commit) this process runs, taken at its start: the tree may change while it runs.
   origin = provenance.provenance()
   if primary:
     with workdir_lib.writing(workdir / "provenance.jsonl"):  # one line per (re)start: where each part ran
-      workdir_lib.append_line(workdir / "provenance.jsonl", json.dumps(
-          {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "process_count": jax.process_count(),
-           **origin}))
-  parallel.sync("jaxsparse:workdir")   # the run directory is ready (and, with fresh, emptied) for every process
+      workdir_lib.append_line(
+        workdir / "provenance.jsonl",
+        json.dumps(
+          {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "process_count": jax.process_count(),
+            **origin,
+          }
+        ),
+      )
+  parallel.sync("jaxsparse:workdir")  # the run directory is ready (and, with fresh, emptied) for every process
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   ds = _load_data(config, progress=progress)
@@ -344,8 +395,9 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
 
     t_start = time.time()
     wall = lambda: float(position["wall_time_s"]) + time.time() - t_start  # noqa: E731
-    bar = tqdm(total=total_steps, initial=int(state.step), disable=not progress, unit="step", dynamic_ncols=True,
-               desc="train")
+    bar = tqdm(
+      total=total_steps, initial=int(state.step), disable=not progress, unit="step", dynamic_ncols=True, desc="train"
+    )
     try:
       if should_stop():
         raise Interrupted()
@@ -353,18 +405,33 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
         t_epoch = time.time()
         resumed = epoch == position["epoch"] and position["step_in_epoch"] > 0
         start_step = position["step_in_epoch"] if resumed else 0
-        sums = (_EpochSums(position["partial_sums"], position["partial_count"]) if resumed else _EpochSums())
+        sums = _EpochSums(position["partial_sums"], position["partial_count"]) if resumed else _EpochSums()
         keep_value = float(state.controller.keep)
         cycle = int(state.controller.cycle)
         keep = jax.device_put(jnp.float32(keep_value), rep)
         batches = data_lib.train_batches(
-            ds.train, config.batch_size, mean=ds.mean, std=ds.std, seed=config.seed, epoch=epoch,
-            start_step=start_step, augment=config.augment, process_index=jax.process_index(),
-            process_count=jax.process_count())
+          ds.train,
+          config.batch_size,
+          mean=ds.mean,
+          std=ds.std,
+          seed=config.seed,
+          epoch=epoch,
+          start_step=start_step,
+          augment=config.augment,
+          process_index=jax.process_index(),
+          process_count=jax.process_count(),
+        )
         state, stopped = _run_steps(
-            train_fn, state, parallel.prefetch_to_mesh(batches, mesh), keep, sums,
-            first_step=epoch * steps_per_epoch, should_stop=should_stop, bar=bar,
-            check=lambda m, step: _check_finite(m, step, epoch, ckpt))
+          train_fn,
+          state,
+          parallel.prefetch_to_mesh(batches, mesh),
+          keep,
+          sums,
+          first_step=epoch * steps_per_epoch,
+          should_stop=should_stop,
+          bar=bar,
+          check=lambda m, step: _check_finite(m, step, epoch, ckpt),
+        )
         done = int(state.step) - epoch * steps_per_epoch
         if stopped and done < steps_per_epoch:  # else finish the epoch (evaluate, save), then stop
           save(state, _position(epoch, done, sums, wall(), cycle))
@@ -377,32 +444,44 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
         test = evaluate(eval_fn, state, ds.test, keep=1.0, **eval_kw) if tested else None
         eval_time = time.time() - t_eval
         epoch_metrics = controllers_lib.EpochMetrics(
-            train_accuracy=jnp.float32(train["accuracy"]), train_loss=jnp.float32(train["loss"]),
-            val_accuracy=jnp.float32(val["accuracy"] if val else math.nan))
+          train_accuracy=jnp.float32(train["accuracy"]),
+          train_loss=jnp.float32(train["loss"]),
+          val_accuracy=jnp.float32(val["accuracy"] if val else math.nan),
+        )
         state = state.replace(controller=update_fn(state.controller, epoch_metrics))
         cycle_end = cycle if int(state.controller.cycle) > cycle else None
         record = {
-            "epoch": epoch + 1, "step": int(state.step), "keep": keep_value, "cycle": cycle,
-            "reset_after": cycle_end is not None, "next_keep": float(state.controller.keep),
-            "lr": float(lr_at(int(state.step) - 1)),
-            "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-            **({"train_dense_accuracy": train["dense_accuracy"]} if "dense_accuracy" in train else {}),
-            "val_accuracy": val["accuracy"] if val else None,
-            "test_accuracy": test["accuracy"] if test else None, "test_loss": test["loss"] if test else None,
-            "density": {k[len("density/"):]: v for k, v in train.items() if k.startswith("density/")},
-            "epoch_time_s": time.time() - t_epoch, "eval_time_s": eval_time, "wall_time_s": wall(),
+          "epoch": epoch + 1,
+          "step": int(state.step),
+          "keep": keep_value,
+          "cycle": cycle,
+          "reset_after": cycle_end is not None,
+          "next_keep": float(state.controller.keep),
+          "lr": float(lr_at(int(state.step) - 1)),
+          "train_loss": train["loss"],
+          "train_accuracy": train["accuracy"],
+          **({"train_dense_accuracy": train["dense_accuracy"]} if "dense_accuracy" in train else {}),
+          "val_accuracy": val["accuracy"] if val else None,
+          "test_accuracy": test["accuracy"] if test else None,
+          "test_loss": test["loss"] if test else None,
+          "density": {k[len("density/") :]: v for k, v in train.items() if k.startswith("density/")},
+          "epoch_time_s": time.time() - t_epoch,
+          "eval_time_s": eval_time,
+          "wall_time_s": wall(),
         }
         history.append(record)
         if primary:
           with workdir_lib.writing(metrics_path):
             workdir_lib.append_line(metrics_path, json.dumps(record))
         save(state, _position(epoch + 1, 0, _EpochSums(), record["wall_time_s"], cycle), cycle_end=cycle_end)
-        log(f"epoch {epoch + 1:3d}/{config.epochs} keep {keep_value:.3f} cycle {cycle:2d} "
-            f"loss {train['loss']:.4f} train {train['accuracy']:.4f} "
-            + (f"val {val['accuracy']:.4f} " if val else "")
-            + (f"test {test['accuracy']:.4f} " if test else "")
-            + f"({record['epoch_time_s']:.1f}s)"
-            + (" | reset" if cycle_end is not None else ""))
+        log(
+          f"epoch {epoch + 1:3d}/{config.epochs} keep {keep_value:.3f} cycle {cycle:2d} "
+          f"loss {train['loss']:.4f} train {train['accuracy']:.4f} "
+          + (f"val {val['accuracy']:.4f} " if val else "")
+          + (f"test {test['accuracy']:.4f} " if test else "")
+          + f"({record['epoch_time_s']:.1f}s)"
+          + (" | reset" if cycle_end is not None else "")
+        )
         if stopped or should_stop():
           raise Interrupted()
     except KeyboardInterrupt:
@@ -413,10 +492,14 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
     keep_curve = {}
     last_test = history[-1]["test_accuracy"] if history else None  # the same state: keep 1.0 is not evaluated twice
     for k in config.eval_keeps:
-      keep_curve[k] = (last_test if k == 1.0 and last_test is not None
-                       else evaluate(eval_fn, state, ds.test, keep=k, **eval_kw)["accuracy"])
-    summary = report.summarize(history, keep_curve=keep_curve, device=_device_summary(),
-                               data_source=ds.source, config=config.to_dict())
+      keep_curve[k] = (
+        last_test
+        if k == 1.0 and last_test is not None
+        else evaluate(eval_fn, state, ds.test, keep=k, **eval_kw)["accuracy"]
+      )
+    summary = report.summarize(
+      history, keep_curve=keep_curve, device=_device_summary(), data_source=ds.source, config=config.to_dict()
+    )
     summary["conv"] = _conv_summary(config)  # what "auto" meant on this backend
     summary["passes_per_step"] = config.regimes  # forward/backward passes of the model per train step
     summary["provenance"] = origin
@@ -435,9 +518,13 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, fresh: boo
 def _check_finite(metrics: dict, step: int, epoch: int, ckpt: checkpoint_lib.Checkpointer) -> dict:
   if not np.isfinite(metrics["loss"]):
     steps = ckpt.all_steps()
-    where = (f"the last good checkpoint is {ckpt.path(steps[-1])} (step {steps[-1]})" if steps
-             else "no checkpoint was saved yet")
+    where = (
+      f"the last good checkpoint is {ckpt.path(steps[-1])} (step {steps[-1]})"
+      if steps
+      else "no checkpoint was saved yet"
+    )
     raise FloatingPointError(
-        f"non-finite training loss ({metrics['loss']}) at step {step} (epoch {epoch + 1}); stopping. {where}; "
-        f"lower the learning rate (with --fresh or another --workdir) or check the data")
+      f"non-finite training loss ({metrics['loss']}) at step {step} (epoch {epoch + 1}); stopping. {where}; "
+      f"lower the learning rate (with --fresh or another --workdir) or check the data"
+    )
   return metrics

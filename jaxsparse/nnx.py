@@ -14,6 +14,7 @@ Limitation: densities are collected as the layers run; a site inside the model's
 layer stack under `nnx.scan` or `nnx.vmap`) is masked, but its density cannot leave that transform, so pass
 `return_density=False` for such models.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -38,15 +39,24 @@ def _site_class(cls: type, path: str) -> type:
   """The cached subclass of `cls` whose `__call__` routes through the running `sparse_apply` as site `path`."""
   key = (cls, path)
   if key not in _SITE_CLASSES:
+
     def __call__(self, *args, **kwargs):
       router = _ROUTER.get()
       if router is None:
         return cls.__call__(self, *args, **kwargs)
       return router.route(self, path, lambda *a, **k: cls.__call__(self, *a, **k), args, kwargs)
 
-    _SITE_CLASSES[key] = type(cls.__name__, (cls,), {
-        "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-        "__doc__": cls.__doc__, "_jaxsparse_site": path})
+    _SITE_CLASSES[key] = type(
+      cls.__name__,
+      (cls,),
+      {
+        "__call__": __call__,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+        "_jaxsparse_site": path,
+      },
+    )
   return _SITE_CLASSES[key]
 
 
@@ -54,8 +64,18 @@ def _path(path: tuple) -> str:
   return "/".join(str(p) for p in path)
 
 
-def sparse_apply(model: nnx.Module, *args, keep, where=None, position: str = "inputs", gradient: str = "masked",
-                 score: str = "value", relative: bool = False, return_density: bool = False, **kwargs):
+def sparse_apply(
+  model: nnx.Module,
+  *args,
+  keep,
+  where=None,
+  position: str = "inputs",
+  gradient: str = "masked",
+  score: str = "value",
+  relative: bool = False,
+  return_density: bool = False,
+  **kwargs,
+):
   """Like ``model(*args, **kwargs)``, with global per-example top-k applied to the selected hidden activations.
 
   Sites are the submodules (never `model` itself) selected by `where`, named by their '/'-joined attribute path
@@ -95,9 +115,17 @@ def sparse_apply(model: nnx.Module, *args, keep, where=None, position: str = "in
   def record(module, path, density):
     densities.setdefault(path, []).append(density)
 
-  router = SiteRouter(keep=keep, matches=matches, weight_layers=WEIGHT_LAYERS, model_inputs=args, position=position,
-                      score=score, gradient=gradient, relative=relative,
-                      record=record if return_density else None)
+  router = SiteRouter(
+    keep=keep,
+    matches=matches,
+    weight_layers=WEIGHT_LAYERS,
+    model_inputs=args,
+    position=position,
+    score=score,
+    gradient=gradient,
+    relative=relative,
+    record=record if return_density else None,
+  )
   # Every layer that may be a site or that marks the model's first input gets its site class for this call.
   swapped = []
   for path, module in nnx.iter_modules(model):
@@ -156,8 +184,9 @@ class TopK(nnx.Module):
   def __call__(self, x, keep=1.0):
     """`x` masked at keep ratio `keep` (a float32 scalar or per-example vector; not a per-site mapping)."""
     if is_keep_map(keep):
-      raise TypeError("TopK: keep must be a keep ratio, not a mapping; per-site mappings belong to "
-                      "jaxsparse.nnx.sparse_apply")
+      raise TypeError(
+        "TopK: keep must be a keep ratio, not a mapping; per-site mappings belong to jaxsparse.nnx.sparse_apply"
+      )
     y = topk_mask(x, keep, axes=self.axes, score=self.score, gradient=self.gradient, relative=self.relative)
     self.density[...] = nonzero_fraction(y)
     return y

@@ -6,6 +6,7 @@ the train state is replicated; XLA inserts the gradient all-reduce. Multi-proces
 every global batch and `make_array_from_process_local_data` assembles the global array. Process 0 writes the
 run's files (`is_primary`); `sync` and `any_process` keep the processes in step.
 """
+
 from __future__ import annotations
 
 import queue
@@ -15,7 +16,8 @@ from typing import Iterable, Iterator
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
@@ -36,8 +38,10 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   if batch_size % mesh.size:
-    raise ValueError(f"batch size {batch_size} is not divisible by the {mesh.size} devices of the mesh; "
-                     f"choose a multiple of {mesh.size}")
+    raise ValueError(
+      f"batch size {batch_size} is not divisible by the {mesh.size} devices of the mesh; "
+      f"choose a multiple of {mesh.size}"
+    )
 
 
 def to_global(local_batch: dict, mesh: Mesh) -> dict:

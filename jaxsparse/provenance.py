@@ -4,6 +4,7 @@
 reads and subprocess calls with short timeouts, once per run (never per step). What it cannot find is recorded as
 "unknown"; it never raises.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -24,12 +25,42 @@ NVIDIA_SMI = "nvidia-smi"
 TIMEOUT_S = 3.0
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 # Recorded, never acted on: the settings that change XLA's kernels, numerics, threads or the allocator.
-ENV_VARS = ("XLA_FLAGS", "GLIBC_TUNABLES", "LD_PRELOAD", "JAX_PLATFORMS", "JAX_ENABLE_X64",
-            "JAX_DEFAULT_MATMUL_PRECISION", "OMP_NUM_THREADS")
+ENV_VARS = (
+  "XLA_FLAGS",
+  "GLIBC_TUNABLES",
+  "LD_PRELOAD",
+  "JAX_PLATFORMS",
+  "JAX_ENABLE_X64",
+  "JAX_DEFAULT_MATMUL_PRECISION",
+  "OMP_NUM_THREADS",
+)
 # CPU features that change which kernels XLA emits: x86 "flags" and Arm "Features" of /proc/cpuinfo.
-VECTOR_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512dq", "avx512vl",
-                     "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
-                     "asimd", "asimddp", "sve", "sve2", "bf16", "i8mm", "sme")
+VECTOR_EXTENSIONS = (
+  "sse4_2",
+  "avx",
+  "avx2",
+  "fma",
+  "f16c",
+  "avx_vnni",
+  "avx512f",
+  "avx512bw",
+  "avx512dq",
+  "avx512vl",
+  "avx512_vnni",
+  "avx512_bf16",
+  "avx512_fp16",
+  "amx_tile",
+  "amx_bf16",
+  "amx_int8",
+  "amx_fp16",
+  "asimd",
+  "asimddp",
+  "sve",
+  "sve2",
+  "bf16",
+  "i8mm",
+  "sme",
+)
 
 
 def provenance(code_dir: str | os.PathLike | None = None) -> dict:
@@ -51,14 +82,14 @@ def provenance(code_dir: str | os.PathLike | None = None) -> dict:
   code_dir = Path(code_dir) if code_dir is not None else Path(__file__).resolve().parent
   devices = _safe(jax_devices)
   return {
-      "hostname": _safe(socket.gethostname),
-      "os": _safe(platform.platform),
-      "cpu": _safe(lambda: cpu(read_cpuinfo())),
-      "devices": devices,
-      "driver": _safe(lambda: nvidia_driver() if _has_gpu(devices) else None),
-      "versions": _safe(versions),
-      "env": {name: os.environ.get(name) for name in ENV_VARS},
-      "git": _safe(lambda: git_commit(code_dir)),
+    "hostname": _safe(socket.gethostname),
+    "os": _safe(platform.platform),
+    "cpu": _safe(lambda: cpu(read_cpuinfo())),
+    "devices": devices,
+    "driver": _safe(lambda: nvidia_driver() if _has_gpu(devices) else None),
+    "versions": _safe(versions),
+    "env": {name: os.environ.get(name) for name in ENV_VARS},
+    "git": _safe(lambda: git_commit(code_dir)),
   }
 
 
@@ -88,15 +119,17 @@ def cpu(cpuinfo: str | None) -> dict:
   flags = fields.get("flags", fields.get("Features"))
   have = set(flags.split()) if flags is not None else None
   affinity = _safe(lambda: sorted(os.sched_getaffinity(0)))
-  return {"model": model or UNKNOWN,
-          "vector_extensions": [f for f in VECTOR_EXTENSIONS if f in have] if have is not None else UNKNOWN,
-          "count": os.cpu_count() or UNKNOWN,
-          "affinity": cpu_ranges(affinity) if isinstance(affinity, list) else UNKNOWN,
-          "usable": len(affinity) if isinstance(affinity, list) else UNKNOWN}
+  return {
+    "model": model or UNKNOWN,
+    "vector_extensions": [f for f in VECTOR_EXTENSIONS if f in have] if have is not None else UNKNOWN,
+    "count": os.cpu_count() or UNKNOWN,
+    "affinity": cpu_ranges(affinity) if isinstance(affinity, list) else UNKNOWN,
+    "usable": len(affinity) if isinstance(affinity, list) else UNKNOWN,
+  }
 
 
 def _first_fields(cpuinfo: str) -> dict[str, str]:
-  """"key : value" lines of /proc/cpuinfo, keeping the first occurrence of each key (the first processor's)."""
+  """ "key : value" lines of /proc/cpuinfo, keeping the first occurrence of each key (the first processor's)."""
   fields: dict[str, str] = {}
   for line in cpuinfo.splitlines():
     key, sep, value = line.partition(":")
@@ -164,8 +197,9 @@ def git_commit(code_dir: Path) -> dict:
 def _run(argv: list[str]) -> str | None:
   """The stdout of `argv`; None if it cannot start, fails or takes longer than `TIMEOUT_S`."""
   try:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
-                          stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+      argv, capture_output=True, text=True, timeout=TIMEOUT_S, check=False, stdin=subprocess.DEVNULL
+    )
   except (OSError, subprocess.SubprocessError):
     return None
   return done.stdout if done.returncode == 0 else None

@@ -1,4 +1,5 @@
 """Run records -> summary, text tables and plots (matplotlib's object API: no global backend state)."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,9 @@ from scipy import stats
 from jaxsparse.config import Config
 
 
-def summarize(history: Sequence[Mapping], *, keep_curve: Mapping[float, float], device: str, data_source: str,
-              config: Mapping) -> dict:
+def summarize(
+  history: Sequence[Mapping], *, keep_curve: Mapping[float, float], device: str, data_source: str, config: Mapping
+) -> dict:
   """The summary.json of a run, from its per-epoch records and its final keep curve."""
   if not history:
     raise ValueError("no epochs recorded")
@@ -24,30 +26,34 @@ def summarize(history: Sequence[Mapping], *, keep_curve: Mapping[float, float], 
     raise ValueError("no epoch has a test accuracy")
   best = max(tested, key=lambda r: r["test_accuracy"])
   return {
-      "test_accuracy": keep_curve.get(1.0, tested[-1]["test_accuracy"]),
-      "best_test_accuracy": best["test_accuracy"],
-      "best_epoch": best["epoch"],
-      "keep_curve": {str(k): v for k, v in sorted(keep_curve.items(), reverse=True)},
-      "cycles": int(last["cycle"]) + int(last.get("reset_after", False)),
-      "epochs": int(last["epoch"]),
-      "steps": int(last["step"]),
-      "final_train_accuracy": last["train_accuracy"],
-      "final_val_accuracy": last.get("val_accuracy"),
-      "wall_time_s": last["wall_time_s"],
-      "device": device,
-      "data_source": data_source,
-      "schedule": config.get("schedule"),
-      "seed": config.get("seed"),
-      "model": config.get("model"),
+    "test_accuracy": keep_curve.get(1.0, tested[-1]["test_accuracy"]),
+    "best_test_accuracy": best["test_accuracy"],
+    "best_epoch": best["epoch"],
+    "keep_curve": {str(k): v for k, v in sorted(keep_curve.items(), reverse=True)},
+    "cycles": int(last["cycle"]) + int(last.get("reset_after", False)),
+    "epochs": int(last["epoch"]),
+    "steps": int(last["step"]),
+    "final_train_accuracy": last["train_accuracy"],
+    "final_val_accuracy": last.get("val_accuracy"),
+    "wall_time_s": last["wall_time_s"],
+    "device": device,
+    "data_source": data_source,
+    "schedule": config.get("schedule"),
+    "seed": config.get("seed"),
+    "model": config.get("model"),
   }
 
 
 def format_summary(summary: Mapping) -> str:
   """Headline and keep-curve table, as printed at the end of a run."""
-  lines = [f"test accuracy (dense, final): {summary['test_accuracy']:.4f}   best: "
-           f"{summary['best_test_accuracy']:.4f} (epoch {summary['best_epoch']})   cycles: {summary['cycles']}"
-           f"   wall: {summary['wall_time_s'] / 60:.1f} min on {summary['device']}",
-           "", "| keep | test accuracy |", "|---:|---:|"]
+  lines = [
+    f"test accuracy (dense, final): {summary['test_accuracy']:.4f}   best: "
+    f"{summary['best_test_accuracy']:.4f} (epoch {summary['best_epoch']})   cycles: {summary['cycles']}"
+    f"   wall: {summary['wall_time_s'] / 60:.1f} min on {summary['device']}",
+    "",
+    "| keep | test accuracy |",
+    "|---:|---:|",
+  ]
   lines += [f"| {float(k):.2f} | {v:.4f} |" for k, v in summary["keep_curve"].items()]
   return "\n".join(lines)
 
@@ -77,8 +83,12 @@ def plot_run(history: Sequence[Mapping], keep_curve: Mapping[float, float], outd
   if any(r.get("val_accuracy") is not None for r in history):
     ax.plot(epochs, [r.get("val_accuracy") for r in history], label="val (dense)")
   tested = [r for r in history if r.get("test_accuracy") is not None]
-  ax.plot([r["epoch"] for r in tested], [r["test_accuracy"] for r in tested], marker="." if len(tested) < len(history)
-          else None, label="test (dense)")
+  ax.plot(
+    [r["epoch"] for r in tested],
+    [r["test_accuracy"] for r in tested],
+    marker="." if len(tested) < len(history) else None,
+    label="test (dense)",
+  )
   for e in resets:
     ax.axvline(e, color="tab:red", alpha=0.2, lw=1)
   ax.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
@@ -103,6 +113,7 @@ def _save(fig: Figure, path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # Many runs: schedule x seed.
 
+
 def load_runs(paths) -> list[dict]:
   """Reads run directories into dicts {path, summary, history}; raises for a directory that is not a run."""
   runs = []
@@ -114,8 +125,7 @@ def load_runs(paths) -> list[dict]:
     summary = json.loads(summary_path.read_text())
     config_path = p / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {"schedule": summary["schedule"]}
-    runs.append({"path": str(p), "summary": summary, "history": history, "label": run_label(config),
-                 "config": config})
+    runs.append({"path": str(p), "summary": summary, "history": history, "label": run_label(config), "config": config})
   if not runs:
     raise ValueError("no runs given")
   return runs
@@ -139,8 +149,7 @@ def run_label(config: Mapping) -> str:
   for name in _VARIANT_FIELDS:
     value = config.get(name, getattr(defaults, name))
     if value != getattr(defaults, name):
-      label += (f"+dropout{value:g}" if name == "dropout" else "+distill" if name == "distill"
-                else f"+{name}={value}")
+      label += f"+dropout{value:g}" if name == "dropout" else "+distill" if name == "distill" else f"+{name}={value}"
   return label
 
 
@@ -223,8 +232,14 @@ def _vector_units(extensions) -> str:
   if "avx512f" in have:
     units = "AVX-512" + "".join(f"+{x}" for x in ("bf16", "fp16") if f"avx512_{x}" in have)
   else:
-    units = next((name for flag, name in (("avx2", "AVX2"), ("avx", "AVX"), ("sve2", "SVE2"), ("sve", "SVE"),
-                                          ("asimd", "NEON")) if flag in have), "")
+    units = next(
+      (
+        name
+        for flag, name in (("avx2", "AVX2"), ("avx", "AVX"), ("sve2", "SVE2"), ("sve", "SVE"), ("asimd", "NEON"))
+        if flag in have
+      ),
+      "",
+    )
   return units + ("+AMX" if any(x.startswith("amx") for x in have) else "")
 
 
@@ -271,16 +286,20 @@ def mixed_machines_warning(runs) -> str | None:
   unrecorded = sum(not p for p in provenances)
   problems = [f"{len(hardware)} kinds of hardware ({'; '.join(sorted(hardware))})"] if len(hardware) > 1 else []
   problems += [f"{len(commits)} commits ({', '.join(sorted(commits))})"] if len(commits) > 1 else []
-  problems += [f"{unrecorded} of {len(runs)} runs that do not record their machine"] if 0 < unrecorded < len(runs) \
-      else []
+  problems += (
+    [f"{unrecorded} of {len(runs)} runs that do not record their machine"] if 0 < unrecorded < len(runs) else []
+  )
   if not problems:
     return None
-  return (f"**Warning: these runs mix {' and '.join(problems)}. Results move between machines and commits even at "
-          f"the same seed, so a difference between rows may be the machine's, not the schedule's.**")
+  return (
+    f"**Warning: these runs mix {' and '.join(problems)}. Results move between machines and commits even at "
+    f"the same seed, so a difference between rows may be the machine's, not the schedule's.**"
+  )
 
 
-def seeds_needed(sd_diff: float, *, delta: float, confidence: float = 0.95, power: float | None = None,
-                 max_n: int = 100_000) -> int:
+def seeds_needed(
+  sd_diff: float, *, delta: float, confidence: float = 0.95, power: float | None = None, max_n: int = 100_000
+) -> int:
   """The smallest number n >= 2 of paired seeds that resolves a difference `delta`, given the standard deviation
   `sd_diff` of the per-seed paired differences (same units).
 
@@ -293,8 +312,10 @@ def seeds_needed(sd_diff: float, *, delta: float, confidence: float = 0.95, powe
   (18, 34)
   """
   if not (sd_diff >= 0 and delta > 0 and 0 < confidence < 1 and (power is None or 0 < power < 1)):
-    raise ValueError(f"need sd_diff >= 0, delta > 0 and confidence, power in (0, 1); got sd_diff={sd_diff}, "
-                     f"delta={delta}, confidence={confidence}, power={power}")
+    raise ValueError(
+      f"need sd_diff >= 0, delta > 0 and confidence, power in (0, 1); got sd_diff={sd_diff}, "
+      f"delta={delta}, confidence={confidence}, power={power}"
+    )
   for n in range(2, max_n + 1):
     t = stats.t.ppf(0.5 + confidence / 2, n - 1)
     if sd_diff == 0 or (power is None and t * sd_diff / math.sqrt(n) <= delta):
@@ -317,15 +338,23 @@ def comparison_markdown(runs, *, title: str, baseline: str | Sequence[str] = "de
   final = {s: {r["summary"]["seed"]: r["summary"]["test_accuracy"] for r in rs} for s, rs in groups.items()}
   tags, machine_lines = machines_markdown(runs)
   warning = mixed_machines_warning(runs)
-  lines = [f"# {title}", ""] + ([warning, ""] if warning else []) + [
-           "Dense (keep = 1) test accuracy at the end of training; mean ± std over seeds. "
-           f"Δ vs {' / '.join(baselines)}: mean paired difference over shared seeds ± the 95% t-interval "
-           "half-width. Sparse epochs: epochs at keep < 1, and those weighted by the share of top-k sites the keep "
-           "actually cut (achieved density reached the keep); mean density: achieved, over sites and epochs.", "",
-           "| schedule | seeds | final test acc | best test acc | " + " | ".join(f"Δ final vs {b}" for b in baselines)
-           + " | sparse epochs (cut) | mean density | cycles | " + " | ".join(f"keep {k:g}" for k in keeps)
-           + " | wall (min) |",
-           "|---|---:|---:|---:|" + "---:|" * len(baselines) + "---:|---:|---:|" + "---:|" * len(keeps) + "---:|"]
+  lines = (
+    [f"# {title}", ""]
+    + ([warning, ""] if warning else [])
+    + [
+      "Dense (keep = 1) test accuracy at the end of training; mean ± std over seeds. "
+      f"Δ vs {' / '.join(baselines)}: mean paired difference over shared seeds ± the 95% t-interval "
+      "half-width. Sparse epochs: epochs at keep < 1, and those weighted by the share of top-k sites the keep "
+      "actually cut (achieved density reached the keep); mean density: achieved, over sites and epochs.",
+      "",
+      "| schedule | seeds | final test acc | best test acc | "
+      + " | ".join(f"Δ final vs {b}" for b in baselines)
+      + " | sparse epochs (cut) | mean density | cycles | "
+      + " | ".join(f"keep {k:g}" for k in keeps)
+      + " | wall (min) |",
+      "|---|---:|---:|---:|" + "---:|" * len(baselines) + "---:|---:|---:|" + "---:|" * len(keeps) + "---:|",
+    ]
+  )
   for s, rs in groups.items():
     fm, fs = mean_std([r["summary"]["test_accuracy"] for r in rs])
     bm, bs = mean_std([r["summary"]["best_test_accuracy"] for r in rs])
@@ -341,19 +370,28 @@ def comparison_markdown(runs, *, title: str, baseline: str | Sequence[str] = "de
     curve = [mean_std([r["summary"]["keep_curve"].get(str(k), math.nan) for r in rs])[0] for k in keeps]
     cycles = mean_std([r["summary"]["cycles"] for r in rs])[0]
     wall = mean_std([r["summary"]["wall_time_s"] / 60 for r in rs])[0]
-    lines.append(f"| {s} | {len(rs)} | {fm:.4f} ± {fs:.4f} | {bm:.4f} ± {bs:.4f} | " + " | ".join(deltas)
-                 + f" | {below:.1f} ({bit:.1f}) | {density:.3f} | {cycles:.1f} | "
-                 + " | ".join(f"{c:.4f}" for c in curve) + f" | {wall:.1f} |")
+    lines.append(
+      f"| {s} | {len(rs)} | {fm:.4f} ± {fs:.4f} | {bm:.4f} ± {bs:.4f} | "
+      + " | ".join(deltas)
+      + f" | {below:.1f} ({bit:.1f}) | {density:.3f} | {cycles:.1f} | "
+      + " | ".join(f"{c:.4f}" for c in curve)
+      + f" | {wall:.1f} |"
+    )
   lines += [""] + machine_lines
   mixed = len(set(tags.values())) > 1  # then each per-seed row names its machine
-  lines += ["", "Per seed (final / best dense test accuracy):", "",
-            "| schedule | seed | final | best | run |" + (" machine |" if mixed else ""),
-            "|---|---:|---:|---:|---|" + ("---|" if mixed else "")]
+  lines += [
+    "",
+    "Per seed (final / best dense test accuracy):",
+    "",
+    "| schedule | seed | final | best | run |" + (" machine |" if mixed else ""),
+    "|---|---:|---:|---:|---|" + ("---|" if mixed else ""),
+  ]
   for s, rs in groups.items():
     for r in rs:
-      lines.append(f"| {s} | {r['summary']['seed']} | {r['summary']['test_accuracy']:.4f} | "
-                   f"{r['summary']['best_test_accuracy']:.4f} | `{r['path']}` |"
-                   + (f" {tags[r['path']]} |" if mixed else ""))
+      lines.append(
+        f"| {s} | {r['summary']['seed']} | {r['summary']['test_accuracy']:.4f} | "
+        f"{r['summary']['best_test_accuracy']:.4f} | `{r['path']}` |" + (f" {tags[r['path']]} |" if mixed else "")
+      )
   lines += [""] + machine_lines
   if figures:
     lines += [""] + [f"![{f}]({f})" for f in figures]
@@ -388,8 +426,14 @@ def plot_comparison(runs, outdir: str | Path) -> list[Path]:
     ax.step([r["epoch"] - 1 for r in h] + [h[-1]["epoch"]], keeps + keeps[-1:], where="post", label="keep ratio")
     if all(r.get("density") for r in h):  # what the epoch really kept: ties at zero make high keeps no-ops
       density = [float(np.mean(list(r["density"].values()))) for r in h]
-      ax.step([r["epoch"] - 1 for r in h] + [h[-1]["epoch"]], density + density[-1:], where="post", ls="--",
-              color="tab:orange", label="achieved density (mean over sites)")
+      ax.step(
+        [r["epoch"] - 1 for r in h] + [h[-1]["epoch"]],
+        density + density[-1:],
+        where="post",
+        ls="--",
+        color="tab:orange",
+        label="achieved density (mean over sites)",
+      )
     ax.set(ylabel="keep", ylim=(0, 1.05))
     ax.set_title(s, fontsize=9, loc="left")
   axes[0].legend(fontsize=7, loc="upper right")
@@ -415,11 +459,15 @@ def plot_comparison(runs, outdir: str | Path) -> list[Path]:
       gap = np.mean([[h["train_accuracy"] - h["val_accuracy"] for h in r["history"][:n]] for r in rs], axis=0)
       ax1.plot([h["epoch"] for h in rs[0]["history"][:n]], gap, color=color, label=f"{s} (n={len(rs)})")
     tested = [e for e in range(n) if all(r["history"][e].get("test_accuracy") is not None for r in rs)]
-    gap = np.mean([[r["history"][e]["train_accuracy"] - r["history"][e]["test_accuracy"] for e in tested]
-                   for r in rs], axis=0)
+    gap = np.mean(
+      [[r["history"][e]["train_accuracy"] - r["history"][e]["test_accuracy"] for e in tested] for r in rs], axis=0
+    )
     ax2.plot([rs[0]["history"][e]["epoch"] for e in tested], gap, color=color, marker="o", label=s)
-  ax1.set(xlabel="epoch", ylabel="train accuracy − held-out accuracy",
-          title="Generalisation gap: train − validation (every epoch)")
+  ax1.set(
+    xlabel="epoch",
+    ylabel="train accuracy − held-out accuracy",
+    title="Generalisation gap: train − validation (every epoch)",
+  )
   ax2.set(xlabel="epoch", title="train − dense test (tested epochs)")
   ax1.legend(fontsize=7)
   paths.append(_save(fig, outdir / "gap.png"))

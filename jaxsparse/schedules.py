@@ -10,6 +10,7 @@ a float32 keep ratio of the same shape. Schedules are pure, traceable under
 ``shape`` decides how: ``"linear"`` in keep, ``"geometric"`` (constant ratio between
 successive steps, linear in log keep) or ``"cosine"`` (half-cosine, slow at both ends).
 """
+
 from __future__ import annotations
 
 import operator
@@ -19,15 +20,15 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "Schedule",
-    "SHAPES",
-    "constant",
-    "linear",
-    "geometric",
-    "cosine",
-    "compression",
-    "cyclic",
-    "cycle_index",
+  "Schedule",
+  "SHAPES",
+  "constant",
+  "linear",
+  "geometric",
+  "cosine",
+  "compression",
+  "cyclic",
+  "cycle_index",
 ]
 
 Schedule = Callable[[jax.typing.ArrayLike], jax.Array]
@@ -170,13 +171,13 @@ def _cycle_and_position(step, period, warmup):
 
 
 def cyclic(
-    min_keep: float,
-    period: int,
-    *,
-    shape: str = "geometric",
-    warmup: int = 0,
-    cycles: int | None = None,
-    final_keep: float = 1.0,
+  min_keep: float,
+  period: int,
+  *,
+  shape: str = "geometric",
+  warmup: int = 0,
+  cycles: int | None = None,
+  final_keep: float = 1.0,
 ) -> Schedule:
   """Progressive compression with periodic reset to dense.
 
@@ -230,7 +231,7 @@ def cyclic(
 
 
 def cycle_index(
-    period: int, *, warmup: int = 0, cycles: int | None = None
+  period: int, *, warmup: int = 0, cycles: int | None = None
 ) -> Callable[[jax.typing.ArrayLike], jax.Array]:
   """The companion of ``cyclic``: step -> cycle index (int32), i.e. resets so far.
 

@@ -9,6 +9,7 @@ with the most literal (non-wildcard) characters (so ``"*"`` is a default that an
 different globs of equal rank matching one site are an error. A site no key matches stays dense (keep 1.0). A key
 that matches no site is an error naming it.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -65,8 +66,10 @@ def keep_for_site(keep: Mapping[str, Any], name: str, default=1.0):
   best = max(_literal_chars(g) for g in globs)
   top = sorted(g for g in globs if _literal_chars(g) == best)
   if len(top) > 1:
-    raise ValueError(f"keep: site {name!r} matches several keep keys of equal rank {top}; name the site exactly "
-                     "or make one glob more specific")
+    raise ValueError(
+      f"keep: site {name!r} matches several keep keys of equal rank {top}; name the site exactly "
+      "or make one glob more specific"
+    )
   return keep[top[0]]
 
 
@@ -113,12 +116,19 @@ class TopK(nn.Module):
   def __call__(self, x, keep=1.0):
     """`x` masked at keep ratio `keep` (a float32 scalar or per-example vector; not a per-site mapping)."""
     if is_keep_map(keep):
-      raise TypeError(f"TopK {'/'.join(map(str, self.path)) or '(root)'}: keep must be a keep ratio, not a mapping; "
-                      "per-site mappings belong to the model that owns the sites")
+      raise TypeError(
+        f"TopK {'/'.join(map(str, self.path)) or '(root)'}: keep must be a keep ratio, not a mapping; "
+        "per-site mappings belong to the model that owns the sites"
+      )
     y = topk_mask(x, keep, axes=self.axes, score=self.score, gradient=self.gradient, relative=self.relative)
     if self.is_mutable_collection(DENSITY) and not self.is_initializing():
-      self.sow(DENSITY, "density", nonzero_fraction(y), reduce_fn=lambda _, new: new,
-               init_fn=lambda: jnp.zeros((), jnp.float32))
+      self.sow(
+        DENSITY,
+        "density",
+        nonzero_fraction(y),
+        reduce_fn=lambda _, new: new,
+        init_fn=lambda: jnp.zeros((), jnp.float32),
+      )
     return y
 
 
@@ -162,8 +172,9 @@ SCORES = ("value", "magnitude")
 Predicate = Callable[[Any, str], bool]
 
 
-def make_matcher(where, *, module_type: type, type_name: str, default: tuple[type, ...],
-                 owner: str = "sparse_apply") -> Predicate:
+def make_matcher(
+  where, *, module_type: type, type_name: str, default: tuple[type, ...], owner: str = "sparse_apply"
+) -> Predicate:
   """Turns a `where` selector into a predicate (module, path) -> bool; raises on bad selectors.
 
   `where` is None (the `default` layer classes), a `module_type` subclass (`type_name` in errors), a glob on the '/'-joined path, a
@@ -182,13 +193,16 @@ def make_matcher(where, *, module_type: type, type_name: str, default: tuple[typ
   if isinstance(where, (tuple, list)):
     if not where:
       raise ValueError(f"{owner}: where is an empty sequence; it would select no site")
-    matchers = [make_matcher(w, module_type=module_type, type_name=type_name, default=default, owner=owner)
-                for w in where]
+    matchers = [
+      make_matcher(w, module_type=module_type, type_name=type_name, default=default, owner=owner) for w in where
+    ]
     return lambda m, p: any(f(m, p) for f in matchers)
   if callable(where):
     return lambda m, p: bool(where(m, p))
-  raise TypeError(f"{owner}: where must be None, a Module class, a glob string, a compiled regex, a predicate "
-                  f"(module, path) -> bool, or a tuple/list of these; got {type(where).__name__}")
+  raise TypeError(
+    f"{owner}: where must be None, a Module class, a glob string, a compiled regex, a predicate "
+    f"(module, path) -> bool, or a tuple/list of these; got {type(where).__name__}"
+  )
 
 
 def check_site_args(*, where, position: str, gradient: str, score: str, owner: str = "sparse_apply") -> None:
@@ -196,8 +210,10 @@ def check_site_args(*, where, position: str, gradient: str, score: str, owner: s
   if position not in POSITIONS:
     raise ValueError(f"{owner}: position must be one of {POSITIONS}, got {position!r}")
   if position == "outputs" and where is None:
-    raise ValueError(f"{owner}: position='outputs' needs an explicit `where` (the default weight layers would also "
-                     "mask the model's final output)")
+    raise ValueError(
+      f"{owner}: position='outputs' needs an explicit `where` (the default weight layers would also "
+      "mask the model's final output)"
+    )
   if gradient not in GRADIENTS:
     raise ValueError(f"{owner}: gradient must be one of {GRADIENTS}, got {gradient!r}")
   if score not in SCORES:
@@ -227,20 +243,34 @@ class SiteRouter:
   Each masked array's density goes to `record(module, path, density)` when `record` is given.
   """
 
-  def __init__(self, *, keep, matches: Predicate, weight_layers: tuple[type, ...], model_inputs, position: str,
-               score: str, gradient: str, relative: bool, record=None, owner: str = "sparse_apply"):
+  def __init__(
+    self,
+    *,
+    keep,
+    matches: Predicate,
+    weight_layers: tuple[type, ...],
+    model_inputs,
+    position: str,
+    score: str,
+    gradient: str,
+    relative: bool,
+    record=None,
+    owner: str = "sparse_apply",
+  ):
     self.keep, self.matches, self.weight_layers = keep, matches, weight_layers
     self.model_inputs = [a for a in jax.tree.leaves(model_inputs) if hasattr(a, "shape")]
     self.position, self.score, self.gradient, self.relative = position, score, gradient, relative
     self.record, self.owner = record, owner
     self.first_input = None
-    self.sites: list[str] = []   # masked site paths, in call order (with repeats)
+    self.sites: list[str] = []  # masked site paths, in call order (with repeats)
     self.skipped = 0
 
   def _mask(self, module, path: str, x):
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-      raise TypeError(f"{self.owner}: site {path!r} ({self.position}) is not a floating array: "
-                      f"{getattr(x, 'dtype', type(x).__name__)}")
+      raise TypeError(
+        f"{self.owner}: site {path!r} ({self.position}) is not a floating array: "
+        f"{getattr(x, 'dtype', type(x).__name__)}"
+      )
     keep = keep_for_site(self.keep, path) if is_keep_map(self.keep) else self.keep
     y = topk_mask(x, keep, score=self.score, gradient=self.gradient, relative=self.relative)
     self.sites.append(path)
@@ -256,8 +286,7 @@ class SiteRouter:
     if self.position == "outputs":
       return self._mask(module, path, call(*args, **kwargs))
     if not args and "inputs" not in kwargs:
-      raise TypeError(f"{self.owner}: site {path!r} got no input to mask (neither a positional argument nor "
-                      "`inputs=`)")
+      raise TypeError(f"{self.owner}: site {path!r} got no input to mask (neither a positional argument nor `inputs=`)")
     x = args[0] if args else kwargs["inputs"]
     if x is self.first_input or any(x is a for a in self.model_inputs):
       self.skipped += 1
@@ -271,8 +300,11 @@ class SiteRouter:
     if is_keep_map(self.keep):
       check_keys_match(self.keep, self.sites, owner=self.owner)
     if not self.sites:
-      warnings.warn(f"{self.owner}: no site of {type(model).__name__} matched where={where!r} on {self.position} "
-                    f"({self.skipped} input layer(s) skipped); the output is dense.", stacklevel=3)
+      warnings.warn(
+        f"{self.owner}: no site of {type(model).__name__} matched where={where!r} on {self.position} "
+        f"({self.skipped} input layer(s) skipped); the output is dense.",
+        stacklevel=3,
+      )
 
 
 def mean_densities(densities: Mapping[str, list]) -> dict[str, jax.Array]:

@@ -5,6 +5,7 @@ model, so it lives only in that call (and in the jit trace that contains it): no
 model's code is not edited. NNX models go to `jaxsparse.nnx.sparse_apply`. What happens at a site (selection,
 input layers, masking, densities) is `jaxsparse.sites.SiteRouter`, shared by both.
 """
+
 from __future__ import annotations
 
 import re
@@ -33,9 +34,18 @@ def _path(module: nn.Module) -> str:
   return "/".join(str(p) for p in module.path)
 
 
-def sparse_apply(model, *args, keep, where: Selector | None = None, position: str = "inputs",
-                 gradient: str = "masked", score: str = "value", relative: bool = False,
-                 return_density: bool = False, **kwargs):
+def sparse_apply(
+  model,
+  *args,
+  keep,
+  where: Selector | None = None,
+  position: str = "inputs",
+  gradient: str = "masked",
+  score: str = "value",
+  relative: bool = False,
+  return_density: bool = False,
+  **kwargs,
+):
   """Runs a Flax model with global per-example top-k applied to the selected hidden activations.
 
   One function for both Flax APIs, called in each API's idiom:
@@ -104,20 +114,42 @@ def sparse_apply(model, *args, keep, where: Selector | None = None, position: st
   """
   if isinstance(model, nn.Module):
     if not args:
-      raise TypeError("sparse_apply: a Linen model needs its variables: sparse_apply(model, variables, *inputs, "
-                      "keep=...)")
-    return _sparse_apply_linen(model, args[0], args[1:], keep=keep, where=where, position=position,
-                               gradient=gradient, score=score, relative=relative, return_density=return_density,
-                               apply_kwargs=kwargs)
+      raise TypeError(
+        "sparse_apply: a Linen model needs its variables: sparse_apply(model, variables, *inputs, keep=...)"
+      )
+    return _sparse_apply_linen(
+      model,
+      args[0],
+      args[1:],
+      keep=keep,
+      where=where,
+      position=position,
+      gradient=gradient,
+      score=score,
+      relative=relative,
+      return_density=return_density,
+      apply_kwargs=kwargs,
+    )
   if isinstance(model, flax_nnx.Module):
-    return jaxsparse_nnx.sparse_apply(model, *args, keep=keep, where=where, position=position, gradient=gradient,
-                                      score=score, relative=relative, return_density=return_density, **kwargs)
+    return jaxsparse_nnx.sparse_apply(
+      model,
+      *args,
+      keep=keep,
+      where=where,
+      position=position,
+      gradient=gradient,
+      score=score,
+      relative=relative,
+      return_density=return_density,
+      **kwargs,
+    )
   what = f"the class {model.__name__} (pass an instance)" if isinstance(model, type) else type(model).__name__
   raise TypeError(f"sparse_apply: model must be a flax.linen.Module or a flax.nnx.Module instance, got {what}")
 
 
-def _sparse_apply_linen(model: nn.Module, variables, args, *, keep, where, position, gradient, score, relative,
-                        return_density, apply_kwargs):
+def _sparse_apply_linen(
+  model: nn.Module, variables, args, *, keep, where, position, gradient, score, relative, return_density, apply_kwargs
+):
   check_site_args(where=where, position=position, gradient=gradient, score=score)
   keep = as_keep(keep)
 
@@ -125,9 +157,17 @@ def _sparse_apply_linen(model: nn.Module, variables, args, *, keep, where, posit
     module.sow(_DENSITY, _LEAF, density)
 
   matches = make_matcher(where, module_type=nn.Module, type_name="flax.linen.Module", default=WEIGHT_LAYERS)
-  router = SiteRouter(keep=keep, matches=matches,
-                      weight_layers=WEIGHT_LAYERS, model_inputs=args, position=position, score=score,
-                      gradient=gradient, relative=relative, record=record if return_density else None)
+  router = SiteRouter(
+    keep=keep,
+    matches=matches,
+    weight_layers=WEIGHT_LAYERS,
+    model_inputs=args,
+    position=position,
+    score=score,
+    gradient=gradient,
+    relative=relative,
+    record=record if return_density else None,
+  )
 
   def interceptor(next_fun, call_args, call_kwargs, ctx):
     if ctx.method_name != "__call__" or not ctx.module.path:

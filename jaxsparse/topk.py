@@ -45,6 +45,7 @@ passes hit cache and the full key array is never written. The mask compares keys
 not floats, which is also exact for the ties above. docs/performance.md has the
 measured cost of each method (``experiments/bench.py --sections=topk``).
 """
+
 from __future__ import annotations
 
 import math
@@ -98,10 +99,8 @@ def _check_relative(relative) -> None:
 def _check_keep_shape(keep, shape: tuple[int, ...], axes: tuple[int, ...]) -> None:
   lead = tuple(d for a, d in enumerate(shape) if a not in axes)
   keep_shape = jnp.shape(keep)
-  if len(keep_shape) > len(lead) or keep_shape != lead[:len(keep_shape)]:
-    raise ValueError(
-        f"keep must be a scalar or shaped like the leading kept axes {lead}, "
-        f"got shape {keep_shape}")
+  if len(keep_shape) > len(lead) or keep_shape != lead[: len(keep_shape)]:
+    raise ValueError(f"keep must be a scalar or shaped like the leading kept axes {lead}, got shape {keep_shape}")
 
 
 def _reduce_axes(ndim: int, axes) -> tuple[int, ...]:
@@ -109,8 +108,7 @@ def _reduce_axes(ndim: int, axes) -> tuple[int, ...]:
     return tuple(range(1, ndim))
   axes = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
   if not all(isinstance(a, (int, np.integer)) and -ndim <= a < ndim for a in axes):
-    raise ValueError(
-        f"axes must be None, an int or a sequence of ints in [-{ndim}, {ndim}), got {axes!r}")
+    raise ValueError(f"axes must be None, an int or a sequence of ints in [-{ndim}, {ndim}), got {axes!r}")
   norm = tuple(sorted(int(a) % ndim for a in axes))
   if len(set(norm)) != len(norm):
     raise ValueError(f"axes must not repeat an axis, got {axes!r}")
@@ -193,8 +191,8 @@ def _kth_radix(u_RxN, k_R, nbits: int):
     # A two-operand (variadic) reduce compiles to a much faster CPU loop than
     # two separate sums (measured ~2x per pass).
     acc_lo, acc_hi = lax.reduce(
-        (one_hot_lo, one_hot_hi), (jnp.uint32(0), jnp.uint32(0)),
-        lambda a, b: (a[0] + b[0], a[1] + b[1]), (2,))
+      (one_hot_lo, one_hot_hi), (jnp.uint32(0), jnp.uint32(0)), lambda a, b: (a[0] + b[0], a[1] + b[1]), (2,)
+    )
     fields = [(acc_lo >> (8 * j)) & 255 for j in range(4)]
     fields += [(acc_hi >> (8 * j)) & 255 for j in range(n_cand - 4)]
     at_least, best = jnp.zeros_like(k_R), jnp.zeros_like(res)
@@ -218,8 +216,8 @@ def _to_rows(x, axes: tuple[int, ...]):
   other = tuple(a for a in range(x.ndim) if a not in axes)
   perm = other + axes
   x_perm = x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
-  lead = x_perm.shape[:len(other)]
-  n = math.prod(x_perm.shape[len(other):])
+  lead = x_perm.shape[: len(other)]
+  n = math.prod(x_perm.shape[len(other) :])
   return x_perm.reshape((math.prod(lead), n)), lead, other
 
 
@@ -276,8 +274,7 @@ def _threshold_keys(x, keep, axes, score: str, method: str, relative: bool = Fal
     x_CxN, keep_C = args
     keys, nbits = _keys(x_CxN, magnitude, dtype if dtype.itemsize == 2 else None)
     # Relative keep counts the active units in the same cache-resident chunk (one extra pass).
-    n_C = (jnp.sum(keys > jnp.uint32(_zero_key(magnitude, nbits)), axis=1, dtype=jnp.int32)
-           if relative else n)
+    n_C = jnp.sum(keys > jnp.uint32(_zero_key(magnitude, nbits)), axis=1, dtype=jnp.int32) if relative else n
     return kth(keys, _rows_k(keep_C, n_C, n), nbits)
 
   # The passes run chunk by chunk so each chunk's keys stay in cache: on the CPU
@@ -292,8 +289,10 @@ def _threshold_keys(x, keep, axes, score: str, method: str, relative: bool = Fal
     x_CxJxN, keep_CxJ = x_RxN.reshape(c, n_chunks, n), keep_R.reshape(c, n_chunks)
 
     def body(j, out_CxJ):
-      args = (lax.dynamic_index_in_dim(x_CxJxN, j, 1, keepdims=False),
-              lax.dynamic_index_in_dim(keep_CxJ, j, 1, keepdims=False))
+      args = (
+        lax.dynamic_index_in_dim(x_CxJxN, j, 1, keepdims=False),
+        lax.dynamic_index_in_dim(keep_CxJ, j, 1, keepdims=False),
+      )
       return lax.dynamic_update_index_in_dim(out_CxJ, chunk(args)[:, None], j, 1)
 
     kth_R = lax.fori_loop(0, n_chunks, body, jnp.zeros((c, n_chunks), jnp.uint32))
@@ -311,8 +310,15 @@ def _as_supported_float(x):
   return x.astype(jnp.float32)
 
 
-def topk_threshold(x, keep, *, axes: int | Sequence[int] | None = None,
-                   score: str = "value", method: str = "auto", relative: bool = False) -> jax.Array:
+def topk_threshold(
+  x,
+  keep,
+  *,
+  axes: int | Sequence[int] | None = None,
+  score: str = "value",
+  method: str = "auto",
+  relative: bool = False,
+) -> jax.Array:
   """Per-example threshold: the k-th largest score over ``axes``.
 
   Args:
@@ -361,9 +367,16 @@ def _straight_through_jvp(primals, tangents):
   return primals[1], tangents[0]
 
 
-def topk_mask(x, keep, *, axes: int | Sequence[int] | None = None,
-              score: str = "value", gradient: str = "masked",
-              method: str = "auto", relative: bool = False) -> jax.Array:
+def topk_mask(
+  x,
+  keep,
+  *,
+  axes: int | Sequence[int] | None = None,
+  score: str = "value",
+  gradient: str = "masked",
+  method: str = "auto",
+  relative: bool = False,
+) -> jax.Array:
   """Zeroes all but the top-k scores per example (ties at the threshold kept).
 
   Args:
@@ -400,8 +413,12 @@ def topk_mask(x, keep, *, axes: int | Sequence[int] | None = None,
   # Only the (tiny) per-row threshold sits inside the cond; the select stays outside so it fuses with the
   # ops around it and, under autodiff, the cond carries no activation-sized residuals. Key 0 is below
   # every key, so the skipped branch keeps every unit and the select returns x bit for bit.
-  thr_key = lax.cond(jnp.all(keep >= 1.0), lambda xf: jnp.zeros(thr_shape, jnp.uint32),
-                     lambda xf: _threshold_keys(xf, keep, axes, score, method, relative), xf)
+  thr_key = lax.cond(
+    jnp.all(keep >= 1.0),
+    lambda xf: jnp.zeros(thr_shape, jnp.uint32),
+    lambda xf: _threshold_keys(xf, keep, axes, score, method, relative),
+    xf,
+  )
   keys, _ = _keys(xf, score == "magnitude")
   y = jnp.where(keys >= thr_key, x, jnp.zeros_like(x))
   return _straight_through(x, y) if gradient == "straight_through" else y

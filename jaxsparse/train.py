@@ -1,4 +1,5 @@
 """Train state, optimiser, and the pure train / eval steps (jitted by the loop, not here)."""
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -13,7 +14,6 @@ from jax import lax
 
 from jaxsparse import controllers as controllers_lib
 from jaxsparse.models import site_densities
-
 from jaxsparse.models.wrn import DENSITY  # the collection of achieved densities, one scalar per top-k site
 
 
@@ -28,6 +28,7 @@ class TrainState(struct.PyTreeNode):
     controller: keep-ratio controller state; `controller.keep` is the keep ratio of the current epoch.
     rng: uint32 PRNG key; per-step keys are `fold_in(rng, step)`.
   """
+
   step: jax.Array
   params: Any
   model_state: Any
@@ -46,36 +47,50 @@ def decay_mask(params):
 def lr_schedule(peak: float, *, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
   """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
   if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
-    raise ValueError(f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, got {total_steps}, "
-                     f"{warmup_steps}")
-  return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
-                                            decay_steps=max(total_steps, warmup_steps + 1))
+    raise ValueError(f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, got {total_steps}, {warmup_steps}")
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0, peak_value=peak, warmup_steps=warmup_steps, decay_steps=max(total_steps, warmup_steps + 1)
+  )
 
 
-def make_optimizer(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.9, nesterov: bool = True,
-                   weight_decay: float = 5e-4) -> optax.GradientTransformation:
+def make_optimizer(
+  learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 5e-4
+) -> optax.GradientTransformation:
   """SGD with Nesterov momentum and coupled L2 weight decay on kernels only.
 
   Coupled decay (added to the gradient before momentum) matches PyTorch's `SGD(weight_decay=...)`, the usual WRN
   recipe.
   """
   return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask=decay_mask),
-      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
+    optax.add_decayed_weights(weight_decay, mask=decay_mask),
+    optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+  )
 
 
-def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
-                       controller: controllers_lib.Controller, *, image_shape=(32, 32, 3)) -> TrainState:
+def create_train_state(
+  rng: jax.Array,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  controller: controllers_lib.Controller,
+  *,
+  image_shape=(32, 32, 3),
+) -> TrainState:
   """Initialises parameters, optimiser and controller state. `rng` is a uint32 PRNG key."""
   init_rng, train_rng = jax.random.split(rng)
-  variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32), keep=jnp.float32(1.0),
-                         train=False)
+  variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32), keep=jnp.float32(1.0), train=False)
   variables = flax.core.unfreeze(variables)
   params = variables.pop("params")
   variables.pop(DENSITY, None)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
-                    opt_state=tx.init(params), controller=controller.init(), rng=train_rng,
-                    apply_fn=model.apply, tx=tx)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    model_state=variables,
+    opt_state=tx.init(params),
+    controller=controller.init(),
+    rng=train_rng,
+    apply_fn=model.apply,
+    tx=tx,
+  )
 
 
 def cross_entropy(logits, labels):
@@ -113,8 +128,9 @@ def regime_keeps(rng: jax.Array, min_keep, regimes: int, *, max_keep=1.0) -> jax
   return jnp.concatenate([jnp.ones((1,), jnp.float32), min_keep[None], u])
 
 
-def train_step(state: TrainState, batch: dict, keep: jax.Array, *, regimes: int = 1,
-               distill: bool = False) -> tuple[TrainState, dict]:
+def train_step(
+  state: TrainState, batch: dict, keep: jax.Array, *, regimes: int = 1, distill: bool = False
+) -> tuple[TrainState, dict]:
   """One SGD step at keep ratio `keep` (a traced float32 scalar: one compilation serves every regime).
 
   With ``regimes >= 2`` the step trains several keep ratios at once (the "sandwich rule" of slimmable networks):
@@ -149,8 +165,13 @@ def train_step(state: TrainState, batch: dict, keep: jax.Array, *, regimes: int 
 
   def loss_fn(params):
     logits, new_vars = state.apply_fn(
-        {"params": params, **state.model_state}, batch["image"], keep=keep, train=True,
-        mutable=mutable, rngs={"dropout": dropout_rng})
+      {"params": params, **state.model_state},
+      batch["image"],
+      keep=keep,
+      train=True,
+      mutable=mutable,
+      rngs={"dropout": dropout_rng},
+    )
     loss = jnp.mean(cross_entropy(logits, batch["label"]))
     return loss, (logits, new_vars)
 
@@ -165,8 +186,9 @@ def _apply_grads(state: TrainState, grads, new_vars, metrics: dict, densities: d
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics.update({f"density/{k}": v for k, v in densities.items()})
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            model_state={k: new_vars[k] for k in state.model_state})
+  new_state = state.replace(
+    step=state.step + 1, params=params, opt_state=opt_state, model_state={k: new_vars[k] for k in state.model_state}
+  )
   return new_state, metrics
 
 
@@ -179,8 +201,14 @@ def _multi_regime_step(state: TrainState, batch: dict, keep: jax.Array, regimes:
 
   def loss_fn(params):
     def run(i):
-      return state.apply_fn({"params": params, **state.model_state}, batch["image"], keep=keeps[i], train=True,
-                            mutable=mutable, rngs={"dropout": dropout_rngs[i]})
+      return state.apply_fn(
+        {"params": params, **state.model_state},
+        batch["image"],
+        keep=keeps[i],
+        train=True,
+        mutable=mutable,
+        rngs={"dropout": dropout_rngs[i]},
+      )
 
     dense_logits, dense_vars = run(0)
     dense_loss = jnp.mean(cross_entropy(dense_logits, batch["label"]))
@@ -196,13 +224,18 @@ def _multi_regime_step(state: TrainState, batch: dict, keep: jax.Array, regimes:
         small = (logits, new_vars[DENSITY] if DENSITY in new_vars else {})
     return jnp.mean(jnp.stack(losses)), (dense_logits, dense_loss, dense_vars, small)
 
-  (loss, (dense_logits, dense_loss, dense_vars, (logits, density))), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  (loss, (dense_logits, dense_loss, dense_vars, (logits, density))), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    state.params
+  )
   new_vars = flax.core.unfreeze(dense_vars)
   new_vars.pop(DENSITY, None)
   accuracy = lambda lg: jnp.mean(jnp.argmax(lg, -1) == batch["label"])  # noqa: E731
-  metrics = {"loss": loss, "accuracy": accuracy(logits), "dense_loss": dense_loss,
-             "dense_accuracy": accuracy(dense_logits)}
+  metrics = {
+    "loss": loss,
+    "accuracy": accuracy(logits),
+    "dense_loss": dense_loss,
+    "dense_accuracy": accuracy(dense_logits),
+  }
   return _apply_grads(state, grads, new_vars, metrics, site_densities(density))
 
 
@@ -212,9 +245,11 @@ def eval_step(state: TrainState, batch: dict, keep: jax.Array) -> dict:
   Returns:
     {"correct", "loss", "count"}: float32 sums; accuracy = correct / count over all batches.
   """
-  logits = state.apply_fn({"params": state.params, **state.model_state}, batch["image"], keep=keep,
-                          train=False)
+  logits = state.apply_fn({"params": state.params, **state.model_state}, batch["image"], keep=keep, train=False)
   mask = batch["mask"]
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-  return {"correct": jnp.sum(correct * mask), "loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
-          "count": jnp.sum(mask)}
+  return {
+    "correct": jnp.sum(correct * mask),
+    "loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+    "count": jnp.sum(mask),
+  }

@@ -3,6 +3,7 @@
 Layout (written by jaxsparse.loop): workdir/config.json  metrics.jsonl  summary.json  provenance.jsonl  checkpoints/
 plots/*.png
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,8 +46,9 @@ def prepare_workdir(config: Config, workdir: Path, *, fresh: bool, write: bool =
     try:
       old = json.loads(saved.read_text())
     except json.JSONDecodeError as e:
-      raise ConfigMismatchError(f"{saved} is unreadable ({e}); pass --fresh to start the run over, or choose "
-                                f"another --workdir") from e
+      raise ConfigMismatchError(
+        f"{saved} is unreadable ({e}); pass --fresh to start the run over, or choose another --workdir"
+      ) from e
     new = json.loads(config.to_json())
     # A field the saved config predates had its default's behaviour then.
     defaults = json.loads(type(config)().to_json())
@@ -58,8 +60,9 @@ def prepare_workdir(config: Config, workdir: Path, *, fresh: bool, write: bool =
     elif diff:
       details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
       raise ConfigMismatchError(
-          f"{workdir} holds a run with a different config ({details}); pass --fresh to start it over, or "
-          f"choose another --workdir")
+        f"{workdir} holds a run with a different config ({details}); pass --fresh to start it over, or "
+        f"choose another --workdir"
+      )
     return
   if write:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -74,8 +77,10 @@ def writing(what: object):
   except WorkdirError:
     raise
   except OSError as e:
-    raise WorkdirError(f"cannot write {what}: {e.strerror or e}; free disk space or choose a writable --workdir "
-                       f"(checkpoints saved before are intact; run the same command again to resume)") from e
+    raise WorkdirError(
+      f"cannot write {what}: {e.strerror or e}; free disk space or choose a writable --workdir "
+      f"(checkpoints saved before are intact; run the same command again to resume)"
+    ) from e
 
 
 def has_checkpoints(directory: Path) -> bool:

@@ -1,4 +1,5 @@
 """Shared test fixtures and process-wide test settings."""
+
 import tempfile
 from pathlib import Path
 

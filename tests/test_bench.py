@@ -1,4 +1,5 @@
 """The benchmark script runs end to end and emits its three ratios (slow: it times real train steps)."""
+
 import json
 import subprocess
 import sys
@@ -10,9 +11,20 @@ from conftest import ROOT
 
 @pytest.mark.slow
 def test_bench_emits_the_three_ratios():
-  out = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), "--model=wrn10_1",
-                        "--batch-size=16", "--repeats=2", "--sections=step,conv", "--other-convs=xla"],
-                       capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    [
+      sys.executable,
+      str(ROOT / "experiments" / "bench.py"),
+      "--model=wrn10_1",
+      "--batch-size=16",
+      "--repeats=2",
+      "--sections=step,conv",
+      "--other-convs=xla",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   result = json.loads(out.stdout)
   assert result["sparse_over_dense"] > 0 and result["keep1_over_plain"] > 0

@@ -14,13 +14,14 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxsparse.checkpoint import Checkpointer, Restored
 
 
 class ControllerState(NamedTuple):
-  keep: jax.Array   # float32 scalar
+  keep: jax.Array  # float32 scalar
   cycle: jax.Array  # int32 scalar
 
 
@@ -38,18 +39,18 @@ def make_state(seed: int) -> TrainState:
   """A small TrainState-like pytree whose every leaf depends on `seed`."""
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
   params = {
-      "conv": {"kernel": jax.random.normal(k1, (3, 3, 2, 4), jnp.bfloat16)},
-      "head": {"kernel": jax.random.normal(k2, (4, 3)), "bias": jnp.full((3,), seed, jnp.float32)},
+    "conv": {"kernel": jax.random.normal(k1, (3, 3, 2, 4), jnp.bfloat16)},
+    "head": {"kernel": jax.random.normal(k2, (4, 3)), "bias": jnp.full((3,), seed, jnp.float32)},
   }
   opt_state = optax.adamw(1e-3).init(params)
   opt_state = jax.tree.map(lambda x: x + seed, opt_state)  # nonzero mu/nu/count
   return TrainState(
-      step=jnp.int32(100 * seed + 7),
-      params=params,
-      opt_state=opt_state,
-      controller=ControllerState(jnp.float32(1.0 / (seed + 3)), jnp.int32(seed)),
-      key=jax.random.PRNGKey(seed + 1000),
-      batch_stats={"norm": {"mean": jax.random.uniform(k3, (4,))}},
+    step=jnp.int32(100 * seed + 7),
+    params=params,
+    opt_state=opt_state,
+    controller=ControllerState(jnp.float32(1.0 / (seed + 3)), jnp.int32(seed)),
+    key=jax.random.PRNGKey(seed + 1000),
+    batch_stats={"norm": {"mean": jax.random.uniform(k3, (4,))}},
   )
 
 
@@ -74,8 +75,13 @@ def save_epochs(ckpt, epochs, cycle_ends=()):
 
 def test_round_trip_is_bitwise_with_types_and_meta(tmp_path):
   state = make_state(1)
-  meta = {"epoch": 1, "step_in_epoch": 0, "data": {"seed": 3, "position": 1234},
-          "config_hash": "ab12", "np_rng": {"state": 2**100 + 1}}
+  meta = {
+    "epoch": 1,
+    "step_in_epoch": 0,
+    "data": {"seed": 3, "position": 1234},
+    "config_hash": "ab12",
+    "np_rng": {"state": 2**100 + 1},
+  }
   with Checkpointer(tmp_path, async_save=False) as ckpt:
     assert ckpt.save(1, state, meta=meta)
     restored, restored_meta = ckpt.restore(1, abstract(make_state(0)))
@@ -165,11 +171,11 @@ def _flip_array_byte(step_dir):
 
 
 CORRUPTIONS = {
-    "truncated_array_file": _truncate_array_data,
-    "flipped_array_byte": _flip_array_byte,
-    "deleted_array_manifest": lambda d: os.remove(os.path.join(d, "state", "manifest.ocdbt")),
-    "deleted_state_item": lambda d: shutil.rmtree(os.path.join(d, "state")),
-    "truncated_meta_json": lambda d: open(os.path.join(d, "meta", "metadata"), "r+b").truncate(3),
+  "truncated_array_file": _truncate_array_data,
+  "flipped_array_byte": _flip_array_byte,
+  "deleted_array_manifest": lambda d: os.remove(os.path.join(d, "state", "manifest.ocdbt")),
+  "deleted_state_item": lambda d: shutil.rmtree(os.path.join(d, "state")),
+  "truncated_meta_json": lambda d: open(os.path.join(d, "meta", "metadata"), "r+b").truncate(3),
 }
 
 
@@ -253,8 +259,7 @@ os._exit(0)  # dies while the asynchronous write of epoch 2 is in flight
 def test_process_killed_during_async_save(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
-  subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)], env=env, check=True,
-                 capture_output=True)
+  subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)], env=env, check=True, capture_output=True)
   left = sorted(os.listdir(tmp_path))
   assert left in (["1", "2.orbax-checkpoint-tmp"], ["1", "2"])  # the former in practice
   with Checkpointer(tmp_path) as ckpt:

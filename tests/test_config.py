@@ -9,14 +9,24 @@ def test_presets_are_valid_and_paper_is_the_default():
   assert config_lib.PRESETS["paper"] == config_lib.Config()
   paper = config_lib.PRESETS["paper"]
   assert (paper.model, paper.norm, paper.augment, paper.epochs, paper.batch_size) == (
-      "wrn28_4", "rmsnorm", None, 200, 128)
+    "wrn28_4",
+    "rmsnorm",
+    None,
+    200,
+    128,
+  )
   assert paper.eval_keeps == (1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05)
 
 
 def test_overfit_preset_is_the_study_recipe_on_a_wider_model_and_fewer_images():
   study, overfit = config_lib.preset("study"), config_lib.preset("overfit")
   assert (overfit.model, overfit.train_size, overfit.val_size, overfit.epochs, overfit.augment) == (
-      "wrn16_2", 2000, 1000, 40, None)
+    "wrn16_2",
+    2000,
+    1000,
+    40,
+    None,
+  )
   same = ("batch_size", "learning_rate", "warmup_epochs", "norm", "weight_decay", "schedule")
   assert all(getattr(overfit, f) == getattr(study, f) for f in same)
   assert overfit.epochs % overfit.eval_every == 0 and 1.0 in overfit.eval_keeps
@@ -29,7 +39,9 @@ def test_json_round_trip():
   assert back.eval_keeps == (1.0, 0.5)
 
 
-@pytest.mark.parametrize("bad, match", [
+@pytest.mark.parametrize(
+  "bad, match",
+  [
     (dict(model="wrn99"), "model must be one of"),
     (dict(norm="layernorm"), "norm must be one of"),
     (dict(epochs=0), "epochs must be >= 1"),
@@ -38,7 +50,8 @@ def test_json_round_trip():
     (dict(dropout=1.0), "dropout"),
     (dict(train_size=10), "train_size"),
     (dict(augment="mixup"), "augment"),
-])
+  ],
+)
 def test_bad_values_raise(bad, match):
   with pytest.raises(ValueError, match=match):
     config_lib.preset("smoke", **bad)
@@ -53,13 +66,16 @@ def test_unknown_preset_and_field():
     config_lib.preset("smoke", bogus=1)
 
 
-@pytest.mark.parametrize("bad, match", [
+@pytest.mark.parametrize(
+  "bad, match",
+  [
     (dict(topk_keep="fraction"), r"topk_keep must be one of \['absolute', 'relative'\], got 'fraction'"),
     (dict(regimes=0), "regimes must be an integer >= 1, got 0"),
     (dict(regimes=2.5), "regimes must be an integer >= 1, got 2.5"),
     (dict(distill=True), "distill needs regimes >= 2"),
     (dict(regimes=2, distill="yes"), "distill must be a bool, got 'yes'"),
-])
+  ],
+)
 def test_bad_method_options_raise(bad, match):
   with pytest.raises(ValueError, match=match):
     config_lib.preset("smoke", **bad)
@@ -72,12 +88,13 @@ def test_method_options_round_trip():
 
 def test_a_saved_config_without_newer_fields_still_resumes(tmp_path):
   from jaxsparse import workdir as workdir_lib
+
   config = config_lib.preset("smoke")
   saved = json.loads(config.to_json())
-  for field in ("topk_keep", "regimes", "distill"):   # a run directory written before these fields existed
+  for field in ("topk_keep", "regimes", "distill"):  # a run directory written before these fields existed
     del saved[field]
   (tmp_path / "config.json").write_text(json.dumps(saved))
   (tmp_path / "checkpoints" / "10").mkdir(parents=True)
-  workdir_lib.prepare_workdir(config, tmp_path, fresh=False)   # same behaviour: accepted
+  workdir_lib.prepare_workdir(config, tmp_path, fresh=False)  # same behaviour: accepted
   with pytest.raises(workdir_lib.ConfigMismatchError, match="regimes: 1 -> 2"):
     workdir_lib.prepare_workdir(config.replace(regimes=2), tmp_path, fresh=False)

@@ -13,18 +13,17 @@ import time
 import types
 
 import hypothesis
-from hypothesis import strategies as st
 import numpy as np
-from PIL import Image
 import pytest
+from hypothesis import strategies as st
+from PIL import Image
 
 from jaxsparse import data, data_sources
 
 SHARED = "/work/shared/data"
 GENUINE = os.path.join(SHARED, "cifar10-genuine-subset.npz")
 JPEG = os.path.join(SHARED, "cifar10-jpeg.tar.gz")
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-           "truck"]
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def _images(n, seed=0):
@@ -56,8 +55,7 @@ def _write_batches(root, per_batch=4, data_key=b"data"):
   xs, ys = [], []
   for i, name in enumerate(data_sources.BATCH_NAMES):
     x, y = _images(per_batch, seed=i), [(i + j) % 10 for j in range(per_batch)]
-    batch = {data_key: x.transpose(0, 3, 1, 2).reshape(per_batch, 3072), b"labels": y,
-             b"batch_label": name.encode()}
+    batch = {data_key: x.transpose(0, 3, 1, 2).reshape(per_batch, 3072), b"labels": y, b"batch_label": name.encode()}
     with open(root / name, "wb") as f:
       pickle.dump(batch, f, protocol=2)
     xs.append(x), ys.append(y)
@@ -65,8 +63,12 @@ def _write_batches(root, per_batch=4, data_key=b"data"):
 
 
 def _write_npz(path, n_train=40, n_test=12, **overrides):
-  arrays = dict(x_train=_images(n_train, 1), y_train=np.arange(n_train) % 10,
-                x_test=_images(n_test, 2), y_test=np.arange(n_test) % 10)
+  arrays = dict(
+    x_train=_images(n_train, 1),
+    y_train=np.arange(n_train) % 10,
+    x_test=_images(n_test, 2),
+    y_test=np.arange(n_test) % 10,
+  )
   arrays.update(overrides)
   np.savez(path, **arrays)
   return arrays
@@ -252,7 +254,9 @@ def _batch_label_out_of_range(root):
     pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, f)
 
 
-@pytest.mark.parametrize("make, match", [
+@pytest.mark.parametrize(
+  "make, match",
+  [
     (_bad_size, r"0001.png: image is 32x31, expected 32x32"),
     (_bad_image, r"dog/0000.png: cannot decode image"),
     (_nine_classes, r"same 10 folders"),
@@ -262,7 +266,8 @@ def _batch_label_out_of_range(root):
     (_bad_batch_shape, r"data_batch_2: b'data' is uint8 \(2, 100\), expected uint8 \(N, 3072\)"),
     (_malicious_pickle, r"test_batch: not a CIFAR-10 python batch.*refusing"),
     (_batch_label_out_of_range, r"y_test has labels in \[0, 10\], expected 0..9"),
-])
+  ],
+)
 @pytest.mark.parametrize("archive", [False, True])
 def test_bad_local_sources(tmp_path, cache, make, match, archive):
   make(tmp_path / "src")
@@ -272,13 +277,16 @@ def test_bad_local_sources(tmp_path, cache, make, match, archive):
   assert not os.path.exists(cache) or os.listdir(cache) == []
 
 
-@pytest.mark.parametrize("overrides, match", [
+@pytest.mark.parametrize(
+  "overrides, match",
+  [
     (dict(y_train=np.full(40, 10)), r"y_train has labels in \[10, 10\]"),
     (dict(y_test=-np.ones(12, int)), r"y_test has labels in \[-1, -1\]"),
     (dict(x_test=np.zeros((12, 28, 28, 3), np.uint8)), r"x_test is uint8 \(12, 28, 28, 3\)"),
     (dict(x_train=np.zeros((40, 32, 32, 3), np.float32)), r"x_train is float32"),
     (dict(y_train=np.zeros(39, int)), r"y_train is int64 \(39,\), expected integers \(40,\)"),
-])
+  ],
+)
 def test_bad_npz(tmp_path, cache, overrides, match):
   _write_npz(tmp_path / "c.npz", **overrides)
   with pytest.raises(data.DataError, match=match):
@@ -320,7 +328,6 @@ def test_corrupted_files(tmp_path, cache, name):
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-
   def log_message(self, *args):
     pass
 
@@ -337,8 +344,9 @@ def fake_cifar(tmp_path, no_proxy):  # pylint: disable=unused-argument
   """A fake cifar-10-python.tar.gz served over loopback HTTP while the test runs."""
   expected = _write_batches(tmp_path / "src" / "cifar-10-batches-py")
   (tmp_path / "www").mkdir()
-  archive = _tar(tmp_path / "src" / "cifar-10-batches-py",
-                 tmp_path / "www" / "cifar-10-python.tar.gz", "cifar-10-batches-py")
+  archive = _tar(
+    tmp_path / "src" / "cifar-10-batches-py", tmp_path / "www" / "cifar-10-python.tar.gz", "cifar-10-batches-py"
+  )
   blob = archive.read_bytes()
   handler = functools.partial(_QuietHandler, directory=str(tmp_path / "www"))
   server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -353,9 +361,17 @@ def fake_cifar(tmp_path, no_proxy):  # pylint: disable=unused-argument
 
   url = f"http://127.0.0.1:{server.server_address[1]}/cifar-10-python.tar.gz"
   yield types.SimpleNamespace(
-      url=url, blob=blob, expected=expected, stop=stop,
-      kwargs=dict(download_url=url, download_md5=hashlib.md5(blob).hexdigest(),
-                  download_size=len(blob), tfds_data_dir=str(tmp_path / "tfds")))
+    url=url,
+    blob=blob,
+    expected=expected,
+    stop=stop,
+    kwargs=dict(
+      download_url=url,
+      download_md5=hashlib.md5(blob).hexdigest(),
+      download_size=len(blob),
+      tfds_data_dir=str(tmp_path / "tfds"),
+    ),
+  )
   stop()
 
 
@@ -368,10 +384,8 @@ def _closed_port_url():
 
 def test_cifar10_downloads_verifies_decodes_then_uses_the_cache(fake_cifar, cache, monkeypatch):
   calls = []
-  ds = data.load("cifar10", cache_dir=cache, progress=lambda *a: calls.append(a),
-                 **fake_cifar.kwargs)
-  for got, want in zip((ds.train.images, ds.train.labels, ds.test.images, ds.test.labels),
-                       fake_cifar.expected):
+  ds = data.load("cifar10", cache_dir=cache, progress=lambda *a: calls.append(a), **fake_cifar.kwargs)
+  for got, want in zip((ds.train.images, ds.train.labels, ds.test.images, ds.test.labels), fake_cifar.expected):
     np.testing.assert_array_equal(got, want)
   archive = os.path.join(cache, "cifar-10-python.tar.gz")
   assert ds.source == archive and open(archive, "rb").read() == fake_cifar.blob
@@ -394,11 +408,18 @@ def test_cifar10_downloads_again_over_a_truncated_archive(fake_cifar, cache):
   assert os.path.getsize(os.path.join(cache, "cifar-10-python.tar.gz")) == len(fake_cifar.blob)
 
 
-@pytest.mark.parametrize("override, match", [
-    (dict(download_md5="0" * 32), r"failed verification: got md5 [0-9a-f]{32}, expected \d+ "
-                                  r"bytes with md5 0{32}; nothing was kept"),
+@pytest.mark.parametrize(
+  "override, match",
+  [
+    (
+      dict(download_md5="0" * 32),
+      r"failed verification: got md5 [0-9a-f]{32}, expected \d+ "
+      r"bytes with md5 0{32}; nothing was kept",
+    ),
     (dict(download_size=10**6), r"the server offers \d+ bytes, expected 1000000"),
-], ids=["md5", "size"])
+  ],
+  ids=["md5", "size"],
+)
 def test_cifar10_bad_checksum_or_size_keeps_nothing(fake_cifar, cache, override, match):
   with pytest.raises(data.DataError, match=match) as info:
     data.load("cifar10", cache_dir=cache, **(fake_cifar.kwargs | override))
@@ -474,8 +495,9 @@ def test_val_and_train_size_are_stratified_disjoint_and_seeded(tmp_path, cache):
 
 
 @hypothesis.settings(max_examples=30, deadline=None)
-@hypothesis.given(counts=st.lists(st.integers(1, 20), min_size=1, max_size=10),
-                  frac=st.floats(0, 1), seed=st.integers(0, 2**16))
+@hypothesis.given(
+  counts=st.lists(st.integers(1, 20), min_size=1, max_size=10), frac=st.floats(0, 1), seed=st.integers(0, 2**16)
+)
 def test_stratified_indices_property(counts, frac, seed):
   labels = np.repeat(np.arange(len(counts)), counts)
   n = int(frac * len(labels))
@@ -523,12 +545,12 @@ def test_train_batches_deterministic_permutation_and_normalized():
   images = np.concatenate([_raw(b) for b in batches])
   order = np.random.default_rng([0, 0]).permutation(103)[:100]
   np.testing.assert_array_equal(images, split.images[order])
-  np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]),
-                                split.labels[order])
+  np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), split.labels[order])
   again, other = _train(split, 10), _train(split, 10, epoch=1)
   assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(batches, again))
   assert not np.array_equal(batches[0]["label"], other[0]["label"]) or not np.array_equal(
-      batches[0]["image"], other[0]["image"])
+    batches[0]["image"], other[0]["image"]
+  )
 
 
 @pytest.mark.parametrize("augment", [None, "flip_crop"])
@@ -538,8 +560,7 @@ def test_resume_and_process_slices_match_full_run(augment):
   resumed = _train(split, 16, augment=augment, epoch=2, start_step=3)
   assert len(resumed) == 1 and np.array_equal(resumed[0]["image"], full[3]["image"])
   assert _train(split, 16, start_step=4) == []
-  parts = [_train(split, 16, augment=augment, epoch=2, process_index=i, process_count=4)
-           for i in range(4)]
+  parts = [_train(split, 16, augment=augment, epoch=2, process_index=i, process_count=4) for i in range(4)]
   for step in range(4):
     assert parts[0][step]["image"].shape == (4, 32, 32, 3)
     joined = np.concatenate([p[step]["image"] for p in parts])
@@ -576,13 +597,13 @@ def test_batch_argument_errors():
     _train(split, 32)
 
 
-@pytest.mark.parametrize("n, batch_size, process_count", [(103, 10, 1), (100, 10, 1),
-                                                           (5, 16, 1), (103, 12, 4)])
+@pytest.mark.parametrize("n, batch_size, process_count", [(103, 10, 1), (100, 10, 1), (5, 16, 1), (103, 12, 4)])
 def test_eval_covers_every_example_once(n, batch_size, process_count):
   split = _split(n)
-  per_process = [list(data.eval_batches(split, batch_size, mean=MEAN, std=STD,
-                                        process_index=i, process_count=process_count))
-                 for i in range(process_count)]
+  per_process = [
+    list(data.eval_batches(split, batch_size, mean=MEAN, std=STD, process_index=i, process_count=process_count))
+    for i in range(process_count)
+  ]
   assert all(len(p) == -(-n // batch_size) for p in per_process)
   batches = [b for step in zip(*per_process) for b in step]  # global order
   assert all(b["image"].shape[0] == batch_size // process_count for b in batches)

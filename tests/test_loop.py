@@ -1,9 +1,8 @@
 """End to end: the CLI smoke run, resume equivalence, config-mismatch refusal, NaN stop."""
+
 import json
 import sys
 
-import jax
-import numpy as np
 import pytest
 
 from jaxsparse import config as config_lib
@@ -14,9 +13,17 @@ import run as run_cli  # noqa: E402
 
 
 def _config(genuine_npz, tmp_cache, **kw):
-  base = dict(data=str(genuine_npz), cache_dir=str(tmp_cache), train_size=128, val_size=64, batch_size=32,
-              epochs=3, schedule="adaptive_a", controller_options={"gamma": 0.5, "tol": 0.99},
-              eval_keeps=(1.0, 0.5))
+  base = dict(
+    data=str(genuine_npz),
+    cache_dir=str(tmp_cache),
+    train_size=128,
+    val_size=64,
+    batch_size=32,
+    epochs=3,
+    schedule="adaptive_a",
+    controller_options={"gamma": 0.5, "tol": 0.99},
+    eval_keeps=(1.0, 0.5),
+  )
   base.update(kw)
   return config_lib.preset("smoke", **base)
 
@@ -36,11 +43,25 @@ def full_run(genuine_npz, cache, tmp_path_factory):
 
 def test_run_outputs_and_summary(full_run):
   workdir, summary = full_run
-  for name in ("config.json", "metrics.jsonl", "summary.json", "plots/keep.png", "plots/accuracy.png",
-               "plots/keep_curve.png"):
+  for name in (
+    "config.json",
+    "metrics.jsonl",
+    "summary.json",
+    "plots/keep.png",
+    "plots/accuracy.png",
+    "plots/keep_curve.png",
+  ):
     assert (workdir / name).exists(), name
-  for key in ("test_accuracy", "best_test_accuracy", "keep_curve", "cycles", "epochs", "wall_time_s", "device",
-              "data_source"):
+  for key in (
+    "test_accuracy",
+    "best_test_accuracy",
+    "keep_curve",
+    "cycles",
+    "epochs",
+    "wall_time_s",
+    "device",
+    "data_source",
+  ):
     assert key in summary, key
   assert summary["epochs"] == 3 and set(summary["keep_curve"]) == {"1.0", "0.5"}
   assert summary["conv"] == "auto -> per layer (xla or wgrad_matmul by shape)"  # the default, on this CPU backend
@@ -90,23 +111,48 @@ def test_nan_loss_stops_with_a_clear_message(genuine_npz, cache, tmp_path):
 
 
 def test_cli_smoke_run_and_errors(genuine_npz, cache, tmp_path, capsys):
-  argv = ["--preset=smoke", "--schedule=cyclic", "--period=2", "--epochs=2", "--train-size=128",
-          f"--data={genuine_npz}", f"--cache-dir={cache}", f"--workdir={tmp_path / 'cli'}", "--no-progress",
-          "--eval-keeps=1,0.3"]
+  argv = [
+    "--preset=smoke",
+    "--schedule=cyclic",
+    "--period=2",
+    "--epochs=2",
+    "--train-size=128",
+    f"--data={genuine_npz}",
+    f"--cache-dir={cache}",
+    f"--workdir={tmp_path / 'cli'}",
+    "--no-progress",
+    "--eval-keeps=1,0.3",
+  ]
   assert run_cli.main(argv) == 0
   summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
   assert summary["schedule"] == "cyclic" and summary["epochs"] == 2
   assert run_cli.main(["--schedule=dense", "--gamma=0.5"]) == 2
   assert "--gamma does not apply to --schedule=dense" in capsys.readouterr().err
-  assert run_cli.main(["--preset=smoke", f"--data={tmp_path / 'missing.npz'}", f"--workdir={tmp_path / 'm'}",
-                       "--no-progress"]) == 1
+  assert (
+    run_cli.main(
+      ["--preset=smoke", f"--data={tmp_path / 'missing.npz'}", f"--workdir={tmp_path / 'm'}", "--no-progress"]
+    )
+    == 1
+  )
   assert "missing.npz" in capsys.readouterr().err
 
 
 def test_cli_relative_keep_and_sandwich_with_distillation(genuine_npz, cache, tmp_path):
-  argv = ["--preset=smoke", "--schedule=constant", "--keep=0.2", "--topk-keep=relative", "--regimes=3", "--distill",
-          "--epochs=1", "--train-size=128", f"--data={genuine_npz}", f"--cache-dir={cache}",
-          f"--workdir={tmp_path / 'sw'}", "--no-progress", "--eval-keeps=1,0.3"]
+  argv = [
+    "--preset=smoke",
+    "--schedule=constant",
+    "--keep=0.2",
+    "--topk-keep=relative",
+    "--regimes=3",
+    "--distill",
+    "--epochs=1",
+    "--train-size=128",
+    f"--data={genuine_npz}",
+    f"--cache-dir={cache}",
+    f"--workdir={tmp_path / 'sw'}",
+    "--no-progress",
+    "--eval-keeps=1,0.3",
+  ]
   assert run_cli.main(argv) == 0
   summary = json.loads((tmp_path / "sw" / "summary.json").read_text())
   config = json.loads((tmp_path / "sw" / "config.json").read_text())
@@ -114,7 +160,7 @@ def test_cli_relative_keep_and_sandwich_with_distillation(genuine_npz, cache, tm
   assert (config["topk_keep"], config["regimes"], config["distill"]) == ("relative", 3, True)
   record = json.loads((tmp_path / "sw" / "metrics.jsonl").read_text().splitlines()[0])
   assert 0 < record["train_dense_accuracy"] <= 1
-  assert all(d < 0.2 for d in record["density"].values())   # 20% of the active units: below 20% of all units
+  assert all(d < 0.2 for d in record["density"].values())  # 20% of the active units: below 20% of all units
 
 
 def test_eval_every_tests_every_nth_epoch_and_the_last(genuine_npz, cache, tmp_path):

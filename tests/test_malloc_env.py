@@ -1,5 +1,6 @@
 """experiments/malloc_env.py: an entry point without GLIBC_TUNABLES re-executes itself once with them; a user's
 own setting (empty included) is left alone."""
+
 import os
 import subprocess
 import sys
@@ -27,8 +28,9 @@ def _run(tmp_path, env):
   script = tmp_path / "entry.py"
   script.write_text(SCRIPT)
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAX_PLATFORMS")} | env
-  out = subprocess.run([sys.executable, str(script), "--flag=1"], env=env, capture_output=True, text=True,
-                       timeout=60, check=True)
+  out = subprocess.run(
+    [sys.executable, str(script), "--flag=1"], env=env, capture_output=True, text=True, timeout=60, check=True
+  )
   return out.stdout.splitlines()
 
 

@@ -3,6 +3,7 @@
 Each process forces 2 CPU devices (XLA_FLAGS) and exchanges gradients through gloo; the reference is one process
 with 4 CPU devices, the same global mesh size. The exact commands are the README's ("GPUs and TPUs").
 """
+
 import json
 import os
 import signal
@@ -17,8 +18,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "experiments" / "run.py"
 # 128 training images in batches of 32 (8 per device): 4 steps per epoch, 2 epochs, a reset after epoch 2.
-FLAGS = ["--preset=smoke", "--epochs=2", "--train-size=128", "--val-size=64", "--batch-size=32",
-         "--eval-keeps=1,0.5", "--no-progress", "--schedule=cyclic", "--period=2"]
+FLAGS = [
+  "--preset=smoke",
+  "--epochs=2",
+  "--train-size=128",
+  "--val-size=64",
+  "--batch-size=32",
+  "--eval-keeps=1,0.5",
+  "--no-progress",
+  "--schedule=cyclic",
+  "--period=2",
+]
 TIMES = ("epoch_time_s", "eval_time_s", "wall_time_s")
 LAUNCH_TIMEOUT_S = 600
 
@@ -30,13 +40,24 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-          "PYTHONUNBUFFERED": "1"}
+  return {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONUNBUFFERED": "1",
+  }
 
 
 def _argv(genuine_npz, cache, workdir, *extra):
-  return [sys.executable, str(RUN), *FLAGS, f"--data={genuine_npz}", f"--cache-dir={cache}", f"--workdir={workdir}",
-          *extra]
+  return [
+    sys.executable,
+    str(RUN),
+    *FLAGS,
+    f"--data={genuine_npz}",
+    f"--cache-dir={cache}",
+    f"--workdir={workdir}",
+    *extra,
+  ]
 
 
 def _launch(genuine_npz, cache, workdir, logs: Path, *extra, port=None) -> list[subprocess.Popen]:
@@ -45,10 +66,23 @@ def _launch(genuine_npz, cache, workdir, logs: Path, *extra, port=None) -> list[
   procs = []
   for pid in (0, 1):
     log = open(logs / f"{workdir.name}.p{pid}.log", "ab")
-    procs.append(subprocess.Popen(
-        _argv(genuine_npz, cache, workdir, "--distributed", f"--coordinator-address=127.0.0.1:{port}",
-              "--num-processes=2", f"--process-id={pid}", *extra),
-        env=_env(2), stdout=log, stderr=subprocess.STDOUT))
+    procs.append(
+      subprocess.Popen(
+        _argv(
+          genuine_npz,
+          cache,
+          workdir,
+          "--distributed",
+          f"--coordinator-address=127.0.0.1:{port}",
+          "--num-processes=2",
+          f"--process-id={pid}",
+          *extra,
+        ),
+        env=_env(2),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+      )
+    )
   return procs
 
 
@@ -61,8 +95,10 @@ def _log(logs: Path, workdir: Path, pid: int) -> str:
 
 
 def _results(workdir: Path):
-  records = [{k: v for k, v in json.loads(line).items() if k not in TIMES}
-             for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  records = [
+    {k: v for k, v in json.loads(line).items() if k not in TIMES}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines()
+  ]
   summary = json.loads((workdir / "summary.json").read_text())
   return records, {k: v for k, v in summary.items() if k not in TIMES + ("provenance", "device", "process_count")}
 
@@ -82,8 +118,9 @@ def two_process_run(genuine_npz, cache, tmp_path_factory, logs):
 
 def test_two_processes_match_one_process_and_write_once(two_process_run, genuine_npz, cache, tmp_path, logs):
   one = tmp_path / "one"
-  done = subprocess.run(_argv(genuine_npz, cache, one), env=_env(4), capture_output=True, text=True,
-                        timeout=LAUNCH_TIMEOUT_S)
+  done = subprocess.run(
+    _argv(genuine_npz, cache, one), env=_env(4), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   (records2, summary2), (records1, summary1) = _results(two_process_run), _results(one)
   # Not bitwise: gloo's cross-process all-reduce sums the 4 device gradients in another order than the in-process
@@ -103,9 +140,11 @@ def test_two_processes_match_one_process_and_write_once(two_process_run, genuine
   assert summary["process_count"] == 2 and summary["device"].startswith("4 x ")
   assert len((two_process_run / "provenance.jsonl").read_text().splitlines()) == 1
   assert sorted(p.name for p in (two_process_run / "plots").iterdir()) == sorted(
-      p.name for p in (one / "plots").iterdir())
+    p.name for p in (one / "plots").iterdir()
+  )
   # The checkpoints are complete: the last one restores in a single process (reads every array).
   from jaxsparse import loop
+
   config, state, _ = loop.load_trained(two_process_run)
   assert int(state.step) == 8 and config.epochs == 2
   assert "epoch   2/2" in _log(logs, two_process_run, 0) and "epoch   2/2" not in _log(logs, two_process_run, 1)
@@ -147,8 +186,9 @@ def test_a_process_dying_alone_stops_the_other_with_an_error(victim, genuine_npz
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_identical(two_process_run, genuine_npz, cache,
-                                                                              tmp_path, logs):
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_identical(
+  two_process_run, genuine_npz, cache, tmp_path, logs
+):
   workdir = tmp_path / "sigterm"
   procs = _launch(genuine_npz, cache, workdir, logs)
   deadline = time.time() + LAUNCH_TIMEOUT_S
@@ -166,14 +206,15 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_identical(two
 def test_distributed_flags_and_variables(monkeypatch):
   sys.path.insert(0, str(ROOT / "experiments"))
   import run as run_cli
+
   for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     monkeypatch.delenv(var, raising=False)
   args = lambda *a: run_cli.parse_args(["--preset=smoke", *a])  # noqa: E731
   assert run_cli.distributed_args(args()) == {}
   assert run_cli.distributed_args(args("--distributed")) == {}  # JAX detects the cluster
-  assert run_cli.distributed_args(args("--distributed", "--coordinator-address=h:1", "--num-processes=2",
-                                       "--process-id=1", "--heartbeat-timeout=5")) == {
-      "coordinator_address": "h:1", "num_processes": 2, "process_id": 1, "heartbeat_timeout_seconds": 5}
+  assert run_cli.distributed_args(
+    args("--distributed", "--coordinator-address=h:1", "--num-processes=2", "--process-id=1", "--heartbeat-timeout=5")
+  ) == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1, "heartbeat_timeout_seconds": 5}
   monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
   monkeypatch.setenv("JAX_PROCESS_ID", "3")
   assert run_cli.distributed_args(args("--distributed", "--process-id=2")) == {"num_processes": 4, "process_id": 2}

@@ -1,4 +1,5 @@
 """Tests for jaxsparse.sparse_apply and jaxsparse.nnx.TopK on Flax NNX models written here."""
+
 import math
 import pathlib
 import re
@@ -77,8 +78,10 @@ def _expected(keep, n):
 def _snapshot(model):
   """Everything a call must leave as it was: graph, classes of every module, and state values."""
   graphdef, state = nnx.split(model)
-  leaves = [np.asarray(jax.random.key_data(v) if jnp.issubdtype(v.dtype, jax.dtypes.prng_key) else v)
-            for v in jax.tree.leaves(state)]
+  leaves = [
+    np.asarray(jax.random.key_data(v) if jnp.issubdtype(v.dtype, jax.dtypes.prng_key) else v)
+    for v in jax.tree.leaves(state)
+  ]
   return graphdef, [(p, type(m)) for p, m in nnx.iter_modules(model)], leaves
 
 
@@ -141,13 +144,16 @@ def test_encoder_block_masks_attention_output_and_mlp_hidden():
   assert float(dens["attn/out"]) == pytest.approx(_expected(0.3, 5 * 16))
 
 
-@pytest.mark.parametrize("where, sites", [
+@pytest.mark.parametrize(
+  "where, sites",
+  [
     (nnx.Linear, {"linear2", "head"}),
     ("linear*", {"linear2"}),
     (re.compile("head$"), {"head"}),
     (lambda m, p: p == "linear2", {"linear2"}),
     (("head", re.compile("2")), {"linear2", "head"}),
-])
+  ],
+)
 def test_selectors(where, sites):
   model, x = MLP(nnx.Rngs(0)), _normal((4, 24))
   _, dens = jaxsparse.sparse_apply(model, x, keep=0.5, where=where, return_density=True)
@@ -217,7 +223,7 @@ def test_jitted_optimizer_step_compiles_once_across_keeps():
 
 
 def test_model_unchanged_after_a_call_that_raised():
-  model, x = CNN(nnx.Rngs(0)), _normal((4, 8, 8, 3))
+  model = CNN(nnx.Rngs(0))
   model.train()
   before = _snapshot(model)
   with pytest.raises((TypeError, ValueError)):  # the first conv wants 3 channels, not 5: raises mid-call
@@ -308,6 +314,6 @@ def test_readme_nnx_snippet_runs(capsys):
   text = (ROOT / "README.md").read_text()
   start, end = "<!-- snippet:sparse_apply_nnx -->", "<!-- /snippet:sparse_apply_nnx -->"
   assert start in text and end in text, "README.md lost its NNX snippet markers"
-  block = text[text.index(start) + len(start):text.index(end)].split("```python", 1)[1].split("```", 1)[0]
+  block = text[text.index(start) + len(start) : text.index(end)].split("```python", 1)[1].split("```", 1)[0]
   exec(compile(block, "README:sparse_apply_nnx", "exec"), {"__name__": "__snippet__"})
   assert "{'head': 0.312, 'hidden2': 0.312}" in capsys.readouterr().out

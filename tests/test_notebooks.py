@@ -8,6 +8,7 @@ registered globally), with its working directory in a temp dir (its runs/ land t
   JAX_COMPILATION_CACHE_DIR    a temp XLA cache shared by the runs (each run compiles the same steps)
   PYTHONPATH                   this checkout first, so the notebooks import the package under test
 """
+
 import json
 import os
 import sys
@@ -24,7 +25,7 @@ from jupyter_client.manager import KernelManager  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 NAMES = ("quickstart", "replicate")
-CELL_TIMEOUT_S = 600   # generous: the machine running the tests may be shared
+CELL_TIMEOUT_S = 600  # generous: the machine running the tests may be shared
 KERNEL = "jaxsparse-notebook-test"
 
 
@@ -49,14 +50,25 @@ def kernel_env(genuine_npz, tmp_path_factory):
   root = tmp_path_factory.mktemp("notebook-kernel")
   spec = root / "kernels" / KERNEL
   spec.mkdir(parents=True)
-  env = {"JAXSPARSE_NOTEBOOK_SMALL": "1", "JAXSPARSE_DATA": str(genuine_npz),
-         "JAXSPARSE_CACHE_DIR": str(root / "data-cache"), "JAX_COMPILATION_CACHE_DIR": str(root / "xla-cache"),
-         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-         # This checkout's package, whatever is installed (the kernel's cwd is a temp dir).
-         "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-  (spec / "kernel.json").write_text(json.dumps({
-      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-      "display_name": "jaxsparse notebook test", "language": "python", "env": env}))
+  env = {
+    "JAXSPARSE_NOTEBOOK_SMALL": "1",
+    "JAXSPARSE_DATA": str(genuine_npz),
+    "JAXSPARSE_CACHE_DIR": str(root / "data-cache"),
+    "JAX_COMPILATION_CACHE_DIR": str(root / "xla-cache"),
+    "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+    # This checkout's package, whatever is installed (the kernel's cwd is a temp dir).
+    "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+  }
+  (spec / "kernel.json").write_text(
+    json.dumps(
+      {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "jaxsparse notebook test",
+        "language": "python",
+        "env": env,
+      }
+    )
+  )
   return root / "kernels"
 
 
@@ -64,7 +76,7 @@ def _execute(name: str, kernels: Path, cwd: Path):
   nb = _read(name)
   km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)]))
   client = nbclient.NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, resources={"metadata": {"path": str(cwd)}})
-  client.execute()   # raises CellExecutionError (with the cell's traceback) if any cell fails
+  client.execute()  # raises CellExecutionError (with the cell's traceback) if any cell fails
   return nb
 
 
@@ -77,14 +89,15 @@ def test_quickstart_runs(kernel_env, tmp_path):
   summary = json.loads((tmp_path / "runs" / "quickstart_adaptive_b" / "summary.json").read_text())
   assert summary["epochs"] == 2 and summary["schedule"] == "adaptive_b"
   assert set(summary["keep_curve"]) == {"1.0", "0.3", "0.1"}
-  assert _images(nb) >= 4   # feature maps, schedules, controllers, training curves
+  assert _images(nb) >= 4  # feature maps, schedules, controllers, training curves
 
 
 def test_replicate_runs(kernel_env, tmp_path):
   nb = _execute("replicate", kernel_env, tmp_path)
   runs = sorted(p.parent.name for p in (tmp_path / "runs").glob("*/summary.json"))
   assert runs == [f"smoke_{s}_s0_e2" for s in ("adaptive_a", "adaptive_b", "cyclic", "dense")]
-  table = "".join(out.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code"
-                  for out in c.outputs)
+  table = "".join(
+    out.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code" for out in c.outputs
+  )
   assert "| smoke_adaptive_b_s0_e2 | adaptive_b | 2 |" in table
   assert _images(nb) >= 2

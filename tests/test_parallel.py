@@ -1,5 +1,6 @@
 """Data parallelism: 8 forced CPU devices give the same training as 1 (in a subprocess: XLA_FLAGS must be set
 before jax initialises its backend)."""
+
 import os
 import subprocess
 import sys

@@ -1,14 +1,14 @@
 """provenance(): every key present and JSON-serialisable, "unknown" (never an error) where the OS or git cannot say."""
+
 import json
 import shutil
 import subprocess
 
 import pytest
 
+from conftest import ROOT
 from jaxsparse import provenance as provenance_lib
 from jaxsparse.provenance import provenance
-
-from conftest import ROOT
 
 X86 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -27,8 +27,9 @@ CPU part\t: 0xd40
 
 
 def _git(*args, cwd):
-  return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
-                        capture_output=True, text=True).stdout
+  return subprocess.run(
+    ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True, capture_output=True, text=True
+  ).stdout
 
 
 def test_every_key_present_and_json_serialisable():

@@ -1,4 +1,5 @@
 """Reliability (issue 10): kills and signals lose nothing, bad input fails clearly, same seed same result."""
+
 import errno
 import json
 import os
@@ -23,8 +24,15 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import run as run_cli  # noqa: E402
 
 # 128 training images in batches of 32: 4 steps per epoch, 2 epochs, a reset after epoch 2.
-FLAGS = ["--preset=smoke", "--epochs=2", "--train-size=128", "--val-size=64", "--batch-size=32",
-         "--eval-keeps=1,0.5", "--no-progress"]
+FLAGS = [
+  "--preset=smoke",
+  "--epochs=2",
+  "--train-size=128",
+  "--val-size=64",
+  "--batch-size=32",
+  "--eval-keeps=1,0.5",
+  "--no-progress",
+]
 SCHEDULE = ["--schedule=cyclic", "--period=2"]
 TIMES = ("epoch_time_s", "eval_time_s", "wall_time_s")
 
@@ -37,8 +45,10 @@ def _argv(genuine_npz, cache, workdir, *extra):
 def _results(workdir: Path):
   """metrics.jsonl and summary.json without wall times and provenance (the process's environment): what must match
   bit for bit."""
-  records = [{k: v for k, v in json.loads(line).items() if k not in TIMES}
-             for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  records = [
+    {k: v for k, v in json.loads(line).items() if k not in TIMES}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines()
+  ]
   summary = json.loads((workdir / "summary.json").read_text())
   return records, {k: v for k, v in summary.items() if k not in TIMES + ("provenance",)}
 
@@ -110,15 +120,25 @@ def test_should_stop_api_raises_interrupted_with_checkpoint(genuine_npz, cache, 
 
 def _env(jit_cache: Path) -> dict:
   # A persistent compilation cache keeps each restarted process from recompiling the same train step.
-  return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(jit_cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return dict(
+    os.environ,
+    PYTHONPATH=str(ROOT),
+    JAX_PLATFORMS="cpu",
+    JAX_COMPILATION_CACHE_DIR=str(jit_cache),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
 
 
 def _run_until_killed(argv, env, *, after_s: float | None, checkpoints: Path) -> int | None:
   """Starts the CLI and SIGKILLs it `after_s` seconds in, or (after_s=None) as soon as a checkpoint write is in
   flight. Returns the exit code if the run finished first, else None."""
-  proc = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "run.py"), *argv], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  proc = subprocess.Popen(
+    [sys.executable, str(ROOT / "experiments" / "run.py"), *argv],
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+  )
   deadline = time.time() + (after_s if after_s is not None else 300)
   while proc.poll() is None and time.time() < deadline:
     if after_s is None and checkpoints.is_dir() and any(n.endswith("-tmp") for n in os.listdir(checkpoints)):
@@ -144,8 +164,9 @@ def _kill_and_resume(baseline, genuine_npz, cache, tmp_path, kills: list[float |
       killed += 1
     if killed == want:
       break
-  done = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), *argv], env=env,
-                        capture_output=True, text=True)
+  done = subprocess.run(
+    [sys.executable, str(ROOT / "experiments" / "run.py"), *argv], env=env, capture_output=True, text=True
+  )
   assert done.returncode == 0, done.stderr
   assert not any(n.endswith("-tmp") for n in os.listdir(workdir / "checkpoints"))
   assert _results(workdir) == _results(baseline)
@@ -168,7 +189,7 @@ def test_ten_sigkills_at_random_moments_then_resume_bitwise(genuine_npz, cache, 
 def test_truncated_metrics_line_is_dropped_on_resume(baseline, genuine_npz, cache, tmp_path, capsys):
   workdir = tmp_path / "run"
   shutil.copytree(baseline, workdir)
-  shutil.rmtree(workdir / "checkpoints" / "8")       # as if killed before the epoch-2 checkpoint committed
+  shutil.rmtree(workdir / "checkpoints" / "8")  # as if killed before the epoch-2 checkpoint committed
   text = (workdir / "metrics.jsonl").read_text()
   (workdir / "metrics.jsonl").write_text(text[: len(text) - 40])  # and while appending its metrics line
   assert run_cli.main(_argv(genuine_npz, cache, workdir)) == 0
@@ -180,21 +201,23 @@ def test_truncated_metrics_line_is_dropped_on_resume(baseline, genuine_npz, cach
 
 # (flags, exit code, what the one-line error must say). None of these writes anything.
 BAD_FLAGS = {
-    "keep_above_1": (["--schedule=constant", "--keep=1.5"], 2, "keep must be a number in (0.0, 1.0], got 1.5"),
-    "keep_nan": (["--schedule=constant", "--keep=nan"], 2, "keep must be a number in (0.0, 1.0], got nan"),
-    "eval_keep_0": (["--eval-keeps=1,0"], 2, "eval_keeps must be a non-empty list of values in (0, 1]"),
-    "eval_keep_nan": (["--eval-keeps=nan"], 2, "eval_keeps must be a non-empty list of values in (0, 1]"),
-    "min_keep_nan": (["--min-keep=nan"], 2, "min_keep must be a number in (0, 1], got nan"),
-    "option_of_other_schedule": (["--schedule=dense", "--gamma=0.5"], 2,
-                                 "--gamma does not apply to --schedule=dense"),
-    "adaptive_b_without_val": (["--schedule=adaptive_b", "--val-size=0"], 2,
-                               "schedule 'adaptive_b' needs a validation split: set val_size > 0"),
-    "train_smaller_than_batch": (["--train-size=16"], 2, "train_size (16) must be >= batch_size (32)"),
-    "zero_epochs": (["--epochs=0"], 2, "epochs must be >= 1, got 0"),
-    "bad_shape": (["--shape=zigzag"], 2, "shape must be one of"),
-    "zero_regimes": (["--regimes=0"], 2, "regimes must be an integer >= 1, got 0"),
-    "distill_one_regime": (["--distill"], 2, "distill needs regimes >= 2"),
-    "sandwich_on_dense": (["--schedule=dense", "--regimes=3"], 2, "schedule 'dense' keeps 1.0"),
+  "keep_above_1": (["--schedule=constant", "--keep=1.5"], 2, "keep must be a number in (0.0, 1.0], got 1.5"),
+  "keep_nan": (["--schedule=constant", "--keep=nan"], 2, "keep must be a number in (0.0, 1.0], got nan"),
+  "eval_keep_0": (["--eval-keeps=1,0"], 2, "eval_keeps must be a non-empty list of values in (0, 1]"),
+  "eval_keep_nan": (["--eval-keeps=nan"], 2, "eval_keeps must be a non-empty list of values in (0, 1]"),
+  "min_keep_nan": (["--min-keep=nan"], 2, "min_keep must be a number in (0, 1], got nan"),
+  "option_of_other_schedule": (["--schedule=dense", "--gamma=0.5"], 2, "--gamma does not apply to --schedule=dense"),
+  "adaptive_b_without_val": (
+    ["--schedule=adaptive_b", "--val-size=0"],
+    2,
+    "schedule 'adaptive_b' needs a validation split: set val_size > 0",
+  ),
+  "train_smaller_than_batch": (["--train-size=16"], 2, "train_size (16) must be >= batch_size (32)"),
+  "zero_epochs": (["--epochs=0"], 2, "epochs must be >= 1, got 0"),
+  "bad_shape": (["--shape=zigzag"], 2, "shape must be one of"),
+  "zero_regimes": (["--regimes=0"], 2, "regimes must be an integer >= 1, got 0"),
+  "distill_one_regime": (["--distill"], 2, "distill needs regimes >= 2"),
+  "sandwich_on_dense": (["--schedule=dense", "--regimes=3"], 2, "schedule 'dense' keeps 1.0"),
 }
 
 
@@ -219,9 +242,10 @@ def test_bad_data_sources(cache, tmp_path, capsys):
   corrupt = tmp_path / "corrupt.npz"
   corrupt.write_bytes(b"PK\x03\x04 this is not a zip archive")
   # The same workdir each time: a run that stopped before its first checkpoint does not block a corrected one.
-  for source, message in [(tmp_path / "missing.npz", f"data source {tmp_path / 'missing.npz'} does not exist; "
-                                                     "expected an image-folder tree"),
-                          (corrupt, f"{corrupt}: corrupted or unreadable .npz (File is not a zip file)")]:
+  for source, message in [
+    (tmp_path / "missing.npz", f"data source {tmp_path / 'missing.npz'} does not exist; expected an image-folder tree"),
+    (corrupt, f"{corrupt}: corrupted or unreadable .npz (File is not a zip file)"),
+  ]:
     argv = [*FLAGS, f"--data={source}", f"--cache-dir={cache}", f"--workdir={tmp_path / 'run'}"]
     assert run_cli.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -245,11 +269,12 @@ def test_unwritable_workdir(genuine_npz, cache, tmp_path, capsys):
   assert "choose a writable --workdir" in err
 
 
-def test_disk_full_mid_run_stops_clearly_and_damages_nothing(baseline, genuine_npz, cache, tmp_path, monkeypatch,
-                                                              capsys):
+def test_disk_full_mid_run_stops_clearly_and_damages_nothing(
+  baseline, genuine_npz, cache, tmp_path, monkeypatch, capsys
+):
   workdir = tmp_path / "run"
   shutil.copytree(baseline, workdir)
-  shutil.rmtree(workdir / "checkpoints" / "8")     # back to the end of epoch 1
+  shutil.rmtree(workdir / "checkpoints" / "8")  # back to the end of epoch 1
   (workdir / "summary.json").unlink()
   (workdir / "metrics.jsonl").write_text((workdir / "metrics.jsonl").read_text().splitlines()[0] + "\n")
   before = _tree(workdir)
@@ -264,11 +289,14 @@ def test_disk_full_mid_run_stops_clearly_and_damages_nothing(baseline, genuine_n
   monkeypatch.setattr(workdir_lib, "append_line", disk_full)
   assert run_cli.main(_argv(genuine_npz, cache, workdir)) == 1
   err = capsys.readouterr().err.strip().splitlines()[-1]
-  assert err == (f"error: cannot write {workdir / 'metrics.jsonl'}: No space left on device; free disk space or "
-                 f"choose a writable --workdir (checkpoints saved before are intact; run the same command again "
-                 f"to resume)")
+  assert err == (
+    f"error: cannot write {workdir / 'metrics.jsonl'}: No space left on device; free disk space or "
+    f"choose a writable --workdir (checkpoints saved before are intact; run the same command again "
+    f"to resume)"
+  )
   assert {k: v for k, v in _tree(workdir).items() if k.startswith("checkpoints/4/")} == {
-      k: v for k, v in before.items() if k.startswith("checkpoints/4/")}
+    k: v for k, v in before.items() if k.startswith("checkpoints/4/")
+  }
   assert (workdir / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
 
 
@@ -295,14 +323,23 @@ def test_nan_loss_names_the_step_and_the_last_good_checkpoint(genuine_npz, cache
   config = run_cli.config_from_args(run_cli.parse_args(_argv(genuine_npz, cache, tmp_path)))
   with pytest.raises(FloatingPointError) as info:
     loop.train_and_evaluate(config, tmp_path, progress=False)
-  assert str(info.value).startswith("non-finite training loss (nan) at step 5 (epoch 2); stopping. "
-                                    f"the last good checkpoint is {tmp_path / 'checkpoints' / '4'} (step 4)")
+  assert str(info.value).startswith(
+    "non-finite training loss (nan) at step 5 (epoch 2); stopping. "
+    f"the last good checkpoint is {tmp_path / 'checkpoints' / '4'} (step 4)"
+  )
 
 
 @pytest.mark.slow
 def test_bfloat16_trains_as_well_as_float32(genuine_npz, cache, tmp_path):
-  config = config_lib.preset("smoke", data=str(genuine_npz), cache_dir=str(cache), schedule="cyclic",
-                             controller_options={"period": 3}, epochs=6, eval_keeps=(1.0,))
+  config = config_lib.preset(
+    "smoke",
+    data=str(genuine_npz),
+    cache_dir=str(cache),
+    schedule="cyclic",
+    controller_options={"period": 3},
+    epochs=6,
+    eval_keeps=(1.0,),
+  )
   results = {}
   for dtype in ("float32", "bfloat16"):
     loop.train_and_evaluate(config.replace(dtype=dtype), tmp_path / dtype, progress=False)

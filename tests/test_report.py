@@ -12,13 +12,29 @@ def _fake_run(root, schedule, seed, final, keeps=(1.0, 0.5), config=None, proven
   d.mkdir()
   if config is not None:
     (d / "config.json").write_text(json.dumps({"schedule": schedule, "seed": seed, **config}))
-  history = [{"epoch": e, "step": 10 * e, "keep": 1.0 if e % 2 else 0.5, "cycle": e // 2,
-              "reset_after": e % 2 == 0, "train_accuracy": 0.5, "val_accuracy": 0.4,
-              "test_accuracy": final - 0.01 * (2 - e), "wall_time_s": 60.0 * e,
-              "density": {"a/act1": 0.4, "final_act": 0.3}} for e in (1, 2)]
+  history = [
+    {
+      "epoch": e,
+      "step": 10 * e,
+      "keep": 1.0 if e % 2 else 0.5,
+      "cycle": e // 2,
+      "reset_after": e % 2 == 0,
+      "train_accuracy": 0.5,
+      "val_accuracy": 0.4,
+      "test_accuracy": final - 0.01 * (2 - e),
+      "wall_time_s": 60.0 * e,
+      "density": {"a/act1": 0.4, "final_act": 0.3},
+    }
+    for e in (1, 2)
+  ]
   (d / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-  summary = report.summarize(history, keep_curve={k: final * k for k in keeps}, device="cpu",
-                             data_source="fake", config={"schedule": schedule, "seed": seed, "model": "m"})
+  summary = report.summarize(
+    history,
+    keep_curve={k: final * k for k in keeps},
+    device="cpu",
+    data_source="fake",
+    config={"schedule": schedule, "seed": seed, "model": "m"},
+  )
   if provenance is not None:
     summary["provenance"] = provenance
   (d / "summary.json").write_text(json.dumps(summary))
@@ -26,10 +42,26 @@ def _fake_run(root, schedule, seed, final, keeps=(1.0, 0.5), config=None, proven
 
 
 def test_summarize_picks_final_dense_and_best():
-  history = [{"epoch": 1, "step": 5, "cycle": 0, "reset_after": True, "train_accuracy": 0.3,
-              "test_accuracy": 0.6, "wall_time_s": 1.0},
-             {"epoch": 2, "step": 10, "cycle": 1, "reset_after": False, "train_accuracy": 0.4,
-              "test_accuracy": 0.5, "wall_time_s": 2.0}]
+  history = [
+    {
+      "epoch": 1,
+      "step": 5,
+      "cycle": 0,
+      "reset_after": True,
+      "train_accuracy": 0.3,
+      "test_accuracy": 0.6,
+      "wall_time_s": 1.0,
+    },
+    {
+      "epoch": 2,
+      "step": 10,
+      "cycle": 1,
+      "reset_after": False,
+      "train_accuracy": 0.4,
+      "test_accuracy": 0.5,
+      "wall_time_s": 2.0,
+    },
+  ]
   s = report.summarize(history, keep_curve={1.0: 0.55, 0.3: 0.4}, device="d", data_source="x", config={})
   assert (s["test_accuracy"], s["best_test_accuracy"], s["best_epoch"], s["cycles"]) == (0.55, 0.6, 1, 1)
   assert list(s["keep_curve"]) == ["1.0", "0.3"]
@@ -45,8 +77,10 @@ def test_paired_difference_matches_hand_computation():
 
 
 def test_comparison_table_and_figures(tmp_path):
-  dirs = [_fake_run(tmp_path, s, seed, acc) for s, seed, acc in
-          [("dense", 0, 0.80), ("dense", 1, 0.82), ("adaptive_b", 0, 0.83), ("adaptive_b", 1, 0.83)]]
+  dirs = [
+    _fake_run(tmp_path, s, seed, acc)
+    for s, seed, acc in [("dense", 0, 0.80), ("dense", 1, 0.82), ("adaptive_b", 0, 0.83), ("adaptive_b", 1, 0.83)]
+  ]
   runs = report.load_runs(dirs)
   md = report.comparison_markdown(runs, title="T", baseline="dense")
   assert "| dense | 2 | 0.8100 ± 0.0141 |" in md
@@ -60,24 +94,36 @@ def test_comparison_table_and_figures(tmp_path):
 def test_variants_of_one_schedule_are_grouped_apart(tmp_path):
   (tmp_path / "a").mkdir()
   (tmp_path / "b").mkdir()
-  dirs = [_fake_run(tmp_path / "a", "dense", 0, 0.80, config={"dropout": 0.0}),
-          _fake_run(tmp_path / "b", "dense", 0, 0.78, config={"dropout": 0.3}),
-          _fake_run(tmp_path, "cyclic", 0, 0.81, config={"controller_options": {"period": 5, "cycles": 3}})]
+  dirs = [
+    _fake_run(tmp_path / "a", "dense", 0, 0.80, config={"dropout": 0.0}),
+    _fake_run(tmp_path / "b", "dense", 0, 0.78, config={"dropout": 0.3}),
+    _fake_run(tmp_path, "cyclic", 0, 0.81, config={"controller_options": {"period": 5, "cycles": 3}}),
+  ]
   runs = report.load_runs(dirs)
   assert [r["label"] for r in runs] == ["dense", "dense+dropout0.3", "cyclic(cycles=3,period=5)"]
   md = report.comparison_markdown(runs, title="T", baseline="dense")
   assert "| dense+dropout0.3 | 1 | 0.7800 ± 0.0000 | 0.7800 ± 0.0000 | -0.0200 (n=1) |" in md
   assert "| cyclic(cycles=3,period=5) | 1 | 0.8100" in md
-  assert report.run_label({"schedule": "adaptive_b", "topk_gradient": "straight_through", "norm": "rmsnorm",
-                           "controller_options": {"min_keep": 0.3}}) == \
-      "adaptive_b(min_keep=0.3)+topk_gradient=straight_through"
+  assert (
+    report.run_label(
+      {
+        "schedule": "adaptive_b",
+        "topk_gradient": "straight_through",
+        "norm": "rmsnorm",
+        "controller_options": {"min_keep": 0.3},
+      }
+    )
+    == "adaptive_b(min_keep=0.3)+topk_gradient=straight_through"
+  )
 
 
 def test_compare_cli_writes_the_table_and_skips_unfinished_runs_only_with_partial(tmp_path, capsys):
   import sys
   from pathlib import Path
+
   sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
   import compare
+
   dirs = [str(_fake_run(tmp_path, s, seed, acc)) for s, seed, acc in [("dense", 0, 0.80), ("adaptive_b", 0, 0.83)]]
   running = tmp_path / "cyclic_s0"
   running.mkdir()
@@ -89,16 +135,26 @@ def test_compare_cli_writes_the_table_and_skips_unfinished_runs_only_with_partia
   assert (tmp_path / "out" / "accuracy.png").exists()
 
 
-def _provenance(model="AMD EPYC 9R14 96-Core Processor", commit="a63eee8851026053e8f910bead15d82a8c9c0894",
-                dirty=False, extensions=("avx2", "avx512f", "avx512_bf16"), devices=None):
-  return {"cpu": {"model": model, "vector_extensions": list(extensions), "count": 2, "affinity": "0-1", "usable": 2},
-          "devices": devices or [{"platform": "cpu", "kind": "cpu", "count": 1}], "driver": None,
-          "git": {"commit": commit, "dirty": dirty}}
+def _provenance(
+  model="AMD EPYC 9R14 96-Core Processor",
+  commit="a63eee8851026053e8f910bead15d82a8c9c0894",
+  dirty=False,
+  extensions=("avx2", "avx512f", "avx512_bf16"),
+  devices=None,
+):
+  return {
+    "cpu": {"model": model, "vector_extensions": list(extensions), "count": 2, "affinity": "0-1", "usable": 2},
+    "devices": devices or [{"platform": "cpu", "kind": "cpu", "count": 1}],
+    "driver": None,
+    "git": {"commit": commit, "dirty": dirty},
+  }
 
 
 def test_one_machine_is_named_under_each_table_without_a_warning(tmp_path):
-  dirs = [_fake_run(tmp_path, s, seed, acc, provenance=_provenance()) for s, seed, acc in
-          [("dense", 0, 0.80), ("dense", 1, 0.82), ("adaptive_b", 0, 0.83)]]
+  dirs = [
+    _fake_run(tmp_path, s, seed, acc, provenance=_provenance())
+    for s, seed, acc in [("dense", 0, 0.80), ("dense", 1, 0.82), ("adaptive_b", 0, 0.83)]
+  ]
   md = report.comparison_markdown(report.load_runs(dirs), title="T")
   line = "Machine: AMD EPYC 9R14 96-Core Processor (AVX-512+bf16), commit a63eee8 (all 3 runs)."
   assert md.count(line) == 2 and "Warning" not in md
@@ -112,20 +168,26 @@ def test_runs_without_provenance_are_an_unrecorded_machine(tmp_path):
 
 
 def test_mixed_machines_and_commits_are_warned_about_in_the_table(tmp_path):
-  dirs = [_fake_run(tmp_path, "dense", 0, 0.80, provenance=_provenance()),
-          _fake_run(tmp_path, "dense", 1, 0.82, provenance=_provenance(model="Intel(R) Xeon(R) Processor",
-                                                                       extensions=("avx2",))),
-          _fake_run(tmp_path, "adaptive_b", 0, 0.83, provenance=_provenance(commit="adf61eb" + "0" * 33, dirty=True)),
-          _fake_run(tmp_path, "adaptive_b", 1, 0.81)]
+  dirs = [
+    _fake_run(tmp_path, "dense", 0, 0.80, provenance=_provenance()),
+    _fake_run(
+      tmp_path, "dense", 1, 0.82, provenance=_provenance(model="Intel(R) Xeon(R) Processor", extensions=("avx2",))
+    ),
+    _fake_run(tmp_path, "adaptive_b", 0, 0.83, provenance=_provenance(commit="adf61eb" + "0" * 33, dirty=True)),
+    _fake_run(tmp_path, "adaptive_b", 1, 0.81),
+  ]
   md = report.comparison_markdown(report.load_runs(dirs), title="T")
   warning = next(line for line in md.splitlines() if line.startswith("**Warning"))
   assert md.index(warning) < md.index("| schedule |")  # above the tables, where it is seen first
-  assert "2 kinds of hardware (AMD EPYC 9R14 96-Core Processor (AVX-512+bf16); Intel(R) Xeon(R) Processor (AVX2))" \
-      in warning
+  assert (
+    "2 kinds of hardware (AMD EPYC 9R14 96-Core Processor (AVX-512+bf16); Intel(R) Xeon(R) Processor (AVX2))" in warning
+  )
   assert "2 commits (a63eee8, adf61eb+dirty)" in warning and "1 of 4 runs that do not record their machine" in warning
-  machines = ("Machines: M1 AMD EPYC 9R14 96-Core Processor (AVX-512+bf16), commit a63eee8 (1 run); "
-              "M2 AMD EPYC 9R14 96-Core Processor (AVX-512+bf16), commit adf61eb+dirty (1 run); "
-              "M3 Intel(R) Xeon(R) Processor (AVX2), commit a63eee8 (1 run); M4 unrecorded machine (1 run).")
+  machines = (
+    "Machines: M1 AMD EPYC 9R14 96-Core Processor (AVX-512+bf16), commit a63eee8 (1 run); "
+    "M2 AMD EPYC 9R14 96-Core Processor (AVX-512+bf16), commit adf61eb+dirty (1 run); "
+    "M3 Intel(R) Xeon(R) Processor (AVX2), commit a63eee8 (1 run); M4 unrecorded machine (1 run)."
+  )
   assert md.count(machines) == 2
   assert "| schedule | seed | final | best | run | machine |" in md
   assert f"| dense | 1 | 0.8200 | 0.8200 | `{dirs[1]}` | M3 |" in md
@@ -140,17 +202,23 @@ def test_only_a_commit_difference_is_warned_about_too(tmp_path):
 
 
 def test_hardware_label_names_accelerators_and_tolerates_unknowns():
-  gpu = _provenance(devices=[{"platform": "gpu", "kind": "NVIDIA H100 80GB HBM3", "count": 8}],
-                    extensions=("avx2", "avx512f", "amx_tile"))
+  gpu = _provenance(
+    devices=[{"platform": "gpu", "kind": "NVIDIA H100 80GB HBM3", "count": 8}],
+    extensions=("avx2", "avx512f", "amx_tile"),
+  )
   assert report.hardware_label(gpu) == "8 x NVIDIA H100 80GB HBM3 on AMD EPYC 9R14 96-Core Processor (AVX-512+AMX)"
-  unknown = {"cpu": {"model": "unknown", "vector_extensions": "unknown"}, "devices": "unknown",
-             "git": {"commit": "unknown", "dirty": "unknown"}}
+  unknown = {
+    "cpu": {"model": "unknown", "vector_extensions": "unknown"},
+    "devices": "unknown",
+    "git": {"commit": "unknown", "dirty": "unknown"},
+  }
   assert report.machine_label({"provenance": unknown}) == "unknown, commit unknown"
   assert report.machine_label({}) == "unrecorded machine"
 
 
 def test_seeds_needed_meets_its_definitions():
   from scipy import stats
+
   half = lambda n: stats.t.ppf(0.975, n - 1) * 0.0236 / math.sqrt(n)  # noqa: E731
   n = report.seeds_needed(0.0236, delta=0.01)
   assert n == 24 and half(n) <= 0.01 < half(n - 1)
@@ -167,10 +235,12 @@ def test_seeds_needed_meets_its_definitions():
 
 
 def test_sparsity_stats_count_only_epochs_where_the_keep_cut():
-  history = [{"keep": 1.0, "density": {"a": 0.45, "b": 0.40}},
-             {"keep": 0.7, "density": {"a": 0.45, "b": 0.40}},      # above both natural densities: no cut
-             {"keep": 0.42, "density": {"a": 0.4219, "b": 0.40}},   # cuts site a only
-             {"keep": 0.1, "density": {"a": 0.1016, "b": 0.1016}}]  # cuts both
+  history = [
+    {"keep": 1.0, "density": {"a": 0.45, "b": 0.40}},
+    {"keep": 0.7, "density": {"a": 0.45, "b": 0.40}},  # above both natural densities: no cut
+    {"keep": 0.42, "density": {"a": 0.4219, "b": 0.40}},  # cuts site a only
+    {"keep": 0.1, "density": {"a": 0.1016, "b": 0.1016}},
+  ]  # cuts both
   st = report.sparsity_stats(history)
   assert st["keep_below_1"] == 3 and st["bit"] == pytest.approx(1.5)
   assert st["mean_density"] == pytest.approx(np.mean([0.425, 0.425, 0.41095, 0.1016]))
@@ -183,13 +253,20 @@ def test_several_baselines_and_method_variants_are_labelled_apart(tmp_path):
     (tmp_path / sub).mkdir()
   dirs = [_fake_run(tmp_path / "a", "dense", s, 0.80 + 0.01 * s) for s in (0, 1)]
   dirs += [_fake_run(tmp_path / "b", "dense", s, 0.79 + 0.02 * s, config={"dropout": 0.3}) for s in (0, 1)]
-  dirs += [_fake_run(tmp_path / "c", "constant", s, 0.82, config={"regimes": 3, "distill": True,
-                                                                  "controller_options": {"keep": 0.1}})
-           for s in (0, 1)]
+  dirs += [
+    _fake_run(
+      tmp_path / "c", "constant", s, 0.82, config={"regimes": 3, "distill": True, "controller_options": {"keep": 0.1}}
+    )
+    for s in (0, 1)
+  ]
   dirs += [_fake_run(tmp_path / "d", "adaptive_b", 0, 0.81, config={"topk_keep": "relative"})]
   runs = report.load_runs(dirs)
-  assert sorted({r["label"] for r in runs}) == ["adaptive_b+topk_keep=relative", "constant(keep=0.1)+regimes=3+distill",
-                                                "dense", "dense+dropout0.3"]
+  assert sorted({r["label"] for r in runs}) == [
+    "adaptive_b+topk_keep=relative",
+    "constant(keep=0.1)+regimes=3+distill",
+    "dense",
+    "dense+dropout0.3",
+  ]
   md = report.comparison_markdown(runs, title="T", baseline=["dense", "dense+dropout0.3"])
   assert "| Δ final vs dense | Δ final vs dense+dropout0.3 | sparse epochs (cut) |" in md
   row = next(line for line in md.splitlines() if line.startswith("| constant(keep=0.1)+regimes=3+distill | 2 |"))

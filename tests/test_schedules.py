@@ -1,4 +1,5 @@
 """Tests for jaxsparse.schedules: values at boundaries under jit, shapes, composition, errors."""
+
 import math
 
 import hypothesis
@@ -20,7 +21,7 @@ def _explicit(shape, min_keep, t):
   if shape == "linear":
     return 1 - (1 - min_keep) * t
   if shape == "geometric":
-    return min_keep ** t
+    return min_keep**t
   return min_keep + (1 - min_keep) * 0.5 * (1 + np.cos(np.pi * t))
 
 
@@ -39,10 +40,12 @@ def test_compression_matches_explicit_values_under_jit(shape):
 
 def test_named_shapes_are_compression():
   steps = jnp.arange(12)
-  for factory, shape in ((schedules.linear, "linear"), (schedules.geometric, "geometric"),
-                         (schedules.cosine, "cosine")):
-    np.testing.assert_array_equal(factory(0.1, 10)(steps),
-                                  schedules.compression(0.1, 10, shape)(steps))
+  for factory, shape in (
+    (schedules.linear, "linear"),
+    (schedules.geometric, "geometric"),
+    (schedules.cosine, "cosine"),
+  ):
+    np.testing.assert_array_equal(factory(0.1, 10)(steps), schedules.compression(0.1, 10, shape)(steps))
 
 
 def test_known_values():
@@ -50,8 +53,9 @@ def test_known_values():
   np.testing.assert_allclose(schedules.linear(0.5, 2)(steps), [1.0, 0.75, 0.5, 0.5])
   np.testing.assert_allclose(schedules.geometric(0.25, 2)(steps), [1.0, 0.5, 0.25, 0.25])
   np.testing.assert_allclose(schedules.cosine(0.5, 2)(steps), [1.0, 0.75, 0.5, 0.5])
-  np.testing.assert_allclose(schedules.cosine(0.0625, 4)(jnp.int32(1)),
-                             0.0625 + 0.9375 * 0.5 * (1 + math.cos(math.pi / 4)), rtol=1e-6)
+  np.testing.assert_allclose(
+    schedules.cosine(0.0625, 4)(jnp.int32(1)), 0.0625 + 0.9375 * 0.5 * (1 + math.cos(math.pi / 4)), rtol=1e-6
+  )
 
 
 def test_constant():
@@ -67,20 +71,20 @@ def test_cyclic_boundaries_exact():
   ramp = [1.0] + [0.1 ** (i / 4) for i in (1, 2, 3)] + [0.1]
   want = [1.0, 1.0, 1.0] + ramp + ramp + [0.5, 0.5, 0.5]
   np.testing.assert_allclose(got, want, rtol=1e-6)
-  assert got[2] == F32(1.0)        # last warm-up step
-  assert got[3] == F32(1.0)        # first step of cycle 0
-  assert got[7] == F32(0.1)        # last step of the period: exactly min_keep
-  assert got[8] == F32(1.0)        # reset step
-  assert got[12] == F32(0.1)       # last step of the last cycle
-  assert got[13] == F32(0.5)       # after the final cycle
+  assert got[2] == F32(1.0)  # last warm-up step
+  assert got[3] == F32(1.0)  # first step of cycle 0
+  assert got[7] == F32(0.1)  # last step of the period: exactly min_keep
+  assert got[8] == F32(1.0)  # reset step
+  assert got[12] == F32(0.1)  # last step of the last cycle
+  assert got[13] == F32(0.5)  # after the final cycle
 
 
 def test_cyclic_docstring_example():
   sched = schedules.cyclic(0.25, 3, warmup=2, cycles=2)
-  np.testing.assert_allclose(sched(jnp.arange(10)),
-                             [1.0, 1.0, 1.0, 0.5, 0.25, 1.0, 0.5, 0.25, 1.0, 1.0], rtol=1e-6)
-  np.testing.assert_array_equal(schedules.cycle_index(3, warmup=2, cycles=2)(jnp.arange(10)),
-                                [0, 0, 0, 0, 0, 1, 1, 1, 2, 2])
+  np.testing.assert_allclose(sched(jnp.arange(10)), [1.0, 1.0, 1.0, 0.5, 0.25, 1.0, 0.5, 0.25, 1.0, 1.0], rtol=1e-6)
+  np.testing.assert_array_equal(
+    schedules.cycle_index(3, warmup=2, cycles=2)(jnp.arange(10)), [0, 0, 0, 0, 0, 1, 1, 1, 2, 2]
+  )
 
 
 def test_cyclic_forever_and_period_one():
@@ -88,8 +92,9 @@ def test_cyclic_forever_and_period_one():
   got = np.asarray(sched(jnp.arange(1000, 1008)))  # 1000 = 250 * 4: start of a cycle
   np.testing.assert_allclose(got, [1.0, 0.7333333, 0.4666667, 0.2] * 2, rtol=1e-6)
   # period 1: every step is its period's last step.
-  np.testing.assert_array_equal(schedules.cyclic(0.3, 1, warmup=2)(jnp.arange(5)),
-                                np.array([1.0, 1.0, 0.3, 0.3, 0.3], np.float32))
+  np.testing.assert_array_equal(
+    schedules.cyclic(0.3, 1, warmup=2)(jnp.arange(5)), np.array([1.0, 1.0, 0.3, 0.3, 0.3], np.float32)
+  )
 
 
 def test_cycle_index():
@@ -116,15 +121,15 @@ def test_scalar_jit_equals_vectorised(shape):
 
 @hypothesis.settings(max_examples=30, deadline=None)
 @hypothesis.given(
-    shape=st.sampled_from(schedules.SHAPES),
-    min_keep=st.floats(0.01, 1.0),
-    period=st.integers(1, 20),
-    warmup=st.integers(0, 5),
+  shape=st.sampled_from(schedules.SHAPES),
+  min_keep=st.floats(0.01, 1.0),
+  period=st.integers(1, 20),
+  warmup=st.integers(0, 5),
 )
 def test_monotone_within_each_cycle(shape, min_keep, period, warmup):
   sched = schedules.cyclic(min_keep, period, shape=shape, warmup=warmup)
   # A fixed-size step array keeps eager op caches warm across examples.
-  keep = np.asarray(sched(jnp.arange(72)))[:warmup + 3 * period]
+  keep = np.asarray(sched(jnp.arange(72)))[: warmup + 3 * period]
   assert np.all((keep > 0) & (keep <= 1))
   cycles = keep[warmup:].reshape(3, period)
   assert np.all(np.diff(cycles, axis=1) <= 0)
@@ -147,7 +152,9 @@ def test_join_schedules_of_compressions_equals_cyclic():
   np.testing.assert_array_equal(joined(steps), schedules.cyclic(0.25, 3, cycles=3)(steps))
 
 
-@pytest.mark.parametrize("build, bad", [
+@pytest.mark.parametrize(
+  "build, bad",
+  [
     (lambda: schedules.constant(0.0), "0.0"),
     (lambda: schedules.constant(1.5), "1.5"),
     (lambda: schedules.linear(float("nan"), 3), "nan"),
@@ -162,7 +169,8 @@ def test_join_schedules_of_compressions_equals_cyclic():
     (lambda: schedules.cyclic(0.1, 5, final_keep=2.0), "2.0"),
     (lambda: schedules.cyclic(1.01, 5), "1.01"),
     (lambda: schedules.cycle_index(0), "period"),
-])
+  ],
+)
 def test_invalid_arguments_raise_at_construction(build, bad):
   with pytest.raises(ValueError, match=bad):
     build()

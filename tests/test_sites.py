@@ -1,4 +1,5 @@
 """Tests for jaxsparse.sites: the TopK layer, site_densities and the per-site keep rules."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ def _setup(relative=False):
 
 def test_topk_layer_masks_and_sows_density_under_its_path():
   model, variables, x = _setup()
-  assert "density" not in variables                        # nothing sown during init
+  assert "density" not in variables  # nothing sown during init
   y, state = model.apply(variables, x, keep=0.25, mutable=["density"])
   h = nn.relu(nn.Dense(32).apply({"params": variables["params"]["Dense_0"]}, x))
   ref = nn.Dense(3).apply({"params": variables["params"]["Dense_1"]}, topk_mask(h, 0.25))
@@ -62,10 +63,10 @@ def test_topk_layer_rejects_a_keep_mapping():
 
 def test_keep_for_site_precedence():
   keep = {"*": 1, "group*": 2, "group2_*": 3, "group2_block0/act1": 4, "*/act2": 5}
-  assert keep_for_site(keep, "group2_block0/act1") == 4          # exact name
-  assert keep_for_site(keep, "group2_block1/act1") == 3          # most literal characters
+  assert keep_for_site(keep, "group2_block0/act1") == 4  # exact name
+  assert keep_for_site(keep, "group2_block1/act1") == 3  # most literal characters
   assert keep_for_site(keep, "group0_block0/act1") == 2
-  assert keep_for_site(keep, "final_act") == 1                   # "*" is the default
-  assert keep_for_site({"group*": 0.5}, "final_act") == 1.0      # nothing matches: dense
+  assert keep_for_site(keep, "final_act") == 1  # "*" is the default
+  assert keep_for_site({"group*": 0.5}, "final_act") == 1.0  # nothing matches: dense
   with pytest.raises(ValueError, match=r"'group0_block0/act2' matches several keep keys of equal rank"):
-    keep_for_site(keep, "group0_block0/act2")                    # "group*" and "*/act2": 5 literals each
+    keep_for_site(keep, "group0_block0/act2")  # "group*" and "*/act2": 5 literals each

@@ -1,4 +1,5 @@
 """Tests for jaxsparse.sparse_apply on model families the library did not write for itself."""
+
 import math
 import pathlib
 import re
@@ -102,8 +103,7 @@ def test_traced_keep_never_recompiles_and_keep_one_is_dense(mlp, mlp_run):
 
 def test_grad_and_vmap_compose(mlp):
   model, variables, x = mlp
-  loss = lambda p, keep, gradient: jnp.sum(
-      sparse_apply(model, {"params": p}, x, keep=keep, gradient=gradient) ** 2)
+  loss = lambda p, keep, gradient: jnp.sum(sparse_apply(model, {"params": p}, x, keep=keep, gradient=gradient) ** 2)
   grad = jax.jit(jax.grad(loss), static_argnums=2)
   masked = grad(variables["params"], jnp.float32(0.2), "masked")
   straight = grad(variables["params"], jnp.float32(0.2), "straight_through")
@@ -122,13 +122,20 @@ def test_cnn_with_batchnorm_and_dropout_in_training():
 
   @jax.jit
   def train(variables, keep, seed):
-    return sparse_apply(model, variables, x, keep=keep, train=True, mutable=["batch_stats"],
-                        rngs={"dropout": jax.random.key(seed, impl="rbg")}, return_density=True)
+    return sparse_apply(
+      model,
+      variables,
+      x,
+      keep=keep,
+      train=True,
+      mutable=["batch_stats"],
+      rngs={"dropout": jax.random.key(seed, impl="rbg")},
+      return_density=True,
+    )
 
   (out, state), density = train(variables, jnp.float32(0.3), 0)
   assert out.shape == (4, 10) and set(state) == {"batch_stats"}
-  assert not np.allclose(state["batch_stats"]["BatchNorm_0"]["mean"],
-                         variables["batch_stats"]["BatchNorm_0"]["mean"])
+  assert not np.allclose(state["batch_stats"]["BatchNorm_0"]["mean"], variables["batch_stats"]["BatchNorm_0"]["mean"])
   assert set(density) == {"Conv_1", "Dense_0"}  # Conv_0 reads the image
   assert float(density["Conv_1"]) == pytest.approx(_expected(0.3, 8 * 8 * 8), abs=1e-6)
   assert float(density["Dense_0"]) == pytest.approx(_expected(0.3, 16), abs=1e-6)
@@ -147,28 +154,32 @@ def test_transformer_block_sites_and_densities():
     assert float(density[site]) == pytest.approx(_expected(0.3, n), abs=1e-6), site
 
 
-@pytest.mark.parametrize("where, sites", [
+@pytest.mark.parametrize(
+  "where, sites",
+  [
     (nn.Dense, {"Dense_0", "Dense_1"}),
     (nn.DenseGeneral, {"MultiHeadDotProductAttention_0/out"}),
     ("*/out", {"MultiHeadDotProductAttention_0/out"}),
     (re.compile(r"Dense_\d$"), {"Dense_0", "Dense_1"}),
     (lambda module, path: isinstance(module, nn.Dense) and path.endswith("_1"), {"Dense_1"}),
     (("Dense_1", nn.DenseGeneral), {"Dense_1", "MultiHeadDotProductAttention_0/out"}),
-])
+  ],
+)
 def test_where_selectors(where, sites):
   model, x = EncoderBlock(), _normal((2, 6, 16))
   variables = jax.eval_shape(model.init, KEY, x)
   _, density = jax.eval_shape(
-      lambda v: sparse_apply(model, v, x, keep=0.5, where=where, return_density=True), variables)
+    lambda v: sparse_apply(model, v, x, keep=0.5, where=where, return_density=True), variables
+  )
   assert set(density) == sites
 
 
 def test_outputs_position_masks_module_outputs():
   model, x = EncoderBlock(), _normal((2, 6, 16))
   variables = jax.jit(model.init)(KEY, x)
-  _, density = jax.jit(lambda v: sparse_apply(
-      model, v, x, keep=0.25, where=nn.LayerNorm, position="outputs", return_density=True))(
-          variables)
+  _, density = jax.jit(
+    lambda v: sparse_apply(model, v, x, keep=0.25, where=nn.LayerNorm, position="outputs", return_density=True)
+  )(variables)
   assert set(density) == {"LayerNorm_0", "LayerNorm_1"}
   assert all(float(d) == pytest.approx(0.25) for d in density.values())
 
@@ -180,8 +191,7 @@ def test_matches_wrn_builtin_sites():
   shapes = jax.eval_shape(plain.init, KEY, x)  # a jitted WRN init compiles for ~10 s here
   variables = jax.tree.map(lambda a: 0.3 * _normal(a.shape, 3), shapes)
   keep = jnp.float32(0.3)
-  out, density = jax.jit(lambda v: sparse_apply(plain, v, x, keep=keep, return_density=True))(
-      variables)
+  out, density = jax.jit(lambda v: sparse_apply(plain, v, x, keep=keep, return_density=True))(variables)
   ref, state = jax.jit(lambda v: sited.apply(v, x, keep=keep, mutable=["density"]))(variables)
   np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
   builtin = site_densities(state["density"])
@@ -196,12 +206,12 @@ def test_per_site_keep_mapping(mlp):
   model, variables, x = mlp
   run = jax.jit(lambda v, keep: sparse_apply(model, v, x, keep=keep, return_density=True))
   out, density = run(variables, {"Dense_2": jnp.float32(0.25)})
-  assert float(density["Dense_1"]) == 1.0                      # no key matches: dense
+  assert float(density["Dense_1"]) == 1.0  # no key matches: dense
   assert float(density["Dense_2"]) == pytest.approx(_expected(0.25, 40), abs=1e-6)
   _, density = run(variables, {"Dense_*": jnp.float32(0.5), "Dense_1": jnp.float32(0.1)})
   assert float(density["Dense_1"]) == pytest.approx(_expected(0.1, 48), abs=1e-6)
   assert float(density["Dense_2"]) == pytest.approx(_expected(0.5, 40), abs=1e-6)
-  with jax.no_tracing():                                       # the values are traced data
+  with jax.no_tracing():  # the values are traced data
     _, density = run(variables, {"Dense_*": jnp.float32(0.2), "Dense_1": jnp.float32(1.0)})
   assert float(density["Dense_1"]) == 1.0
   # Both sites at the same keep through a mapping == the scalar keep.
@@ -226,8 +236,7 @@ def test_return_structure_follows_model_apply(mlp):
   model, variables, x = mlp
   out, state = sparse_apply(model, variables, x, keep=0.5, mutable=["batch_stats"])
   assert out.shape == (4, 10) and state == {}
-  (out2, state2), density = sparse_apply(model, variables, x, keep=0.5, mutable=True,
-                                         return_density=True)
+  (out2, state2), density = sparse_apply(model, variables, x, keep=0.5, mutable=True, return_density=True)
   assert set(state2) == {"params"} and set(density) == {"Dense_1", "Dense_2"}
   out3, density3 = sparse_apply(model, variables, x, keep=0.5, return_density=True)
   np.testing.assert_array_equal(out2, out)
@@ -243,7 +252,9 @@ def test_interception_is_scoped_to_the_call(mlp, mlp_run):
   np.testing.assert_allclose(model.apply(variables, x), dense, rtol=1e-5, atol=1e-6)  # eager
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
+@pytest.mark.parametrize(
+  "kwargs, error, match",
+  [
     (dict(where=3), TypeError, "where must be"),
     (dict(where=int), TypeError, "not a flax.linen.Module"),
     (dict(where=()), ValueError, "empty"),
@@ -255,13 +266,17 @@ def test_interception_is_scoped_to_the_call(mlp, mlp_run):
     (dict(keep=1.5), ValueError, "keep"),
     (dict(keep=float("nan")), ValueError, "keep"),
     (dict(where=nn.LayerNorm, keep=0.5), TypeError, None),
-    (dict(keep={"Dense_9": 0.5}), ValueError, "sparse_apply: keep key 'Dense_9' matches no top-k site; the sites "
-                                              "are: Dense_1, Dense_2"),
+    (
+      dict(keep={"Dense_9": 0.5}),
+      ValueError,
+      "sparse_apply: keep key 'Dense_9' matches no top-k site; the sites are: Dense_1, Dense_2",
+    ),
     (dict(keep={"Dense_0": 0.5}), ValueError, "keep key 'Dense_0' matches no"),  # the input layer is no site
     (dict(keep={"Dense_1": 2.0}), ValueError, r"keep\['Dense_1'\] must be in \(0, 1\], got 2.0"),
     (dict(keep={"Dense_*": -0.1}), ValueError, r"keep\['Dense_\*'\] must be in \(0, 1\]"),
     (dict(keep={None: 0.5}), ValueError, "keys must be site names or globs"),
-])
+  ],
+)
 def test_bad_input_raises(mlp, kwargs, error, match):
   model, variables, x = mlp
   kwargs = {"keep": 0.5, **kwargs}
@@ -280,8 +295,9 @@ def test_no_matching_site_warns_with_model_class(mlp):
     jax.eval_shape(lambda v: sparse_apply(model, v, x, keep=0.5, where="nothing*"), variables)
   one_layer = nn.Dense(3)
   with pytest.warns(UserWarning, match="no site of Dense"):
-    jax.eval_shape(lambda v: sparse_apply(one_layer, v, x[:, 0, 0], keep=0.5),
-                   jax.eval_shape(one_layer.init, KEY, x[:, 0, 0]))
+    jax.eval_shape(
+      lambda v: sparse_apply(one_layer, v, x[:, 0, 0], keep=0.5), jax.eval_shape(one_layer.init, KEY, x[:, 0, 0])
+    )
 
 
 def _snippet() -> str:
@@ -289,7 +305,7 @@ def _snippet() -> str:
   text = (ROOT / "README.md").read_text()
   start, end = "<!-- snippet:sparse_apply -->", "<!-- /snippet:sparse_apply -->"
   assert start in text and end in text, "README.md lost its sparse_apply snippet markers"
-  block = text[text.index(start) + len(start):text.index(end)]
+  block = text[text.index(start) + len(start) : text.index(end)]
   return block.split("```python", 1)[1].split("```", 1)[0]
 
 

@@ -1,4 +1,5 @@
 """experiments/study.py (planning, resume, bad flags) and experiments/jpeg_shift.py (matching, end to end)."""
+
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ def test_plan_is_seed_major_with_one_workdir_per_run(tmp_path):
 
 def test_variant_flags_are_accepted_by_run_py():
   import run as run_cli
+
   for flags in study.VARIANTS.values():
     run_cli.config_from_args(run_cli.parse_args(flags + ["--preset=smoke"]))
 
@@ -44,7 +46,7 @@ def test_bad_study_flags_exit_2(tmp_path, flags):
 
 
 def test_match_jpeg_takes_the_rth_image_of_each_class():
-  copy_labels = np.repeat(np.arange(3), 4)           # class-major, like the image-folder copy
+  copy_labels = np.repeat(np.arange(3), 4)  # class-major, like the image-folder copy
   genuine = np.array([2, 0, 2, 1, 0])
   assert jpeg_shift.match_jpeg(genuine, copy_labels).tolist() == [8, 0, 9, 4, 1]
   with pytest.raises(ValueError, match="class 0: 5 genuine images but only 4"):
@@ -63,8 +65,17 @@ def test_check_pairs_refuses_different_pictures():
 def test_jpeg_shift_end_to_end_on_a_trained_run(genuine_npz, cache, tmp_path):
   # Trained and tested on the genuine subset, so its "JPEG versions" are the genuine images themselves: the shift
   # must be exactly zero and the accuracy must equal the run's own final test accuracy.
-  config = config_lib.preset("smoke", data=str(genuine_npz), cache_dir=str(cache), train_size=128, val_size=64,
-                             batch_size=32, epochs=1, schedule="dense", eval_keeps=(1.0, 0.3))
+  config = config_lib.preset(
+    "smoke",
+    data=str(genuine_npz),
+    cache_dir=str(cache),
+    train_size=128,
+    val_size=64,
+    batch_size=32,
+    epochs=1,
+    schedule="dense",
+    eval_keeps=(1.0, 0.3),
+  )
   summary = train_and_evaluate(config, tmp_path / "run", progress=False)
   loaded_config, state, _ = load_trained(tmp_path / "run")
   assert loaded_config == config and int(state.step) == summary["steps"]

@@ -1,4 +1,5 @@
 """Tests for jaxsparse.topk: exact per-example global top-k with a traced keep."""
+
 import functools
 import os
 import subprocess
@@ -10,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxsparse import topk
 from jaxsparse.topk import nonzero_fraction, topk_mask, topk_threshold
@@ -33,11 +35,12 @@ def ref_threshold(x, keep, axes=None, score="value"):
   other = tuple(a for a in range(x.ndim) if a not in axes)
   s = np.abs(x) if score == "magnitude" else x
   s = np.transpose(s, other + axes)
-  lead = s.shape[:len(other)]
+  lead = s.shape[: len(other)]
   rows = s.reshape(int(np.prod(lead)), -1)
   n = rows.shape[1]
-  keep = np.broadcast_to(np.asarray(keep, np.float32).reshape(
-      np.shape(keep) + (1,) * (len(lead) - np.ndim(keep))), lead).reshape(-1)
+  keep = np.broadcast_to(
+    np.asarray(keep, np.float32).reshape(np.shape(keep) + (1,) * (len(lead) - np.ndim(keep))), lead
+  ).reshape(-1)
   k = np.clip(np.ceil(keep * np.float32(n)), 1, n).astype(int)
   nan = np.isnan(rows)  # NaN ranks above +inf
   order = np.lexsort((-np.where(nan, 0, rows), ~nan), axis=1)
@@ -60,7 +63,7 @@ def special_array(rng, shape, dtype=np.float32):
   flat = x.reshape(-1)
   idx = rng.permutation(flat.size)
   specials = [0.0, -0.0, np.inf, -np.inf, np.nan, NAN_NEG, 1.5, 1.5, 1.5, -2.0, -2.0]
-  flat[idx[:len(specials)]] = specials
+  flat[idx[: len(specials)]] = specials
   return jnp.asarray(x).astype(dtype)
 
 
@@ -69,19 +72,19 @@ def special_array(rng, shape, dtype=np.float32):
 
 @settings(max_examples=15, deadline=None)
 @given(
-    shape=st.just((3, 2, 3, 5)),
-    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
-    score=st.sampled_from(["value", "magnitude"]),
-    seed=st.integers(0, 2**31 - 1),
-    levels=st.sampled_from([0, 3, 50]),
-    keep=hnp.arrays(np.float32, 3, elements=st.floats(2**-10, 1.0, width=32)),
+  shape=st.just((3, 2, 3, 5)),
+  dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+  score=st.sampled_from(["value", "magnitude"]),
+  seed=st.integers(0, 2**31 - 1),
+  levels=st.sampled_from([0, 3, 50]),
+  keep=hnp.arrays(np.float32, 3, elements=st.floats(2**-10, 1.0, width=32)),
 )
 def test_matches_numpy_reference(shape, dtype, score, seed, levels, keep):
   rng = np.random.default_rng(seed)
   x = special_array(rng, shape, dtype)
   if levels:  # many ties
     x = jnp.round(x * levels) / levels
-  keep_B = jnp.asarray(keep[:shape[0]])
+  keep_B = jnp.asarray(keep[: shape[0]])
   thr = _thr(x, keep_B, score=score)
   ref, k = ref_threshold(x, keep_B, score=score)
   assert thr.dtype == jnp.float32 and thr.shape == ref.shape
@@ -140,8 +143,7 @@ def test_ties_at_threshold_are_all_kept(method):
 def test_negative(method):
   x = jnp.array([[-5.0, -1.0, -3.0, -2.0], [-1e-30, -1e30, 1e-30, 0.0]])
   np.testing.assert_array_equal(_thr(x, _f32(0.5), method=method), [[-2.0], [0.0]])
-  np.testing.assert_array_equal(
-      _mask(x, _f32(0.5), method=method), [[0, -1, 0, -2], [0, 0, x[1, 2], 0]])
+  np.testing.assert_array_equal(_mask(x, _f32(0.5), method=method), [[0, -1, 0, -2], [0, 0, x[1, 2], 0]])
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -176,8 +178,7 @@ def test_nan_ranks_above_inf_and_is_kept(method, nan):
 def test_magnitude_score():
   x = jnp.array([[-4.0, 1.0, 3.0, -2.0], [-0.0, np.nan, -np.inf, 1.0]])
   np.testing.assert_array_equal(_thr(x, _f32(0.5), score="magnitude"), [[3.0], [np.inf]])
-  np.testing.assert_array_equal(
-      _mask(x, _f32(0.5), score="magnitude"), [[-4, 0, 3, 0], [0, np.nan, -np.inf, 0]])
+  np.testing.assert_array_equal(_mask(x, _f32(0.5), score="magnitude"), [[-4, 0, 3, 0], [0, np.nan, -np.inf, 0]])
 
 
 def test_bfloat16_keeps_dtype_and_selects_exactly():
@@ -236,14 +237,17 @@ def test_concrete_invalid_keep_raises(keep):
     topk_threshold(x, keep)
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     ({"score": "abs"}, "score must be one of"),
     ({"gradient": "ste"}, "gradient must be one of"),
     ({"method": "heap"}, "method must be one of"),
     ({"axes": 4}, "axes must be"),
     ({"axes": (1, -2)}, "must not repeat"),
     ({"axes": "1"}, "axes must be"),
-])
+  ],
+)
 def test_bad_options_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
     topk_mask(jnp.ones((2, 3, 4)), 0.5, **kwargs)
@@ -257,8 +261,7 @@ def test_keep_one_is_bitwise_identity(keep):
   x = special_array(np.random.default_rng(4), (3, 4, 4, 2))
   for gradient in ("masked", "straight_through"):
     y = _mask(x, _f32(keep), gradient=gradient)
-    np.testing.assert_array_equal(
-        np.asarray(y).view(np.uint32), np.asarray(x).view(np.uint32))
+    np.testing.assert_array_equal(np.asarray(y).view(np.uint32), np.asarray(x).view(np.uint32))
 
 
 def test_keep_one_skips_selection_with_cond():
@@ -282,14 +285,14 @@ def test_straight_through_gradient_is_identity():
   for keep in (0.25, 1.0):
     np.testing.assert_array_equal(jax.grad(f)(x, _f32(keep)), w)
   np.testing.assert_array_equal(
-      jax.jvp(lambda x: topk_mask(x, _f32(0.25), gradient="straight_through"),
-              (x,), (jnp.ones_like(x),))[1], jnp.ones_like(x))
+    jax.jvp(lambda x: topk_mask(x, _f32(0.25), gradient="straight_through"), (x,), (jnp.ones_like(x),))[1],
+    jnp.ones_like(x),
+  )
 
 
 def test_one_compilation_serves_every_keep():
   x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 6, 6, 3)), jnp.float32)
-  step = jax.jit(lambda x, keep: jax.value_and_grad(
-      lambda x: jnp.sum(topk_mask(x, keep) ** 2))(x))
+  step = jax.jit(lambda x, keep: jax.value_and_grad(lambda x: jnp.sum(topk_mask(x, keep) ** 2))(x))
   step(x, _f32(0.5))
   vec = jax.jit(lambda x, keep: topk_mask(x, keep))
   vec(x, _f32([0.5] * 4))
@@ -344,8 +347,7 @@ print("ok")
 @pytest.mark.slow
 def test_batch_sharded_over_8_cpu_devices():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env,
-                       capture_output=True, text=True, timeout=300)
+  out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
@@ -375,12 +377,12 @@ _mask_rel = jax.jit(functools.partial(topk_mask, relative=True), static_argnames
 def test_relative_keep_matches_numpy_reference(method, score, dtype):
   rng = np.random.default_rng(11)
   x = rng.normal(size=(6, 5, 40)).astype(np.float32)
-  x[0] = np.maximum(x[0], 0)                          # post-ReLU: about half zeros
-  x[1] = np.round(np.maximum(x[1], 0) * 2) / 2        # ties among the active units
-  x[2] = 0.0                                          # all zero: keeps itself
-  x[3] = -np.abs(x[3])                                # nothing active by value; all by magnitude
-  x[4, :, :30] = 0.0                                  # few active units
-  x[5, 0, 0] = np.nan                                 # NaN counts as active and is kept
+  x[0] = np.maximum(x[0], 0)  # post-ReLU: about half zeros
+  x[1] = np.round(np.maximum(x[1], 0) * 2) / 2  # ties among the active units
+  x[2] = 0.0  # all zero: keeps itself
+  x[3] = -np.abs(x[3])  # nothing active by value; all by magnitude
+  x[4, :, :30] = 0.0  # few active units
+  x[5, 0, 0] = np.nan  # NaN counts as active and is kept
   x = jnp.asarray(x).astype(dtype)
   for keep in ([0.5] * 6, [0.01, 0.3, 0.7, 0.2, 0.999, 0.4]):
     keep = _f32(keep)
@@ -419,7 +421,9 @@ def test_relative_must_be_a_bool():
 
 def test_relative_adds_no_work_outside_the_selection():
   """The active count sits inside the keep < 1 branch of the cond: the ops outside it are the same."""
+
   def outside(relative):
     jaxpr = jax.make_jaxpr(lambda x, k: topk_mask(x, k, relative=relative))(jnp.ones((2, 8)), _f32(1.0))
     return [e.primitive.name for e in jaxpr.jaxpr.eqns]
+
   assert outside(True) == outside(False) and "cond" in outside(True)

@@ -23,16 +23,19 @@ def _state(model=None):
   model = model or _tiny()
   if model not in _STATES:
     tx = train_lib.make_optimizer(0.05, weight_decay=5e-4)
-    init = jax.jit(lambda rng: train_lib.create_train_state(rng, model, tx, controllers.get("dense"),
-                                                             image_shape=(8, 8, 3)))
+    init = jax.jit(
+      lambda rng: train_lib.create_train_state(rng, model, tx, controllers.get("dense"), image_shape=(8, 8, 3))
+    )
     _STATES[model] = init(jax.random.PRNGKey(0))
   return _STATES[model]
 
 
 def _batch(n=8, seed=0):
   rng = np.random.default_rng(seed)
-  return {"image": rng.normal(size=(n, 8, 8, 3)).astype(np.float32),
-          "label": rng.integers(0, 10, size=n).astype(np.int32)}
+  return {
+    "image": rng.normal(size=(n, 8, 8, 3)).astype(np.float32),
+    "label": rng.integers(0, 10, size=n).astype(np.int32),
+  }
 
 
 def test_lr_schedule_warmup_then_cosine_to_zero():
@@ -63,7 +66,7 @@ def test_train_step_fits_a_fixed_batch_and_reports_densities():
   assert losses[-1] < 0.3 * losses[0]
   assert int(state.step) == 30
   densities = {k: float(v) for k, v in m.items() if k.startswith("density/")}
-  assert len(densities) == 7                     # WRN-10-1: 2 * 3 * 1 + 1 sites
+  assert len(densities) == 7  # WRN-10-1: 2 * 3 * 1 + 1 sites
   assert all(0.0 < d <= 0.5 + 1e-6 for d in densities.values()), densities
 
 
@@ -117,20 +120,26 @@ def _sgd_state(model=None):
   model = model or _tiny()
   key = ("sgd", model)
   if key not in _STATES:
-    init = jax.jit(lambda rng: train_lib.create_train_state(rng, model, optax.sgd(1.0), controllers.get("dense"),
-                                                             image_shape=(8, 8, 3)))
+    init = jax.jit(
+      lambda rng: train_lib.create_train_state(
+        rng, model, optax.sgd(1.0), controllers.get("dense"), image_shape=(8, 8, 3)
+      )
+    )
     _STATES[key] = init(jax.random.PRNGKey(0))
   return _STATES[key]
 
 
 def _grads_at(state, batch, keep, targets=None):
   """Gradient of one pass at `keep`, against the labels or against constant soft targets."""
+
   def loss(params):
-    logits, _ = state.apply_fn({"params": params, **state.model_state}, batch["image"], keep=keep, train=True,
-                               mutable=["density"])
+    logits, _ = state.apply_fn(
+      {"params": params, **state.model_state}, batch["image"], keep=keep, train=True, mutable=["density"]
+    )
     if targets is None:
       return jnp.mean(train_lib.cross_entropy(logits, batch["label"]))
     return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+
   return jax.jit(jax.grad(loss))(state.params)
 
 
@@ -145,8 +154,9 @@ def test_sandwich_gradient_is_the_mean_of_the_per_keep_gradients(distill):
   keeps = _sandwich_keeps(state, 0.2, regimes)
   assert keeps[0] == 1.0 and keeps[1] == np.float32(0.2) and ((keeps[2:] >= 0.2) & (keeps[2:] < 1)).all()
   new, metrics = jax.jit(functools.partial(train_lib.train_step, regimes=regimes, distill=distill))(
-      state, batch, jnp.float32(0.2))
-  grads = jax.tree.map(lambda a, b: a - b, state.params, new.params)          # SGD at lr 1: the gradient itself
+    state, batch, jnp.float32(0.2)
+  )
+  grads = jax.tree.map(lambda a, b: a - b, state.params, new.params)  # SGD at lr 1: the gradient itself
   targets = None
   if distill:  # constant soft targets from the dense pass: the reference has no path through them
     logits = state.apply_fn({"params": state.params}, batch["image"], keep=1.0, train=True)
@@ -169,11 +179,17 @@ def test_distillation_targets_carry_no_gradient():
   def through_targets(params):  # the (wrong) gradient that also flows into the dense pass via the targets
     dense, _ = state.apply_fn({"params": params}, batch["image"], keep=1.0, train=True, mutable=["density"])
     sparse, _ = state.apply_fn({"params": params}, batch["image"], keep=0.3, train=True, mutable=["density"])
-    return 0.5 * (jnp.mean(train_lib.cross_entropy(dense, batch["label"]))
-                  + jnp.mean(optax.softmax_cross_entropy(sparse, jax.nn.softmax(dense))))
+    return 0.5 * (
+      jnp.mean(train_lib.cross_entropy(dense, batch["label"]))
+      + jnp.mean(optax.softmax_cross_entropy(sparse, jax.nn.softmax(dense)))
+    )
+
   wrong = jax.jit(jax.grad(through_targets))(state.params)
-  right = jax.tree.map(lambda a, b: (a + b) / 2, _grads_at(state, batch, jnp.float32(1.0)),
-                       _grads_at(state, batch, jnp.float32(0.3), jax.nn.softmax(logits)))
+  right = jax.tree.map(
+    lambda a, b: (a + b) / 2,
+    _grads_at(state, batch, jnp.float32(1.0)),
+    _grads_at(state, batch, jnp.float32(0.3), jax.nn.softmax(logits)),
+  )
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), grads, right)
   diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(wrong)))
   assert diff > 1e-4
@@ -198,22 +214,28 @@ def test_one_regime_step_is_unchanged_by_the_option():
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(regimes=0), "regimes must be an integer >= 1, got 0"),
     (dict(regimes=2.0), "regimes must be an integer >= 1, got 2.0"),
     (dict(regimes=1, distill=True), "distill needs regimes >= 2"),
-])
+  ],
+)
 def test_bad_regime_options_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
     train_lib.train_step(_state(), _batch(), jnp.float32(0.5), **kwargs)
 
 
-@pytest.mark.parametrize("args, kwargs, match", [
+@pytest.mark.parametrize(
+  "args, kwargs, match",
+  [
     ((0.5, 1), {}, "regimes must be an integer >= 2 for a multi-regime step, got 1"),
     ((0.0, 3), {}, r"min_keep must be in \(0, 1\], got 0.0"),
     ((0.6, 3), dict(max_keep=0.4), r"min_keep \(0.6\) must be <= max_keep \(0.4\)"),
     ((0.5, 3), dict(max_keep=1.5), r"max_keep must be in \(0, 1\], got 1.5"),
-])
+  ],
+)
 def test_regime_keeps_bad_input(args, kwargs, match):
   with pytest.raises(ValueError, match=match):
     train_lib.regime_keeps(jax.random.PRNGKey(0), *args, **kwargs)

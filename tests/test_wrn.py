@@ -1,4 +1,5 @@
 """Tests for jaxsparse.models.wrn: structure, parameter count, sites, dtypes, norms, recompiles."""
+
 import math
 
 import jax
@@ -37,13 +38,14 @@ def _num_params(model):
 def _site_names(model, image=32):
   def run(v, x):
     return model.apply(v, x, keep=0.5, mutable=["density"])[1]["density"]
+
   x = jax.ShapeDtypeStruct((1, image, image, 3), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   return list(site_densities(jax.eval_shape(run, variables, x)))
 
 
 def test_wrn28_4_parameter_count_is_pinned():
-  assert _num_params(WRN28_4()) == 5_845_450               # RMSNorm: one scale per channel
+  assert _num_params(WRN28_4()) == 5_845_450  # RMSNorm: one scale per channel
   assert _num_params(WRN28_4(norm="batchnorm")) == 5_849_050  # + one bias per channel
   assert _num_params(WRN28_4(sites=False)) == 5_845_450
 
@@ -84,8 +86,7 @@ def plain_logits(sited):
 def test_density_collection_only_when_mutable_and_sited(sited):
   model, x, variables, _ = sited
   assert set(variables) == {"params"}
-  run = lambda m, mutable: jax.eval_shape(
-      lambda v: m.apply(v, x, keep=0.3, mutable=mutable)[1], variables)
+  run = lambda m, mutable: jax.eval_shape(lambda v: m.apply(v, x, keep=0.3, mutable=mutable)[1], variables)
   assert run(model, ["density"]) and not run(model, ["batch_stats"])
   assert not run(WRN10_1(sites=False), ["density"])
 
@@ -99,10 +100,15 @@ def test_keep_one_equals_plain_model_and_sparse_differs(sited, plain_logits):
 def test_density_per_site_equals_keep_without_recompiling(sited):
   *_, variables, run = sited
   # units per example at each site of WRN-10-1 on 8x8 inputs (stride 1, 2, 2)
-  units = {"group0_block0/act1": 8 * 8 * 16, "group0_block0/act2": 8 * 8 * 16,
-           "group1_block0/act1": 8 * 8 * 16, "group1_block0/act2": 4 * 4 * 32,
-           "group2_block0/act1": 4 * 4 * 32, "group2_block0/act2": 2 * 2 * 64,
-           "final_act": 2 * 2 * 64}
+  units = {
+    "group0_block0/act1": 8 * 8 * 16,
+    "group0_block0/act2": 8 * 8 * 16,
+    "group1_block0/act1": 8 * 8 * 16,
+    "group1_block0/act2": 4 * 4 * 32,
+    "group2_block0/act1": 4 * 4 * 32,
+    "group2_block0/act2": 2 * 2 * 64,
+    "final_act": 2 * 2 * 64,
+  }
   run(variables, jnp.float32(0.5))
   with jax.no_tracing():
     for keep in (0.3, 0.1):
@@ -135,8 +141,7 @@ def test_bfloat16_compute_gives_float32_logits_and_float32_params(sited, plain_l
   run = jax.jit(WRN10_1(zero_init_residual=False, dtype=jnp.bfloat16).apply)
   logits = run(variables, x, keep=jnp.float32(0.3))
   assert logits.dtype == jnp.float32 and logits.shape == (2, 10)
-  np.testing.assert_allclose(run(variables, x, keep=jnp.float32(1.0)), plain_logits,
-                             atol=0.1, rtol=0.1)
+  np.testing.assert_allclose(run(variables, x, keep=jnp.float32(1.0)), plain_logits, atol=0.1, rtol=0.1)
 
 
 def test_batchnorm_dropout_variant_in_training_and_eval():
@@ -148,9 +153,14 @@ def test_batchnorm_dropout_variant_in_training_and_eval():
   @jax.jit
   def train(variables, seed):
     # rbg keys: threefry's dropout mask compiles for ~10 s on this CPU
-    return model.apply(variables, x, keep=jnp.float32(0.5), train=True,
-                       mutable=["batch_stats", "density"],
-                       rngs={"dropout": jax.random.key(seed, impl="rbg")})
+    return model.apply(
+      variables,
+      x,
+      keep=jnp.float32(0.5),
+      train=True,
+      mutable=["batch_stats", "density"],
+      rngs={"dropout": jax.random.key(seed, impl="rbg")},
+    )
 
   logits, state = train(variables, 0)
   assert logits.shape == (4, 10) and len(site_densities(state["density"])) == 7
@@ -164,8 +174,7 @@ def test_batchnorm_dropout_variant_in_training_and_eval():
 
 @pytest.mark.parametrize("zero_init", [True, False])
 def test_block_init_he_fan_out_and_zero_init_residual(zero_init):
-  block = BasicBlock(32, 2, "rmsnorm", 0.0, True, "masked", "value", zero_init,
-                     jnp.float32, jnp.float32)
+  block = BasicBlock(32, 2, "rmsnorm", 0.0, True, "masked", "value", zero_init, jnp.float32, jnp.float32)
   x = _x((2, 8, 8, 16))
   key = jax.random.key(0, impl="rbg")  # threefry compiles slowly on this CPU
   params = jax.jit(block.init, static_argnums=3)(key, x, jnp.float32(1.0), False)
@@ -218,18 +227,25 @@ def test_per_site_keep_mapping_applies_to_the_right_sites():
   model = WRN10_1()
   x = _x((2, 16, 16, 3))
   variables = _variables(model, x)
-  keep = {"*": 0.3, "group2_*": 0.1, "group0_block0/act2": 0.2}   # exact name > longer glob > "*"
+  keep = {"*": 0.3, "group2_*": 0.1, "group0_block0/act2": 0.2}  # exact name > longer glob > "*"
   dens = _densities(model, variables, x, keep)
-  expected = {"group0_block0/act1": 0.3, "group0_block0/act2": 0.2, "group1_block0/act1": 0.3,
-              "group1_block0/act2": 0.3, "group2_block0/act1": 0.1, "group2_block0/act2": 0.1, "final_act": 0.3}
+  expected = {
+    "group0_block0/act1": 0.3,
+    "group0_block0/act2": 0.2,
+    "group1_block0/act1": 0.3,
+    "group1_block0/act2": 0.3,
+    "group2_block0/act1": 0.1,
+    "group2_block0/act2": 0.1,
+    "final_act": 0.3,
+  }
   assert dens.keys() == expected.keys()
-  for name, k in expected.items():   # density of an exact top-k = ceil(k * n) / n, a hair above k
+  for name, k in expected.items():  # density of an exact top-k = ceil(k * n) / n, a hair above k
     assert k - 1e-6 <= dens[name] <= k + 0.02, (name, dens[name], k)
   # Sites no key matches stay dense: the output equals the per-site run with those sites at 1.0.
   only = {"group1_block0/act1": 0.3}
   full = {n: (0.3 if n == "group1_block0/act1" else 1.0) for n in model.site_names()}
   np.testing.assert_array_equal(model.apply(variables, x, keep=only), model.apply(variables, x, keep=full))
-  assert _densities(model, variables, x, only)["group0_block0/act1"] > 0.3   # ReLU density, not masked
+  assert _densities(model, variables, x, only)["group0_block0/act1"] > 0.3  # ReLU density, not masked
 
 
 def test_per_site_keep_is_traced_and_compiles_once():
@@ -243,7 +259,9 @@ def test_per_site_keep_is_traced_and_compiles_once():
       f(variables, {"group*": jnp.float32(a), "final_act": jnp.float32(b)})
 
 
-@pytest.mark.parametrize("keep, error, match", [
+@pytest.mark.parametrize(
+  "keep, error, match",
+  [
     ({"group9_*": 0.5}, ValueError, r"WideResNet: keep key 'group9_\*' matches no top-k site"),
     ({"final": 0.5}, ValueError, "keep key 'final' matches no top-k site; the sites are: group0_block0/act1"),
     ({"final_act": 1.5}, ValueError, r"keep\['final_act'\] must be in \(0, 1\], got 1.5"),
@@ -252,7 +270,8 @@ def test_per_site_keep_is_traced_and_compiles_once():
     ({3: 0.5}, ValueError, "keys must be site names or globs .*got 3"),
     ({}, ValueError, "keep mapping is empty"),
     ({"*/act1": 0.5, "group*": 0.2}, ValueError, r"matches several keep keys of equal rank"),
-])
+  ],
+)
 def test_bad_per_site_keep_raises_naming_the_key(keep, error, match):
   model = WRN10_1()
   variables = _variables(model, _x())
@@ -265,9 +284,9 @@ def test_relative_keep_reaches_every_site():
   absolute, relative = WRN10_1(), WRN10_1(relative=True)
   variables = _variables(absolute, x)
   dense = _densities(absolute, variables, x, 1.0)
-  assert all(d < 0.75 for d in dense.values())            # post-ReLU: many zeros already
-  d_abs = _densities(absolute, variables, x, 0.9)          # absolute 0.9 is above the natural density: no-op
-  d_rel = _densities(relative, variables, x, 0.5)          # relative 0.5 halves the active units at every site
+  assert all(d < 0.75 for d in dense.values())  # post-ReLU: many zeros already
+  d_abs = _densities(absolute, variables, x, 0.9)  # absolute 0.9 is above the natural density: no-op
+  d_rel = _densities(relative, variables, x, 0.5)  # relative 0.5 halves the active units at every site
   for name in dense:
     assert d_abs[name] == dense[name], name
     assert d_rel[name] < 0.5 * dense[name] + 0.05, (name, d_rel[name], dense[name])

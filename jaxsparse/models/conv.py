@@ -14,6 +14,7 @@ matrix products: 0.38 s (docs/performance.md).
 Both cover what WideResNets use — 2-D, NHWC inputs, HWIO kernels, any strides and padding, no dilation,
 one feature group — and hand anything else to ``lax.conv_general_dilated`` unchanged.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,14 +31,18 @@ def _is_trivial(dilation) -> bool:
   return dilation is None or all(d == 1 for d in dilation)
 
 
-def _is_ours(lhs, rhs, dimension_numbers, lhs_dilation, rhs_dilation, feature_group_count,
-             batch_group_count) -> bool:
+def _is_ours(lhs, rhs, dimension_numbers, lhs_dilation, rhs_dilation, feature_group_count, batch_group_count) -> bool:
   """Whether this module handles the conv: 2-D NHWC/HWIO, no dilation, one group (else lax does, unchanged)."""
   if dimension_numbers is None or lhs.ndim != 4:
     return False
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  return (dn == _NHWC and _is_trivial(lhs_dilation) and _is_trivial(rhs_dilation)
-          and feature_group_count == 1 and batch_group_count == 1)
+  return (
+    dn == _NHWC
+    and _is_trivial(lhs_dilation)
+    and _is_trivial(rhs_dilation)
+    and feature_group_count == 1
+    and batch_group_count == 1
+  )
 
 
 def _explicit_padding(lhs, rhs, strides, padding) -> tuple[tuple[int, int], ...]:
@@ -54,13 +59,24 @@ def _padded(x, padding):
 def _window(x, dy: int, dx: int, out_hw, strides):
   """The input pixels that kernel offset (dy, dx) meets, one per output pixel: (B, *out_hw, C)."""
   (ho, wo), (sh, sw) = out_hw, strides
-  return lax.slice(x, (0, dy, dx, 0), (x.shape[0], dy + (ho - 1) * sh + 1, dx + (wo - 1) * sw + 1, x.shape[3]),
-                   (1, sh, sw, 1))
+  return lax.slice(
+    x, (0, dy, dx, 0), (x.shape[0], dy + (ho - 1) * sh + 1, dx + (wo - 1) * sw + 1, x.shape[3]), (1, sh, sw, 1)
+  )
 
 
-def shifted_matmul_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None, rhs_dilation=None,
-                        dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
-                        precision=None, preferred_element_type=None) -> jax.Array:
+def shifted_matmul_conv(
+  lhs,
+  rhs,
+  window_strides: Sequence[int],
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision=None,
+  preferred_element_type=None,
+) -> jax.Array:
   """``lax.conv_general_dilated`` with the same arguments, as one matmul per kernel offset (see module doc).
 
   Example:
@@ -71,9 +87,18 @@ def shifted_matmul_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_di
   """
   if not _is_ours(lhs, rhs, dimension_numbers, lhs_dilation, rhs_dilation, feature_group_count, batch_group_count):
     return lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-        batch_group_count=batch_group_count, precision=precision, preferred_element_type=preferred_element_type)
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
   kh, kw = rhs.shape[:2]
   strides = tuple(window_strides)
   x = _padded(lhs, _explicit_padding(lhs, rhs, strides, padding))
@@ -81,8 +106,13 @@ def shifted_matmul_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_di
   out = None
   for dy in range(kh):
     for dx in range(kw):
-      term = jnp.einsum("bhwc,cd->bhwd", _window(x, dy, dx, out_hw, strides), rhs[dy, dx], precision=precision,
-                        preferred_element_type=preferred_element_type)
+      term = jnp.einsum(
+        "bhwc,cd->bhwd",
+        _window(x, dy, dx, out_hw, strides),
+        rhs[dy, dx],
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+      )
       out = term if out is None else out + term
   return out
 
@@ -115,8 +145,11 @@ def kernel_gradient(x, g, kernel_hw, strides, padding, precision=None):
     blocks = [lax.slice_in_dim(xf, dy * wp + dx, dy * wp + dx + n) for dy in range(kh) for dx in range(kw)]
     terms = [jnp.einsum("nc,nd->cd", blk, gf, precision=precision) for blk in blocks]
   else:
-    terms = [jnp.einsum("bhwc,bhwd->cd", _window(xp, dy, dx, (ho, wo), strides), g, precision=precision)
-             for dy in range(kh) for dx in range(kw)]
+    terms = [
+      jnp.einsum("bhwc,bhwd->cd", _window(xp, dy, dx, (ho, wo), strides), g, precision=precision)
+      for dy in range(kh)
+      for dx in range(kw)
+    ]
   return jnp.stack(terms).reshape(kh, kw, c, g.shape[3])
 
 
@@ -132,7 +165,8 @@ def _wgrad_conv_fwd(lhs, rhs, strides, padding, precision):
 def _wgrad_conv_bwd(strides, padding, precision, residuals, g):
   lhs, rhs = residuals
   _, input_vjp = jax.vjp(
-      lambda x: lax.conv_general_dilated(x, rhs, strides, padding, dimension_numbers=_NHWC, precision=precision), lhs)
+    lambda x: lax.conv_general_dilated(x, rhs, strides, padding, dimension_numbers=_NHWC, precision=precision), lhs
+  )
   (dlhs,) = input_vjp(g)
   drhs = kernel_gradient(lhs, g, rhs.shape[:2], strides, padding, precision)
   return dlhs, drhs.astype(rhs.dtype)
@@ -141,9 +175,19 @@ def _wgrad_conv_bwd(strides, padding, precision, residuals, g):
 _wgrad_conv.defvjp(_wgrad_conv_fwd, _wgrad_conv_bwd)
 
 
-def wgrad_matmul_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None, rhs_dilation=None,
-                      dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
-                      precision=None, preferred_element_type=None) -> jax.Array:
+def wgrad_matmul_conv(
+  lhs,
+  rhs,
+  window_strides: Sequence[int],
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision=None,
+  preferred_element_type=None,
+) -> jax.Array:
   """``lax.conv_general_dilated`` whose kernel gradient is `kernel_gradient` (see module doc).
 
   Forward values and the input gradient are XLA's own, bit for bit.
@@ -154,20 +198,28 @@ def wgrad_matmul_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dila
     >>> jax.grad(lambda w: wgrad_matmul_conv(x, w, (1, 1), "SAME", dimension_numbers=dn).sum())(w).shape
     (3, 3, 3, 4)
   """
-  if (preferred_element_type is not None
-      or not _is_ours(lhs, rhs, dimension_numbers, lhs_dilation, rhs_dilation, feature_group_count,
-                      batch_group_count)):
+  if preferred_element_type is not None or not _is_ours(
+    lhs, rhs, dimension_numbers, lhs_dilation, rhs_dilation, feature_group_count, batch_group_count
+  ):
     return lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-        batch_group_count=batch_group_count, precision=precision, preferred_element_type=preferred_element_type)
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
   strides = tuple(int(s) for s in window_strides)
   return _wgrad_conv(lhs, rhs, strides, _explicit_padding(lhs, rhs, strides, padding), precision)
 
 
-
 # conv="auto" on the CPU: wgrad_matmul for convs whose kernel gradient is a large enough matmul (see choose_conv).
-_AUTO_MIN_PIXELS = 16 * 16          # output pixels per image (Ho * Wo)
+_AUTO_MIN_PIXELS = 16 * 16  # output pixels per image (Ho * Wo)
 _AUTO_MIN_CHANNEL_PRODUCT = 128 * 128  # C_in * C_out of a 3x3 (or larger) kernel
 
 
@@ -195,9 +247,19 @@ def choose_conv(lhs_shape, rhs_shape, strides, *, backend: str) -> str:
   return "xla"
 
 
-def auto_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None, rhs_dilation=None,
-              dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
-              precision=None, preferred_element_type=None) -> jax.Array:
+def auto_conv(
+  lhs,
+  rhs,
+  window_strides: Sequence[int],
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision=None,
+  preferred_element_type=None,
+) -> jax.Array:
   """``lax.conv_general_dilated`` with the same arguments, computed by the implementation `choose_conv` picks for
   this convolution's shapes on the default backend (``conv="auto"``).
 
@@ -207,10 +269,18 @@ def auto_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=Non
     >>> auto_conv(x, w, (1, 1), "SAME", dimension_numbers=dn).shape
     (2, 8, 8, 4)
   """
-  kw = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count, batch_group_count=batch_group_count, precision=precision,
-            preferred_element_type=preferred_element_type)
-  if (_is_ours(lhs, rhs, dimension_numbers, lhs_dilation, rhs_dilation, feature_group_count, batch_group_count)
-      and choose_conv(lhs.shape, rhs.shape, tuple(window_strides), backend=jax.default_backend()) == "wgrad_matmul"):
+  kw = dict(
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    batch_group_count=batch_group_count,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
+  if (
+    _is_ours(lhs, rhs, dimension_numbers, lhs_dilation, rhs_dilation, feature_group_count, batch_group_count)
+    and choose_conv(lhs.shape, rhs.shape, tuple(window_strides), backend=jax.default_backend()) == "wgrad_matmul"
+  ):
     return wgrad_matmul_conv(lhs, rhs, window_strides, padding, **kw)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kw)

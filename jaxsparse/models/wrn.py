@@ -29,18 +29,25 @@ keeps the un-normalised residual stream from growing with depth at the start of 
 meant to help where a pilot saw an RMSNorm WRN-16-2 at SGD lr 0.1 collapse to chance, but it has not
 been validated by a training run here and does not replace the lr warm-up.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxsparse.models.conv import auto_conv, shifted_matmul_conv, wgrad_matmul_conv
-from jaxsparse.sites import DENSITY, check_keep_map, check_keys_match, is_keep_map, keep_for_site
-from jaxsparse.sites import site_densities  # noqa: F401  (re-exported: jaxsparse.models.site_densities)
+from jaxsparse.sites import (
+  DENSITY,
+  check_keep_map,
+  check_keys_match,
+  is_keep_map,
+  keep_for_site,
+  site_densities,  # noqa: F401  (re-exported: jaxsparse.models.site_densities)
+)
 from jaxsparse.topk import nonzero_fraction, topk_mask
 
 NORMS = ("rmsnorm", "batchnorm", "none")
@@ -76,8 +83,14 @@ class _Norm(nn.Module):
     if self.kind == "rmsnorm":
       return nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="rms")(x)
     if self.kind == "batchnorm":
-      return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                          dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
+      return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="bn",
+      )(x)
     return x
 
 
@@ -90,8 +103,9 @@ def _site(module: nn.Module, name: str, x, keep, sites: bool, gradient: str, sco
     return x
   y = topk_mask(x, keep[name] if is_keep_map(keep) else keep, score=score, gradient=gradient, relative=relative)
   if module.is_mutable_collection(DENSITY) and not module.is_initializing():
-    module.sow(DENSITY, name, nonzero_fraction(y),
-               reduce_fn=lambda _, new: new, init_fn=lambda: jnp.zeros((), jnp.float32))
+    module.sow(
+      DENSITY, name, nonzero_fraction(y), reduce_fn=lambda _, new: new, init_fn=lambda: jnp.zeros((), jnp.float32)
+    )
   return y
 
 
@@ -114,11 +128,18 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, keep, train: bool):
     """`keep`: a keep ratio, or {"act1": keep, "act2": keep}."""
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init, dtype=self.dtype,
-                             param_dtype=self.param_dtype, conv_general_dilated=CONVS[resolve_conv(self.conv)])
+    conv = functools.partial(
+      nn.Conv,
+      use_bias=False,
+      kernel_init=_conv_init,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      conv_general_dilated=CONVS[resolve_conv(self.conv)],
+    )
     norm = functools.partial(_Norm, self.norm, self.dtype, self.param_dtype)
-    site = functools.partial(_site, self, keep=keep, sites=self.sites,
-                             gradient=self.gradient, score=self.score, relative=self.relative)
+    site = functools.partial(
+      _site, self, keep=keep, sites=self.sites, gradient=self.gradient, score=self.score, relative=self.relative
+    )
     a1 = site("act1", nn.relu(norm(name="norm1")(x, train)))
     h = conv(self.features, (3, 3), self.strides, name="conv1")(a1)
     h = nn.relu(norm(name="norm2")(h, train))
@@ -212,18 +233,36 @@ class WideResNet(nn.Module):
     per_site = self._site_keeps(keep) if is_keep_map(keep) else None
     conv = CONVS[resolve_conv(self.conv)]
     n = (self.depth - 4) // 6
-    x = nn.Conv(16, (3, 3), use_bias=False, kernel_init=_conv_init, dtype=self.dtype,
-                param_dtype=self.param_dtype, conv_general_dilated=conv, name="stem")(x_BxHxWxC)
+    x = nn.Conv(
+      16,
+      (3, 3),
+      use_bias=False,
+      kernel_init=_conv_init,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      conv_general_dilated=conv,
+      name="stem",
+    )(x_BxHxWxC)
     for g, stride in enumerate((1, 2, 2)):
       for b in range(n):
-        x = BasicBlock(16 * self.widen * 2**g, stride if b == 0 else 1, self.norm, self.dropout,
-                       self.sites, self.gradient, self.score, self.zero_init_residual,
-                       self.dtype, self.param_dtype, self.conv, self.relative,
-                       name=f"group{g}_block{b}")(x, per_site[f"group{g}_block{b}"] if per_site else keep, train)
+        x = BasicBlock(
+          16 * self.widen * 2**g,
+          stride if b == 0 else 1,
+          self.norm,
+          self.dropout,
+          self.sites,
+          self.gradient,
+          self.score,
+          self.zero_init_residual,
+          self.dtype,
+          self.param_dtype,
+          self.conv,
+          self.relative,
+          name=f"group{g}_block{b}",
+        )(x, per_site[f"group{g}_block{b}"] if per_site else keep, train)
     x = nn.relu(_Norm(self.norm, self.dtype, self.param_dtype, name="final_norm")(x, train))
     x = _site(self, "final_act", x, per_site or keep, self.sites, self.gradient, self.score, self.relative)
-    logits_BxHxWxK = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                              name="classifier")(x)
+    logits_BxHxWxK = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="classifier")(x)
     return jnp.mean(logits_BxHxWxK.astype(jnp.float32), axis=(1, 2))
 
 
