@@ -54,11 +54,10 @@ from torch_wrn import make_conv_step, make_torch_step, one_thread
 from jaxsparse import controllers, data, parallel
 from jaxsparse import train as train_lib
 from jaxsparse.models import conv as conv_lib
-from jaxsparse.models.wrn import CONVS, WideResNet, resolve_conv
+from jaxsparse.models.wrn import CONVS, MODELS, WideResNet, resolve_conv
 from jaxsparse.topk import topk_mask, topk_threshold
 
 SECTIONS = ("step", "torch", "conv", "layers", "topk", "pipeline")
-MODELS = {"wrn28_4": (28, 4), "wrn16_4": (16, 4), "wrn16_2": (16, 2), "wrn16_1": (16, 1), "wrn10_1": (10, 1)}
 GOALS = {"sparse_over_dense": 1.05, "keep1_over_plain": 1.01, "auto_over_best_conv": 1.02, "jax_over_torch": 1.0}
 SPARSE_KEEP = 0.3
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"

@@ -13,9 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from jaxsparse import report  # noqa: E402
+from jaxsparse import report
 
 
 def main(argv=None) -> int:

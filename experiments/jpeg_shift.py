@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 MAX_MEAN_ABS_DIFF = 20.0  # per image, in 0..255 pixel units; JPEG q75 stays below ~13
 
 

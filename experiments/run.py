@@ -14,15 +14,15 @@ Exit codes: 0 done, 1 a run error (bad data, unwritable run directory, non-finit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import re
 import signal
 import sys
-from pathlib import Path
+import typing
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from jaxsparse import config as config_lib  # noqa: E402
-from jaxsparse import controllers  # noqa: E402
+from jaxsparse import config as config_lib
+from jaxsparse import controllers
 
 
 def _option_value(text: str):
@@ -51,11 +51,55 @@ def _controller_flags() -> dict[str, dict[str, object]]:
   return flags
 
 
+def flag(field: str) -> str:
+  """The command-line flag of a Config field: ``train_size`` -> ``--train-size``."""
+  return "--" + field.replace("_", "-")
+
+
+def cli_message(text: str) -> str:
+  """A library error in the command line's words: ``Config.val_size`` -> ``--val-size``, ``fresh=True`` ->
+  ``--fresh``, ``workdir`` -> ``--workdir``."""
+  text = re.sub(r"\bConfig\.(\w+)", lambda m: flag(m.group(1)), text)
+  for words, flags in (
+    ("fresh=True", "--fresh"),
+    ("another workdir", "another --workdir"),
+    ("a writable workdir", "a writable --workdir"),
+  ):
+    text = text.replace(words, flags)
+  return text
+
+
+_ALIASES = {"learning_rate": ["--lr"]}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+  """One flag per Config field (but controller_options: one flag per controller option, below), with the field's
+  help and choices; every default is None, meaning "the preset's value"."""
+  hints = typing.get_type_hints(config_lib.Config)
+  group = p.add_argument_group("run options (Config fields; default: the preset's value)")
+  for field in dataclasses.fields(config_lib.Config):
+    meta = field.metadata
+    if not meta.get("flag", True):
+      continue
+    kind = hints[field.name]
+    kwargs: dict = {"dest": field.name, "default": None, "help": meta["help"]}
+    choices = meta.get("choices")
+    if kind is bool:
+      kwargs["action"] = argparse.BooleanOptionalAction
+    elif field.name == "eval_keeps":
+      kwargs.update(type=_keeps, metavar="K,K,...")
+    elif choices is not None and None in choices:  # e.g. augment: "none" on the command line
+      kwargs["choices"] = ["none" if c is None else c for c in choices]
+    elif choices is not None:
+      kwargs["choices"] = sorted(choices) if field.name == "model" else list(choices)
+    else:
+      base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # int | None -> int
+      kwargs["type"] = base
+    group.add_argument(flag(field.name), *_ALIASES.get(field.name, []), **kwargs)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument(
-    "--schedule", default="adaptive_b", choices=controllers.names(), help="keep-ratio controller (default: %(default)s)"
-  )
   p.add_argument(
     "--preset",
     default="paper",
@@ -63,53 +107,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="paper: WRN-28-4, full data, 200 epochs (GPU); cpu: ~8 min on 2 CPU cores; study: ~5 min and "
     "overfit: ~20 min on one core (README, Presets); smoke: seconds (default: %(default)s)",
   )
-  p.add_argument(
-    "--data",
-    help="cifar10 (default: a prepared TFDS cifar10, else the original archive, downloaded "
-    "once), tfds:cifar10, a CIFAR-10 image-folder .tar.gz or folder, "
-    "cifar-10-python.tar.gz or its folder, or an .npz with x_train,y_train,x_test,y_test",
-  )
-  p.add_argument("--cache-dir", help="where decoded datasets are cached (default ~/.cache/jaxsparse)")
-  p.add_argument("--epochs", type=int)
-  p.add_argument("--seed", type=int)
-  p.add_argument("--model", choices=sorted(config_lib.MODELS))
-  p.add_argument("--norm", choices=config_lib.NORMS)
-  p.add_argument("--dropout", type=float)
-  p.add_argument("--dtype", choices=config_lib.DTYPES)
-  p.add_argument(
-    "--conv",
-    choices=config_lib.CONVS,
-    help="convolution implementation (default auto: wgrad_matmul on CPU, xla elsewhere; docs/performance.md)",
-  )
-  p.add_argument("--batch-size", type=int)
-  p.add_argument("--learning-rate", "--lr", type=float)
-  p.add_argument("--warmup-epochs", type=int)
-  p.add_argument("--weight-decay", type=float)
-  p.add_argument("--train-size", type=int, help="stratified subset of the training set")
-  p.add_argument("--val-size", type=int, help="validation images held out of the training set")
-  p.add_argument("--augment", choices=["none", "flip_crop"])
-  p.add_argument("--topk-gradient", choices=config_lib.GRADIENTS)
-  p.add_argument("--topk-score", choices=config_lib.SCORES)
-  p.add_argument(
-    "--topk-keep",
-    choices=config_lib.TOPK_KEEPS,
-    help="absolute (default): keep is a fraction of all units of a site; relative: of each example's "
-    "active units (score > 0)",
-  )
-  p.add_argument(
-    "--regimes",
-    type=int,
-    help="keep ratios trained per step (default 1); n >= 2: keep 1.0, the "
-    "schedule's keep and n - 2 random keeps between (n passes per step)",
-  )
-  p.add_argument(
-    "--distill",
-    action="store_true",
-    default=None,
-    help="with --regimes >= 2: sparse passes learn from the dense pass's predictions",
-  )
-  p.add_argument("--eval-keeps", type=_keeps, help="test-time keep ratios for the final keep curve")
-  p.add_argument("--eval-every", type=int, help="dense test accuracy every N epochs and at the last (default 1)")
   p.add_argument("--workdir", help="run directory (default: runs/<preset>_<schedule>_s<seed>)")
   p.add_argument("--fresh", action="store_true", help="delete this run's previous outputs and start over")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -140,58 +137,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="with --distributed: a process silent this long counts as dead and every other process "
     "stops with an error naming it (default: JAX's, 100)",
   )
+  _add_config_flags(p)
   group = p.add_argument_group("controller options (each applies to the schedules named)")
   for opt, defaults in _controller_flags().items():
     shown = ", ".join(f"{n}={d}" for n, d in defaults.items())
-    group.add_argument(
-      "--" + opt.replace("_", "-"), dest="ctrl_" + opt, type=_option_value, metavar="X", help=f"defaults: {shown}"
-    )
+    group.add_argument(flag(opt), dest="ctrl_" + opt, type=_option_value, metavar="X", help=f"defaults: {shown}")
   return p.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> config_lib.Config:
+  """The preset, with every flag given overriding its field; raises ValueError in the command line's words."""
   overrides = {
-    f: getattr(args, f)
-    for f in (
-      "data",
-      "cache_dir",
-      "epochs",
-      "seed",
-      "model",
-      "norm",
-      "dropout",
-      "dtype",
-      "conv",
-      "batch_size",
-      "learning_rate",
-      "warmup_epochs",
-      "weight_decay",
-      "train_size",
-      "val_size",
-      "topk_gradient",
-      "topk_score",
-      "topk_keep",
-      "regimes",
-      "distill",
-      "eval_keeps",
-      "eval_every",
-    )
-    if getattr(args, f) is not None
+    f.name: getattr(args, f.name)
+    for f in dataclasses.fields(config_lib.Config)
+    if f.metadata.get("flag", True) and getattr(args, f.name) is not None
   }
-  if args.augment is not None:
-    overrides["augment"] = None if args.augment == "none" else args.augment
+  if overrides.get("augment") == "none":
+    overrides["augment"] = None
+  schedule = overrides.get("schedule", config_lib.PRESETS[args.preset].schedule)
   options = {k[len("ctrl_") :]: v for k, v in vars(args).items() if k.startswith("ctrl_") and v is not None}
-  accepted = controllers.options(args.schedule)
+  accepted = controllers.options(schedule)
   wrong = sorted(set(options) - set(accepted))
   if wrong:
     raise ValueError(
-      f"--{wrong[0].replace('_', '-')} does not apply to --schedule={args.schedule}; its options "
-      f"are: {', '.join('--' + o.replace('_', '-') for o in accepted) or 'none'}"
+      f"{flag(wrong[0])} does not apply to --schedule={schedule}; its options "
+      f"are: {', '.join(flag(o) for o in accepted) or 'none'}"
     )
-  config = config_lib.preset(args.preset, schedule=args.schedule, controller_options=options, **overrides)
-  from jaxsparse.loop import check_config
+  try:
+    config = config_lib.preset(args.preset, controller_options=options, **overrides)
+    from jaxsparse.loop import check_config
 
-  check_config(config)
+    check_config(config)
+  except ValueError as e:
+    raise ValueError(cli_message(str(e))) from e
   return config
 
 
@@ -236,6 +214,24 @@ def distributed_args(args: argparse.Namespace) -> dict:
   return {k: v for k, v in given.items() if v is not None}
 
 
+class _TqdmHandler(logging.Handler):
+  """Log lines printed above the progress bar."""
+
+  def emit(self, record):
+    from tqdm.auto import tqdm
+
+    tqdm.write(self.format(record))
+
+
+def _log_to_terminal() -> None:
+  """The library's one channel, the "jaxsparse" logger, printed (INFO and up) above the progress bar."""
+  logger = logging.getLogger("jaxsparse")
+  if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+    logger.addHandler(_TqdmHandler())
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+
+
 class _StopRequest:
   """SIGINT / SIGTERM -> a flag the loop polls after every step; a second signal aborts at once."""
 
@@ -277,22 +273,18 @@ def main(argv=None) -> int:
     # CPU processes exchange gradients through gloo (GPUs and TPUs use their own collectives).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**coordination)
-  from tqdm.auto import tqdm
-
   from jaxsparse import data as data_lib
   from jaxsparse.loop import Interrupted, WorkdirError, train_and_evaluate
 
-  logging.basicConfig(level=logging.WARNING)
+  _log_to_terminal()
   workdir = args.workdir or f"runs/{args.preset}_{config.schedule}_s{config.seed}"
   print(f"run directory: {workdir}", file=sys.stderr)
   stop = _StopRequest()
   previous = stop.install()
   try:
-    train_and_evaluate(
-      config, workdir, fresh=args.fresh, progress=not args.no_progress, log=tqdm.write, should_stop=stop
-    )
+    train_and_evaluate(config, workdir, fresh=args.fresh, progress=not args.no_progress, should_stop=stop)
   except (ValueError, data_lib.DataError, FloatingPointError, WorkdirError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {cli_message(str(e))}", file=sys.stderr)
     return 1
   except OSError as e:  # e.g. an unreadable --data or --cache-dir
     print(f"error: {e}; check the path, its permissions and the free disk space", file=sys.stderr)
@@ -309,7 +301,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  from malloc_env import reexec_with_tunables  # experiments/ is on sys.path when this runs as a script
+  from malloc_env import reexec_with_tunables  # the script's own folder is where Python looks first
 
   reexec_with_tunables()  # CPU runs: glibc keeps XLA's temp buffers (GLIBC_TUNABLES set by you: left as it is)
   sys.exit(main())

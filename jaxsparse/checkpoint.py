@@ -2,9 +2,9 @@
 
 Each checkpoint is keyed by an increasing int ``step`` (the loop uses the global optimizer step, so
 epoch-end and mid-epoch checkpoints share one order) and holds two items: ``state`` (any pytree of
-jax arrays, e.g. a flax TrainState) and ``meta`` (a small JSON dict: the loop keeps the data
-position and partial-epoch metrics there). Retention keeps the newest ``keep_latest`` checkpoints
-plus, for good, every checkpoint saved with ``cycle_end=c``. That mark is
+jax arrays, e.g. a flax TrainState) and ``meta`` (a small JSON dict: the loop keeps the metric sums of a
+partial epoch there; where the run stands is the state's own step). Retention keeps the newest ``keep_latest``
+checkpoints plus, for good, every checkpoint saved with ``cycle_end=c``. That mark is
 written into the step's Orbax custom metadata, so the keep-forever set is rebuilt whenever a
 directory is reopened (Orbax preservation policies hold no state across restarts).
 
@@ -49,11 +49,6 @@ class Restored(NamedTuple):
   step: int
   skipped: tuple[tuple[int, str], ...]
 
-  @property
-  def epoch(self) -> int:
-    """Alias of `step` (checkpoints used to be keyed by epoch)."""
-    return self.step
-
 
 @dataclasses.dataclass
 class _KeepSteps:
@@ -71,6 +66,11 @@ def _absolute(directory: str | os.PathLike[str]) -> str:
   # "Checkpoint path should be absolute", so resolve local paths up front.
   path = os.fspath(directory)
   return path if "://" in path else os.path.abspath(path)
+
+
+def _abstract(tree: PyTree) -> PyTree:
+  """A restore target: `jax.ShapeDtypeStruct`s (with shardings) of a concrete or abstract state."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
 class Checkpointer:
@@ -180,7 +180,9 @@ class Checkpointer:
       state, meta = ckpt.restore(360, abstract_state)
     """
     self._manager.wait_until_finished()
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    return self._restore(step, _abstract(abstract_state))
+
+  def _restore(self, step: int, target: PyTree) -> tuple[PyTree, dict[str, Any]]:
     restored = self._manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
     )
@@ -204,25 +206,26 @@ class Checkpointer:
 
     Example::
 
-      restored = ckpt.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+      restored = ckpt.restore_latest(state)
       start_step = 0 if restored is None else restored.step
     """
     self._manager.wait_until_finished()
     self._manager.reload()
+    target = _abstract(abstract_state)
     skipped = []
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        state, meta = self.restore(step, abstract_state)
+        state, meta = self._restore(step, target)
       except Exception as e:  # pylint: disable=broad-except
         # Any reader error (missing/truncated file, bad JSON, checksum) makes it unusable.
         reason = f"{type(e).__name__}: {e}"[:_MAX_REASON_CHARS]
-        self._warn(f"checkpoint {self._path(step)} failed to load, skipped: {reason}")
+        self._warn(f"checkpoint {self.path(step)} failed to load, skipped: {reason}")
         skipped.append((step, reason))
         continue
       if skipped:
         self._quarantine([s for s, _ in skipped])
         self._warn(
-          f"fell back to checkpoint {self._path(step)}: newer checkpoint(s) at step(s) "
+          f"fell back to checkpoint {self.path(step)}: newer checkpoint(s) at step(s) "
           f"{[s for s, _ in skipped]} could not be read and were moved aside"
         )
       return Restored(state, meta, step, tuple(skipped))
@@ -251,8 +254,6 @@ class Checkpointer:
     self._manager.wait_until_finished()
     return sorted(self._manager.all_steps())
 
-  all_epochs = all_steps  # the name from when checkpoints were keyed by epoch
-
   def path(self, step: int) -> str:
     """The directory of checkpoint `step` (whether or not it exists).
 
@@ -260,7 +261,7 @@ class Checkpointer:
 
       ckpt.path(360)  # '/abs/run/checkpoints/360'
     """
-    return self._path(step)
+    return os.path.join(self.directory, str(step))
 
   def wait(self) -> None:
     """Blocks until pending saves and deletions are done; raises a background save's error."""
@@ -275,9 +276,6 @@ class Checkpointer:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
-
-  def _path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
 
   def _read_cycle_marks(self, steps: Sequence[int]) -> dict[int, int]:
     cycle_of = {}

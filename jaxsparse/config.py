@@ -1,6 +1,8 @@
 """Frozen run configurations and named presets (paper, cpu, study, overfit, smoke).
 
-The config stops at one boundary: only `jaxsparse.loop.train_and_evaluate` reads a whole `Config`; every other
+`Config` is the one list of run options (with each option's help and allowed values); the choices themselves
+belong to the modules that own the concepts (models.wrn: MODELS, NORMS, CONVS; topk: GRADIENTS, SCORES;
+controllers: the schedules). The config stops at one boundary: only `jaxsparse.loop.train_and_evaluate` reads a whole `Config`; every other
 module takes explicit keyword arguments. Values marked "ours" are this project's choices, since the paper does
 not publish them (see README, "What is ours").
 """
@@ -11,94 +13,116 @@ import dataclasses
 import json
 from typing import Any, Mapping
 
-# depth, widen of the named WideResNet variants.
-MODELS = {
-  "wrn28_4": (28, 4),  # the paper's backbone
-  "wrn16_4": (16, 4),
-  "wrn16_2": (16, 2),
-  "wrn16_1": (16, 1),
-  "wrn10_1": (10, 1),  # tiny: tests and smoke runs
-}
-NORMS = ("rmsnorm", "batchnorm", "none")
-DTYPES = ("float32", "bfloat16")
-CONVS = ("auto", "xla", "matmul", "wgrad_matmul")  # jaxsparse.models.wrn.resolve_conv
-GRADIENTS = ("masked", "straight_through")
-SCORES = ("value", "magnitude")
-TOPK_KEEPS = ("absolute", "relative")  # keep as a fraction of all units, or of each example's active units
-AUGMENTS = (None, "flip_crop")
+from jaxsparse import controllers
+from jaxsparse.models.wrn import CONVS, MODELS, NORMS
+from jaxsparse.topk import GRADIENTS, SCORES
+
 PAPER_KEEPS = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05)
+
+
+def _field(default, help: str, *, choices=None, factory=None, flag: bool = True):
+  """A Config field with its documentation: `help` (shown by the command line), `choices` (checked on
+  construction) and whether experiments/run.py makes it a flag."""
+  meta = {"help": help, "choices": choices, "flag": flag}
+  if factory is not None:
+    return dataclasses.field(default_factory=factory, metadata=meta)
+  return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Everything one training run depends on. Saved as config.json beside the run."""
+  """Everything one training run depends on. Saved as config.json beside the run.
+
+  The single list of run options: each field carries its help text and its allowed values, which the command line
+  (experiments/run.py) turns into one flag per field (``train_size`` -> ``--train-size``).
+  """
 
   # Data.
-  data: str = "cifar10"  # prepared TFDS cifar10, else the original archive, downloaded once
-  cache_dir: str | None = None  # None: the data module's default (~/.cache/jaxsparse)
-  train_size: int | None = None  # None: the whole training set (minus validation)
-  val_size: int = 5000  # held out from train, same split for every schedule (ours)
-  augment: str | None = None  # the paper trains without augmentation
+  data: str = _field(
+    "cifar10",
+    "cifar10 (a prepared TFDS cifar10, else the original archive, downloaded once), "
+    "tfds:cifar10, a CIFAR-10 image-folder .tar.gz or folder, cifar-10-python.tar.gz or its folder, "
+    "or an .npz with x_train, y_train, x_test, y_test",
+  )
+  cache_dir: str | None = _field(None, "where decoded datasets are cached (None: ~/.cache/jaxsparse)")
+  train_size: int | None = _field(None, "stratified subset of the training set (None: all of it minus validation)")
+  val_size: int = _field(5000, "validation images held out of the training set, the same for every schedule (ours)")
+  augment: str | None = _field(None, "training augmentation (None: none, as in the paper)", choices=(None, "flip_crop"))
   # Model.
-  model: str = "wrn28_4"
-  norm: str = "rmsnorm"
-  dropout: float = 0.0
-  dtype: str = "float32"  # compute dtype; parameters stay float32
-  conv: str = "auto"  # per layer on CPU (xla or wgrad_matmul by shape), xla elsewhere
-  topk_gradient: str = "masked"
-  topk_score: str = "value"
-  topk_keep: str = "absolute"  # "relative": keep is a fraction of each example's active (score > 0) units
+  model: str = _field("wrn28_4", "the WideResNet", choices=tuple(MODELS))
+  norm: str = _field("rmsnorm", "channel normalisation", choices=NORMS)
+  dropout: float = _field(0.0, "dropout rate between the convs of every block")
+  dtype: str = _field("float32", "compute dtype (parameters stay float32)", choices=("float32", "bfloat16"))
+  conv: str = _field(
+    "auto",
+    "convolution implementation (auto: per layer on CPU, xla or wgrad_matmul by shape; xla "
+    "elsewhere; docs/performance.md)",
+    choices=tuple(CONVS),
+  )
+  topk_gradient: str = _field(
+    "masked", "top-k gradient: masked (through kept units) or straight_through", choices=GRADIENTS
+  )
+  topk_score: str = _field("value", "top-k score: value or magnitude", choices=SCORES)
+  topk_keep: str = _field(
+    "absolute",
+    "absolute: keep is a fraction of all units of a site; relative: of each example's active units (score > 0)",
+    choices=("absolute", "relative"),
+  )
   # Optimisation (ours: common WRN practice, plus a linear warm-up that RMSNorm WRNs need at lr 0.1).
-  epochs: int = 200
-  batch_size: int = 128
-  learning_rate: float = 0.1
-  warmup_epochs: int = 5
-  momentum: float = 0.9
-  nesterov: bool = True
-  weight_decay: float = 5e-4  # on conv/dense kernels only, not on norms or biases
+  epochs: int = _field(200, "training epochs")
+  batch_size: int = _field(128, "global batch size (divisible by the device count)")
+  learning_rate: float = _field(0.1, "peak learning rate (linear warm-up, then cosine decay to 0)")
+  warmup_epochs: int = _field(5, "epochs of linear learning-rate warm-up")
+  momentum: float = _field(0.9, "SGD momentum")
+  nesterov: bool = _field(True, "Nesterov momentum")
+  weight_decay: float = _field(5e-4, "weight decay on conv/dense kernels only, not on norms or biases")
   # Keep-ratio control.
-  schedule: str = "adaptive_b"
-  controller_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  eval_keeps: tuple[float, ...] = PAPER_KEEPS
-  eval_every: int = 1  # dense test accuracy every N epochs and at the last (validation: every epoch)
-  # Several regimes per step (ours; slimmable networks' sandwich rule): 1 trains the controller's keep only;
-  # n >= 2 trains keep 1.0, the controller's keep (the smallest) and n - 2 keeps drawn from [that keep, 1) in
-  # every step, on the mean loss: n forward/backward passes per step.
-  regimes: int = 1
-  distill: bool = False  # with regimes >= 2: sparse passes learn from the dense pass's predictions
+  schedule: str = _field("adaptive_b", "keep-ratio controller", choices=controllers.names())
+  controller_options: Mapping[str, Any] = _field(
+    None, "the controller's options (the command line has one flag per option)", factory=dict, flag=False
+  )
+  eval_keeps: tuple[float, ...] = _field(PAPER_KEEPS, "test-time keep ratios of the final keep curve")
+  eval_every: int = _field(1, "dense test accuracy every N epochs and at the last (validation: every epoch)")
+  # Several regimes per step (ours; slimmable networks' sandwich rule).
+  regimes: int = _field(
+    1,
+    "keep ratios trained per step: 1 trains the controller's keep; n >= 2 trains keep 1.0, the "
+    "controller's keep (the smallest) and n - 2 keeps drawn between, on the mean loss (n passes "
+    "per step)",
+  )
+  distill: bool = _field(False, "with regimes >= 2: the sparse passes learn from the dense pass's predictions")
   # Bookkeeping.
-  seed: int = 0
-  keep_checkpoints: int = 2  # latest epochs kept, besides one checkpoint per reset cycle
+  seed: int = _field(0, "initialisation, data order and validation split")
+  keep_checkpoints: int = _field(2, "latest checkpoints kept, besides one per reset cycle")
 
   def __post_init__(self):
-    _check_choice("model", self.model, tuple(MODELS))
-    _check_choice("norm", self.norm, NORMS)
-    _check_choice("dtype", self.dtype, DTYPES)
-    _check_choice("conv", self.conv, CONVS)
-    _check_choice("topk_gradient", self.topk_gradient, GRADIENTS)
-    _check_choice("topk_score", self.topk_score, SCORES)
-    _check_choice("topk_keep", self.topk_keep, TOPK_KEEPS)
-    _check_choice("augment", self.augment, AUGMENTS)
+    for f in dataclasses.fields(self):
+      if f.metadata.get("choices") is not None:
+        _check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
     for name in ("epochs", "batch_size", "keep_checkpoints", "eval_every"):
       if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        raise ValueError(f"Config.{name} must be >= 1, got {getattr(self, name)}")
     if isinstance(self.regimes, bool) or not isinstance(self.regimes, int) or self.regimes < 1:
-      raise ValueError(f"regimes must be an integer >= 1, got {self.regimes!r}")
+      raise ValueError(f"Config.regimes must be an integer >= 1, got {self.regimes!r}")
     if not isinstance(self.distill, bool):
-      raise ValueError(f"distill must be a bool, got {self.distill!r}")
+      raise ValueError(f"Config.distill must be a bool, got {self.distill!r}")
     if self.distill and self.regimes < 2:
-      raise ValueError(f"distill needs regimes >= 2 (a dense pass to learn from), got regimes={self.regimes}")
+      raise ValueError(f"Config.distill needs regimes >= 2 (a dense pass to learn from), got regimes={self.regimes}")
     if self.train_size is not None and self.train_size < self.batch_size:
-      raise ValueError(f"train_size ({self.train_size}) must be >= batch_size ({self.batch_size})")
+      raise ValueError(f"Config.train_size ({self.train_size}) must be >= Config.batch_size ({self.batch_size})")
     if self.val_size < 0 or self.warmup_epochs < 0:
-      raise ValueError(f"val_size and warmup_epochs must be >= 0, got {self.val_size}, {self.warmup_epochs}")
+      raise ValueError(
+        f"Config.val_size and Config.warmup_epochs must be >= 0, got {self.val_size}, {self.warmup_epochs}"
+      )
     if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+      raise ValueError(f"Config.dropout must be in [0, 1), got {self.dropout}")
     if not self.learning_rate > 0 or self.weight_decay < 0:
-      raise ValueError(f"need learning_rate > 0 and weight_decay >= 0, got {self.learning_rate}, {self.weight_decay}")
+      raise ValueError(
+        f"need Config.learning_rate > 0 and Config.weight_decay >= 0, got {self.learning_rate}, {self.weight_decay}"
+      )
     bad = [k for k in self.eval_keeps if not 0.0 < k <= 1.0]
     if bad or not self.eval_keeps:
-      raise ValueError(f"eval_keeps must be a non-empty list of values in (0, 1], got {self.eval_keeps}")
+      raise ValueError(f"Config.eval_keeps must be a non-empty list of values in (0, 1], got {self.eval_keeps}")
     object.__setattr__(self, "eval_keeps", tuple(float(k) for k in self.eval_keeps))
     object.__setattr__(self, "controller_options", dict(self.controller_options))
 
@@ -129,7 +153,7 @@ class Config:
 
 def _check_choice(name, value, choices):
   if value not in choices:
-    raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    raise ValueError(f"Config.{name} must be one of {list(choices)}, got {value!r}")
 
 
 # Named presets. Each is the full Config; flags override fields one by one.

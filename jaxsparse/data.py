@@ -1,6 +1,6 @@
 """CIFAR-10 input pipeline: a source string -> cached uint8 arrays -> numpy batches.
 
-Sources (``load(source)``; the CLI's ``--data``):
+Sources (``load(source)``; ``Config.data``):
 
 * ``cifar10`` (the default) -- works on a fresh machine with internet. If TFDS ``cifar10`` is
   already prepared in the TFDS data_dir it is read as ``tfds:cifar10`` (below). Otherwise the
@@ -8,7 +8,7 @@ Sources (``load(source)``; the CLI's ``--data``):
   ``cache_dir`` with the standard library (one attempt, 10 s timeout, no retries), its size and
   md5 checked before it is moved into place, and read like a local python-batches archive; later
   loads find it there and need no network. With neither TFDS data nor network, ``load`` fails
-  within seconds with a ``DataNotFoundError`` naming ``--data`` and the local alternatives.
+  within seconds with a ``DataNotFoundError`` naming ``Config.data`` and the local alternatives.
   Progress goes to the optional ``progress`` callback and the ``jaxsparse.data`` logger (INFO).
 * ``tfds:<name>`` -- a dataset already prepared in the TFDS data_dir, read with
   ``tfds.data_source`` (reading needs no TensorFlow). We never ask TFDS to download: preparing
@@ -35,10 +35,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 import re
 import tempfile
-import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 
@@ -57,6 +57,7 @@ from jaxsparse.data_sources import (
 )
 
 DEFAULT_CACHE_DIR = "~/.cache/jaxsparse"
+_logger = logging.getLogger("jaxsparse.data")
 _KEYS = sources.KEYS
 _CACHE_VERSION = 1
 
@@ -112,7 +113,7 @@ def _save_cached(path: str, raw: Raw) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npz")
   except OSError as e:
-    warnings.warn(f"jaxsparse.data: cannot write cache {path}: {e}")
+    _logger.warning("cannot write cache %s: %s", path, e)
     return
   try:
     with os.fdopen(fd, "wb") as f:
@@ -151,7 +152,7 @@ def _fetch_cifar10(
     raise DataNotFoundError(
       f"{e}; TFDS cifar10 is not prepared in the TFDS data_dir "
       f"({tfds_data_dir or '$TFDS_DATA_DIR or ~/tensorflow_datasets'}) either. Connect to the "
-      f"internet, or pass --data with a local copy: {sources.LOCAL_SOURCES}."
+      f"internet, or set Config.data to a local copy: {sources.LOCAL_SOURCES}."
     ) from e
   return path
 

@@ -207,7 +207,7 @@ def open_tfds(name: str, data_dir: str | None):
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise DataError(f"tfds:{name} needs tensorflow-datasets; or pass --data {LOCAL_SOURCES}") from e
+    raise DataError(f"tfds:{name} needs tensorflow-datasets; or set Config.data to one of {LOCAL_SOURCES}") from e
   try:
     return tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False)
   except Exception as e:  # TFDS raises KeyError, AssertionError, ... when not prepared
@@ -215,7 +215,7 @@ def open_tfds(name: str, data_dir: str | None):
       f"TFDS dataset {name!r} is not prepared in the TFDS data_dir "
       f"({data_dir or '$TFDS_DATA_DIR or ~/tensorflow_datasets'}), and jaxsparse does not "
       f"download through TFDS (preparing needs TensorFlow and network: `tfds build {name}`). "
-      f"Use --data=cifar10 to download the original archive, or pass --data with a "
+      f"Use Config.data='cifar10' to download the original archive, or set Config.data to a "
       f"local copy: {LOCAL_SOURCES}. [{type(e).__name__}: {e}]"
     ) from e
 

@@ -29,7 +29,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from tqdm import tqdm  # plain tqdm: tqdm.auto warns in Jupyter without ipywidgets
 
 from jaxsparse import checkpoint as checkpoint_lib
@@ -38,8 +37,9 @@ from jaxsparse import data as data_lib
 from jaxsparse import parallel, provenance, report
 from jaxsparse import train as train_lib
 from jaxsparse import workdir as workdir_lib
-from jaxsparse.config import MODELS, Config
+from jaxsparse.config import Config
 from jaxsparse.models import WideResNet, resolve_conv
+from jaxsparse.models.wrn import MODELS
 from jaxsparse.workdir import ConfigMismatchError, WorkdirError  # noqa: F401  (re-exported)
 
 _logger = logging.getLogger("jaxsparse")
@@ -83,11 +83,11 @@ def check_config(config: Config) -> controllers_lib.Controller:
 
   Raises:
     ValueError: naming the bad option and the fix, e.g. for `preset("smoke", schedule="adaptive_b", val_size=0)`:
-      "schedule 'adaptive_b' needs a validation split: set val_size > 0 (--val-size)".
+      "schedule 'adaptive_b' needs a validation split: set Config.val_size > 0".
   """
   controller = build_controller(config)
   if controller.needs_validation and config.val_size < 1:
-    raise ValueError(f"schedule {config.schedule!r} needs a validation split: set val_size > 0 (--val-size)")
+    raise ValueError(f"schedule {config.schedule!r} needs a validation split: set Config.val_size > 0")
   if config.regimes > 1 and config.schedule == "dense":
     raise ValueError(
       f"regimes={config.regimes} trains keeps from the controller's keep up to 1.0, and schedule "
@@ -136,7 +136,7 @@ def load_trained(workdir: str | os.PathLike, *, mesh=None) -> tuple[Config, trai
   ds = _load_data(config, progress=False)
   state = initial_state(config, data_lib.steps_per_epoch(len(ds.train.labels), config.batch_size), mesh)
   with checkpoint_lib.Checkpointer(workdir / "checkpoints") as ckpt:
-    restored = ckpt.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+    restored = ckpt.restore_latest(state)
   if restored is None:
     raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no checkpoint")
   return config, restored.state, ds
@@ -212,48 +212,35 @@ class _EpochSums:
     return {k: v / self.count for k, v in self.sums.items()}
 
 
-def _position(epoch: int, step_in_epoch: int, sums: _EpochSums, wall_time_s: float, cycle: int) -> dict:
-  """A checkpoint's meta: completed epochs, steps done in the next one and their metric sums, wall time."""
-  return {
-    "epoch": epoch,
-    "step_in_epoch": step_in_epoch,
-    "partial_sums": sums.sums,
-    "partial_count": sums.count,
-    "wall_time_s": wall_time_s,
-    "cycle": cycle,
-  }
+def _position(sums: _EpochSums, wall_time_s: float) -> dict:
+  """A checkpoint's meta: the metric sums of the current epoch's finished steps and the run's wall time. Where the
+  run stands (epoch, step in the epoch, cycle) is the train state's own: its step and its controller state."""
+  return {"partial_sums": sums.sums, "partial_count": sums.count, "wall_time_s": wall_time_s}
 
 
 def _restore(ckpt: checkpoint_lib.Checkpointer, state, steps_per_epoch: int, log: Callable[[str], None]):
-  """(state, position meta) of the newest checkpoint that loads; the fresh state at position 0 if none."""
+  """(state, meta) of the newest checkpoint that loads; the fresh state and an empty meta if none."""
   try:
-    restored = ckpt.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+    restored = ckpt.restore_latest(state)
   except RuntimeError as e:
     raise ConfigMismatchError(
-      f"no checkpoint in {ckpt.directory} fits this config's model (see the log above); pass --fresh to start "
-      f"over, or choose another --workdir"
+      f"no checkpoint in {ckpt.directory} fits this config's model (see the log above); pass fresh=True to start "
+      f"over, or choose another workdir"
     ) from e
   if restored is None:
-    return state, _position(0, 0, _EpochSums(), 0.0, 0)
-  meta = {"step_in_epoch": 0, "partial_sums": {}, "partial_count": 0, **restored.meta}
-  epoch, in_epoch = int(meta["epoch"]), int(meta["step_in_epoch"])
-  if int(restored.state.step) != epoch * steps_per_epoch + in_epoch:
-    raise ConfigMismatchError(
-      f"checkpoint {ckpt.path(restored.step)} is at step {int(restored.state.step)}, which is not epoch {epoch} "
-      f"+ {in_epoch} steps of {steps_per_epoch}; pass --fresh to start over, or choose another --workdir"
-    )
+    return state, _position(_EpochSums(), 0.0)
   if restored.skipped:
     log(
       f"resuming from an older checkpoint: the newer one(s) at step(s) {[s for s, _ in restored.skipped]} "
       f"could not be read (moved aside as <step>.corrupt; their steps will be redone)"
     )
+  epoch, in_epoch = divmod(int(restored.state.step), steps_per_epoch)
   log(
-    f"resumed from {ckpt.path(restored.step)}: step {restored.step} (epoch {epoch + 1}, step {in_epoch} of "
-    f"{steps_per_epoch})"
-    if in_epoch
-    else f"resumed from {ckpt.path(restored.step)}: step {restored.step} (end of epoch {epoch})"
+    f"resumed from {ckpt.path(restored.step)}: step {restored.step} "
+    + (f"(epoch {epoch + 1}, step {in_epoch} of {steps_per_epoch})" if in_epoch else f"(end of epoch {epoch})")
   )
-  return restored.state, meta
+  meta = {k: restored.meta[k] for k in _position(_EpochSums(), 0.0) if k in restored.meta}  # older metas had more
+  return restored.state, {**_position(_EpochSums(), 0.0), **meta}
 
 
 def _is_alive(state) -> bool:
@@ -345,14 +332,63 @@ def train_and_evaluate(
   # Multi-process runs: every process computes; process 0 alone writes the run's files and logs epochs.
   primary = parallel.is_primary()
   log = (log or _logger.info) if primary else (lambda _: None)
-  progress = progress and primary
   user_stop = should_stop or (lambda: False)
   should_stop = (lambda: parallel.any_process(user_stop())) if jax.process_count() > 1 else user_stop
   workdir = Path(workdir)
   controller = check_config(config)  # validates the schedule and its options before any work
+  origin = _open_workdir(config, workdir, fresh=fresh, primary=primary)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh)
+  ds = _load_data(config, progress=progress and primary)
+  steps_per_epoch = data_lib.steps_per_epoch(len(ds.train.labels), config.batch_size)
+  state = initial_state(config, steps_per_epoch, mesh, controller)
+  with workdir_lib.writing(workdir / "checkpoints"):
+    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep_latest=config.keep_checkpoints, log=ckpt_log)
+  with ckpt:
+    run = _Run(config, workdir, ds, mesh, steps_per_epoch, ckpt, primary, log, controller)
+    state, meta = _restore(ckpt, state, steps_per_epoch, log)
+    history = workdir_lib.read_history(run.metrics_path, int(state.step) // steps_per_epoch, log, write=primary)
+    t_start = time.time()
+    wall = lambda: float(meta["wall_time_s"]) + time.time() - t_start  # noqa: E731
+    total_steps = steps_per_epoch * config.epochs
+    bar = tqdm(
+      total=total_steps,
+      initial=int(state.step),
+      disable=not (progress and primary),
+      unit="step",
+      dynamic_ncols=True,
+      desc="train",
+    )
+    sums = _EpochSums(meta["partial_sums"], meta["partial_count"])  # steps already done in the current epoch
+    try:
+      if should_stop():
+        raise Interrupted()
+      while int(state.step) < total_steps:
+        t_epoch = time.time()
+        epoch = int(state.step) // steps_per_epoch
+        state, stopped = _train_epoch(run, state, epoch, sums, should_stop=should_stop, bar=bar)
+        if stopped and int(state.step) < (epoch + 1) * steps_per_epoch:  # else finish the epoch, then stop
+          run.save(state, _position(sums, wall()))
+          raise Interrupted()
+        state, record = _end_epoch(run, state, epoch, sums, t_epoch=t_epoch, wall=wall)
+        history.append(record)
+        sums = _EpochSums()
+        if stopped or should_stop():
+          raise Interrupted()
+    except KeyboardInterrupt:
+      raise _interrupted(ckpt, steps_per_epoch) from None
+    finally:
+      bar.close()
+    summary = _finish(run, state, history, origin)
+  log(report.format_summary(summary))
+  return summary
+
+
+def _open_workdir(config: Config, workdir: Path, *, fresh: bool, primary: bool) -> dict:
+  """Prepares the run directory (process 0 writes, the others check) and records where this process runs, taken at
+  its start (the tree may change while it runs); returns that provenance."""
   with workdir_lib.writing(f"the run directory {workdir}"):
     workdir_lib.prepare_workdir(config, workdir, fresh=fresh, write=primary)
-  # Where (and from which commit) this process runs, taken at its start: the tree may change while it runs.
   origin = provenance.provenance()
   if primary:
     with workdir_lib.writing(workdir / "provenance.jsonl"):  # one line per (re)start: where each part ran
@@ -367,151 +403,158 @@ def train_and_evaluate(
         ),
       )
   parallel.sync("jaxsparse:workdir")  # the run directory is ready (and, with fresh, emptied) for every process
-  mesh = parallel.make_mesh()
-  parallel.check_batch_size(config.batch_size, mesh)
-  ds = _load_data(config, progress=progress)
-  steps_per_epoch = data_lib.steps_per_epoch(len(ds.train.labels), config.batch_size)
-  total_steps = steps_per_epoch * config.epochs
-  state = initial_state(config, steps_per_epoch, mesh, controller)
-  lr_at = _lr_schedule(config, steps_per_epoch)
-  rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return origin
 
-  with workdir_lib.writing(workdir / "checkpoints"):
-    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep_latest=config.keep_checkpoints, log=ckpt_log)
-  with ckpt:
-    state, position = _restore(ckpt, state, steps_per_epoch, log)
-    metrics_path = workdir / "metrics.jsonl"
-    history = workdir_lib.read_history(metrics_path, position["epoch"], log, write=primary)
 
+class _Run:
+  """What the parts of one run share: its config, data, mesh, compiled steps, checkpoints and log."""
+
+  def __init__(
+    self,
+    config: Config,
+    workdir: Path,
+    ds: data_lib.Dataset,
+    mesh,
+    steps_per_epoch: int,
+    ckpt: checkpoint_lib.Checkpointer,
+    primary: bool,
+    log: Callable[[str], None],
+    controller,
+  ):
+    self.config, self.workdir, self.ds, self.mesh = config, workdir, ds, mesh
+    self.steps_per_epoch, self.ckpt, self.primary, self.log = steps_per_epoch, ckpt, primary, log
+    self.metrics_path = workdir / "metrics.jsonl"
+    rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     step = functools.partial(train_lib.train_step, regimes=config.regimes, distill=config.distill)
-    train_fn = jax.jit(step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep), donate_argnums=0)
-    eval_fn = make_eval_fn(mesh)
-    update_fn = jax.jit(controller.update)
-    eval_kw = dict(batch_size=2 * config.batch_size, mean=ds.mean, std=ds.std, mesh=mesh)
+    self.train_fn = jax.jit(step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep), donate_argnums=0)
+    self.eval_fn = make_eval_fn(mesh)
+    self.update_fn = jax.jit(controller.update)
+    self.lr_at = _lr_schedule(config, steps_per_epoch)
 
-    def save(state, meta, cycle_end=None):
-      with workdir_lib.writing(f"checkpoint {ckpt.path(int(state.step))}"):
-        ckpt.save(int(state.step), state, meta=meta, cycle_end=cycle_end)
-
-    t_start = time.time()
-    wall = lambda: float(position["wall_time_s"]) + time.time() - t_start  # noqa: E731
-    bar = tqdm(
-      total=total_steps, initial=int(state.step), disable=not progress, unit="step", dynamic_ncols=True, desc="train"
+  def evaluate(self, state, split, keep: float) -> dict:
+    return evaluate(
+      self.eval_fn,
+      state,
+      split,
+      keep=keep,
+      batch_size=2 * self.config.batch_size,
+      mean=self.ds.mean,
+      std=self.ds.std,
+      mesh=self.mesh,
     )
-    try:
-      if should_stop():
-        raise Interrupted()
-      for epoch in range(position["epoch"], config.epochs):
-        t_epoch = time.time()
-        resumed = epoch == position["epoch"] and position["step_in_epoch"] > 0
-        start_step = position["step_in_epoch"] if resumed else 0
-        sums = _EpochSums(position["partial_sums"], position["partial_count"]) if resumed else _EpochSums()
-        keep_value = float(state.controller.keep)
-        cycle = int(state.controller.cycle)
-        keep = jax.device_put(jnp.float32(keep_value), rep)
-        batches = data_lib.train_batches(
-          ds.train,
-          config.batch_size,
-          mean=ds.mean,
-          std=ds.std,
-          seed=config.seed,
-          epoch=epoch,
-          start_step=start_step,
-          augment=config.augment,
-          process_index=jax.process_index(),
-          process_count=jax.process_count(),
-        )
-        state, stopped = _run_steps(
-          train_fn,
-          state,
-          parallel.prefetch_to_mesh(batches, mesh),
-          keep,
-          sums,
-          first_step=epoch * steps_per_epoch,
-          should_stop=should_stop,
-          bar=bar,
-          check=lambda m, step: _check_finite(m, step, epoch, ckpt),
-        )
-        done = int(state.step) - epoch * steps_per_epoch
-        if stopped and done < steps_per_epoch:  # else finish the epoch (evaluate, save), then stop
-          save(state, _position(epoch, done, sums, wall(), cycle))
-          raise Interrupted()
-        train = sums.means()
 
-        t_eval = time.time()
-        val = evaluate(eval_fn, state, ds.val, keep=1.0, **eval_kw) if ds.val is not None else None
-        tested = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
-        test = evaluate(eval_fn, state, ds.test, keep=1.0, **eval_kw) if tested else None
-        eval_time = time.time() - t_eval
-        epoch_metrics = controllers_lib.EpochMetrics(
-          train_accuracy=jnp.float32(train["accuracy"]),
-          train_loss=jnp.float32(train["loss"]),
-          val_accuracy=jnp.float32(val["accuracy"] if val else math.nan),
-        )
-        state = state.replace(controller=update_fn(state.controller, epoch_metrics))
-        cycle_end = cycle if int(state.controller.cycle) > cycle else None
-        record = {
-          "epoch": epoch + 1,
-          "step": int(state.step),
-          "keep": keep_value,
-          "cycle": cycle,
-          "reset_after": cycle_end is not None,
-          "next_keep": float(state.controller.keep),
-          "lr": float(lr_at(int(state.step) - 1)),
-          "train_loss": train["loss"],
-          "train_accuracy": train["accuracy"],
-          **({"train_dense_accuracy": train["dense_accuracy"]} if "dense_accuracy" in train else {}),
-          "val_accuracy": val["accuracy"] if val else None,
-          "test_accuracy": test["accuracy"] if test else None,
-          "test_loss": test["loss"] if test else None,
-          "density": {k[len("density/") :]: v for k, v in train.items() if k.startswith("density/")},
-          "epoch_time_s": time.time() - t_epoch,
-          "eval_time_s": eval_time,
-          "wall_time_s": wall(),
-        }
-        history.append(record)
-        if primary:
-          with workdir_lib.writing(metrics_path):
-            workdir_lib.append_line(metrics_path, json.dumps(record))
-        save(state, _position(epoch + 1, 0, _EpochSums(), record["wall_time_s"], cycle), cycle_end=cycle_end)
-        log(
-          f"epoch {epoch + 1:3d}/{config.epochs} keep {keep_value:.3f} cycle {cycle:2d} "
-          f"loss {train['loss']:.4f} train {train['accuracy']:.4f} "
-          + (f"val {val['accuracy']:.4f} " if val else "")
-          + (f"test {test['accuracy']:.4f} " if test else "")
-          + f"({record['epoch_time_s']:.1f}s)"
-          + (" | reset" if cycle_end is not None else "")
-        )
-        if stopped or should_stop():
-          raise Interrupted()
-    except KeyboardInterrupt:
-      raise _interrupted(ckpt, steps_per_epoch) from None
-    finally:
-      bar.close()
+  def save(self, state, meta: dict, cycle_end: int | None = None) -> None:
+    with workdir_lib.writing(f"checkpoint {self.ckpt.path(int(state.step))}"):
+      self.ckpt.save(int(state.step), state, meta=meta, cycle_end=cycle_end)
 
-    keep_curve = {}
-    last_test = history[-1]["test_accuracy"] if history else None  # the same state: keep 1.0 is not evaluated twice
-    for k in config.eval_keeps:
-      keep_curve[k] = (
-        last_test
-        if k == 1.0 and last_test is not None
-        else evaluate(eval_fn, state, ds.test, keep=k, **eval_kw)["accuracy"]
-      )
-    summary = report.summarize(
-      history, keep_curve=keep_curve, device=_device_summary(), data_source=ds.source, config=config.to_dict()
-    )
-    summary["conv"] = _conv_summary(config)  # what "auto" meant on this backend
-    summary["passes_per_step"] = config.regimes  # forward/backward passes of the model per train step
-    summary["provenance"] = origin
-    summary["process_count"] = jax.process_count()
-    if primary:
-      with workdir_lib.writing(workdir / "summary.json"):
-        workdir_lib.atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
-      with workdir_lib.writing(workdir / "plots"):
-        report.plot_run(history, keep_curve, workdir / "plots")
-    with workdir_lib.writing(ckpt.directory):
-      ckpt.wait()
-  log(report.format_summary(summary))
+
+def _train_epoch(run: _Run, state, epoch: int, sums: _EpochSums, *, should_stop, bar):
+  """Trains the rest of `epoch` from the state's step at the controller's keep, adding each step's metrics to
+  `sums`; returns (state, stopped)."""
+  keep = jax.device_put(jnp.float32(float(state.controller.keep)), parallel.replicated(run.mesh))
+  first_step = epoch * run.steps_per_epoch
+  batches = data_lib.train_batches(
+    run.ds.train,
+    run.config.batch_size,
+    mean=run.ds.mean,
+    std=run.ds.std,
+    seed=run.config.seed,
+    epoch=epoch,
+    start_step=int(state.step) - first_step,
+    augment=run.config.augment,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  return _run_steps(
+    run.train_fn,
+    state,
+    parallel.prefetch_to_mesh(batches, run.mesh),
+    keep,
+    sums,
+    first_step=first_step,
+    should_stop=should_stop,
+    bar=bar,
+    check=lambda m, step: _check_finite(m, step, epoch, run.ckpt),
+  )
+
+
+def _end_epoch(run: _Run, state, epoch: int, sums: _EpochSums, *, t_epoch: float, wall):
+  """Evaluates the finished epoch, lets the controller pick the next keep, then records, saves and logs the epoch;
+  returns (state, the epoch's record)."""
+  config = run.config
+  keep, cycle = float(state.controller.keep), int(state.controller.cycle)
+  train = sums.means()
+  t_eval = time.time()
+  val = run.evaluate(state, run.ds.val, 1.0) if run.ds.val is not None else None
+  tested = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+  test = run.evaluate(state, run.ds.test, 1.0) if tested else None
+  eval_time = time.time() - t_eval
+  metrics = controllers_lib.EpochMetrics(
+    train_accuracy=jnp.float32(train["accuracy"]),
+    train_loss=jnp.float32(train["loss"]),
+    val_accuracy=jnp.float32(val["accuracy"] if val else math.nan),
+  )
+  state = state.replace(controller=run.update_fn(state.controller, metrics))
+  cycle_end = cycle if int(state.controller.cycle) > cycle else None
+  record = {
+    "epoch": epoch + 1,
+    "step": int(state.step),
+    "keep": keep,
+    "cycle": cycle,
+    "reset_after": cycle_end is not None,
+    "next_keep": float(state.controller.keep),
+    "lr": float(run.lr_at(int(state.step) - 1)),
+    "train_loss": train["loss"],
+    "train_accuracy": train["accuracy"],
+    **({"train_dense_accuracy": train["dense_accuracy"]} if "dense_accuracy" in train else {}),
+    "val_accuracy": val["accuracy"] if val else None,
+    "test_accuracy": test["accuracy"] if test else None,
+    "test_loss": test["loss"] if test else None,
+    "density": {k[len("density/") :]: v for k, v in train.items() if k.startswith("density/")},
+    "epoch_time_s": time.time() - t_epoch,
+    "eval_time_s": eval_time,
+    "wall_time_s": wall(),
+  }
+  if run.primary:
+    with workdir_lib.writing(run.metrics_path):
+      workdir_lib.append_line(run.metrics_path, json.dumps(record))
+  run.save(state, _position(_EpochSums(), record["wall_time_s"]), cycle_end=cycle_end)
+  run.log(_epoch_line(record, config.epochs))
+  return state, record
+
+
+def _epoch_line(record: dict, epochs: int) -> str:
+  """The log line of one epoch's record."""
+  return (
+    f"epoch {record['epoch']:3d}/{epochs} keep {record['keep']:.3f} cycle {record['cycle']:2d} "
+    f"loss {record['train_loss']:.4f} train {record['train_accuracy']:.4f} "
+    + (f"val {record['val_accuracy']:.4f} " if record["val_accuracy"] is not None else "")
+    + (f"test {record['test_accuracy']:.4f} " if record["test_accuracy"] is not None else "")
+    + f"({record['epoch_time_s']:.1f}s)"
+    + (" | reset" if record["reset_after"] else "")
+  )
+
+
+def _finish(run: _Run, state, history: list[dict], origin: dict) -> dict:
+  """The keep curve of the final state, then summary.json and the plots; returns the summary."""
+  keep_curve = {}
+  last_test = history[-1]["test_accuracy"] if history else None  # the same state: keep 1.0 is not evaluated twice
+  for k in run.config.eval_keeps:
+    keep_curve[k] = last_test if k == 1.0 and last_test is not None else run.evaluate(state, run.ds.test, k)["accuracy"]
+  summary = report.summarize(
+    history, keep_curve=keep_curve, device=_device_summary(), data_source=run.ds.source, config=run.config.to_dict()
+  )
+  summary["conv"] = _conv_summary(run.config)  # what "auto" meant on this backend
+  summary["passes_per_step"] = run.config.regimes  # forward/backward passes of the model per train step
+  summary["provenance"] = origin
+  summary["process_count"] = jax.process_count()
+  if run.primary:
+    with workdir_lib.writing(run.workdir / "summary.json"):
+      workdir_lib.atomic_write(run.workdir / "summary.json", json.dumps(summary, indent=2))
+    with workdir_lib.writing(run.workdir / "plots"):
+      report.plot_run(history, keep_curve, run.workdir / "plots")
+  with workdir_lib.writing(run.ckpt.directory):
+    run.ckpt.wait()
   return summary
 
 
@@ -525,6 +568,6 @@ def _check_finite(metrics: dict, step: int, epoch: int, ckpt: checkpoint_lib.Che
     )
     raise FloatingPointError(
       f"non-finite training loss ({metrics['loss']}) at step {step} (epoch {epoch + 1}); stopping. {where}; "
-      f"lower the learning rate (with --fresh or another --workdir) or check the data"
+      f"lower the learning rate (with fresh=True or another workdir) or check the data"
     )
   return metrics

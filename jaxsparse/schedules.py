@@ -19,24 +19,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = [
-  "Schedule",
-  "SHAPES",
-  "constant",
-  "linear",
-  "geometric",
-  "cosine",
-  "compression",
-  "cyclic",
-  "cycle_index",
-]
+__all__ = ["Schedule", "SHAPES", "constant", "linear", "geometric", "cosine", "compression", "cyclic", "cycle_index"]
 
 Schedule = Callable[[jax.typing.ArrayLike], jax.Array]
 SHAPES = ("geometric", "linear", "cosine")
 
 
-def _check_keep(name: str, value: float) -> float:
-  # `not (0 < v <= 1)` also rejects NaN.
+def _keep_number(name: str, value: float) -> float:
+  """A schedule's keep parameter: a Python number in (0, 1] (`not (0 < v <= 1)` also rejects NaN)."""
   if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
     raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
   return float(value)
@@ -89,7 +79,7 @@ def constant(value: float) -> Schedule:
     >>> constant(0.5)(jnp.arange(3))
     Array([0.5, 0.5, 0.5], dtype=float32)
   """
-  value = _check_keep("value", value)
+  value = _keep_number("value", value)
 
   def schedule(step: jax.typing.ArrayLike) -> jax.Array:
     return jnp.full(jnp.shape(step), value, jnp.float32)
@@ -116,7 +106,7 @@ def compression(min_keep: float, steps: int, shape: str = "geometric") -> Schedu
     >>> compression(0.25, 2, "geometric")(jnp.arange(4))
     Array([1.  , 0.5 , 0.25, 0.25], dtype=float32)
   """
-  min_keep = _check_keep("min_keep", min_keep)
+  min_keep = _keep_number("min_keep", min_keep)
   steps = _check_int("steps", steps, 1)
   shape = _check_shape(shape)
 
@@ -209,10 +199,10 @@ def cyclic(
   Returns:
     A schedule ``step -> keep`` (float32, same shape as ``step``).
   """
-  min_keep = _check_keep("min_keep", min_keep)
+  min_keep = _keep_number("min_keep", min_keep)
   period, warmup, cycles = _check_cyclic(period, warmup, cycles)
   shape = _check_shape(shape)
-  final_keep = _check_keep("final_keep", final_keep)
+  final_keep = _keep_number("final_keep", final_keep)
 
   def schedule(step: jax.typing.ArrayLike) -> jax.Array:
     step = jnp.asarray(step)

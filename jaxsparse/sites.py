@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.topk import concrete_keep, keep_in_range, nonzero_fraction, topk_mask
+from jaxsparse.topk import GRADIENTS, SCORES, check_choice, concrete_keep, keep_in_range, nonzero_fraction, topk_mask
 
 DENSITY = "density"  # the Flax collection of achieved densities, one float32 scalar per top-k site
 _WILDCARDS = "*?["
@@ -166,8 +166,6 @@ def _flatten(collection: Mapping[str, Any], prefix: str) -> dict[str, jax.Array]
 # Site selection and interception shared by the Linen and NNX `sparse_apply` (jaxsparse.sparse_apply, jaxsparse.nnx).
 
 POSITIONS = ("inputs", "outputs")
-GRADIENTS = ("masked", "straight_through")
-SCORES = ("value", "magnitude")
 
 Predicate = Callable[[Any, str], bool]
 
@@ -214,10 +212,8 @@ def check_site_args(*, where, position: str, gradient: str, score: str, owner: s
       f"{owner}: position='outputs' needs an explicit `where` (the default weight layers would also "
       "mask the model's final output)"
     )
-  if gradient not in GRADIENTS:
-    raise ValueError(f"{owner}: gradient must be one of {GRADIENTS}, got {gradient!r}")
-  if score not in SCORES:
-    raise ValueError(f"{owner}: score must be one of {SCORES}, got {score!r}")
+  check_choice(f"{owner}: gradient", gradient, GRADIENTS)
+  check_choice(f"{owner}: score", score, SCORES)
 
 
 def as_keep(keep, *, owner: str = "sparse_apply"):

@@ -56,15 +56,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-_SCORES = ("value", "magnitude")
-_GRADIENTS = ("masked", "straight_through")
+SCORES = ("value", "magnitude")  # how units are ranked
+GRADIENTS = ("masked", "straight_through")  # what the gradient of the mask is
 _METHODS = ("auto", "radix", "bisect", "sort")
 _BLOCK = 128  # units per packed accumulator: each 8-bit field counts <= 128.
 _DIGIT_BITS = 3  # bits resolved per radix pass (7 candidates per pass).
 _CHUNK_UNITS = 1 << 19  # units per chunk of rows: 2 MiB of keys stay in cache.
 
 
-def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value, allowed) -> None:
+  """Raises ValueError naming `name` when `value` is not one of `allowed`."""
   if value not in allowed:
     raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
@@ -84,11 +85,12 @@ def keep_in_range(arr: np.ndarray) -> bool:
   return not (np.isnan(arr).any() or (arr <= 0).any() or (arr > 1).any())
 
 
-def _check_keep(keep) -> None:
-  """Raises for a concrete keep outside (0, 1]; traced values pass (clipped later)."""
+def check_keep(keep, name: str = "keep") -> None:
+  """Raises ValueError naming `name` when a concrete keep (scalar or array) has a value outside (0, 1], NaN or none
+  at all; traced values pass (they are data: clipped where used)."""
   arr = concrete_keep(keep)
-  if arr is not None and not keep_in_range(arr):
-    raise ValueError(f"keep must be in (0, 1] (and not NaN), got {keep!r}")
+  if arr is not None and (arr.size == 0 or not keep_in_range(arr)):
+    raise ValueError(f"{name} must be in (0, 1] (and not NaN), got {keep!r}")
 
 
 def _check_relative(relative) -> None:
@@ -344,9 +346,9 @@ def topk_threshold(
     >>> topk_threshold(jnp.array([[3., 1., 3., 2.]]), jnp.float32(0.5))
     Array([[3.]], dtype=float32)
   """
-  _check_choice("score", score, _SCORES)
-  _check_choice("method", method, _METHODS)
-  _check_keep(keep)
+  check_choice("score", score, SCORES)
+  check_choice("method", method, _METHODS)
+  check_keep(keep)
   x = _as_supported_float(x)
   axes = _reduce_axes(x.ndim, axes)
   _check_keep_shape(keep, x.shape, axes)
@@ -399,10 +401,10 @@ def topk_mask(
     >>> topk_mask(jnp.array([[3., 1., 3., 2.]]), jnp.float32(0.25))
     Array([[3., 0., 3., 0.]], dtype=float32)
   """
-  _check_choice("gradient", gradient, _GRADIENTS)
-  _check_choice("score", score, _SCORES)
-  _check_choice("method", method, _METHODS)
-  _check_keep(keep)
+  check_choice("gradient", gradient, GRADIENTS)
+  check_choice("score", score, SCORES)
+  check_choice("method", method, _METHODS)
+  check_keep(keep)
   x = jnp.asarray(x)
   axes = _reduce_axes(x.ndim, axes)
   _check_keep_shape(keep, x.shape, axes)

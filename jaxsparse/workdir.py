@@ -47,7 +47,7 @@ def prepare_workdir(config: Config, workdir: Path, *, fresh: bool, write: bool =
       old = json.loads(saved.read_text())
     except json.JSONDecodeError as e:
       raise ConfigMismatchError(
-        f"{saved} is unreadable ({e}); pass --fresh to start the run over, or choose another --workdir"
+        f"{saved} is unreadable ({e}); pass fresh=True to start the run over, or choose another workdir"
       ) from e
     new = json.loads(config.to_json())
     # A field the saved config predates had its default's behaviour then.
@@ -60,8 +60,8 @@ def prepare_workdir(config: Config, workdir: Path, *, fresh: bool, write: bool =
     elif diff:
       details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
       raise ConfigMismatchError(
-        f"{workdir} holds a run with a different config ({details}); pass --fresh to start it over, or "
-        f"choose another --workdir"
+        f"{workdir} holds a run with a different config ({details}); pass fresh=True to start it over, or "
+        f"choose another workdir"
       )
     return
   if write:
@@ -78,7 +78,7 @@ def writing(what: object):
     raise
   except OSError as e:
     raise WorkdirError(
-      f"cannot write {what}: {e.strerror or e}; free disk space or choose a writable --workdir "
+      f"cannot write {what}: {e.strerror or e}; free disk space or choose a writable workdir "
       f"(checkpoints saved before are intact; run the same command again to resume)"
     ) from e
 

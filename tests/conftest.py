@@ -1,5 +1,7 @@
 """Shared test fixtures and process-wide test settings."""
 
+import importlib.util
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,6 +17,17 @@ JPEG_TGZ = SHARED_DATA / "cifar10-jpeg.tar.gz"
 # session-local persistent compilation cache turns the repeats into cache hits.
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jaxsparse-test-xla-"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def experiment(name: str):
+  """experiments/<name>.py as a module, loaded once from its file (the scripts are not an installed package)."""
+  key = f"jaxsparse_experiments_{name}"
+  if key not in sys.modules:
+    spec = importlib.util.spec_from_file_location(key, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    spec.loader.exec_module(module)
+  return sys.modules[key]
 
 
 @pytest.fixture(scope="session")

@@ -113,10 +113,10 @@ def test_restore_places_arrays_with_template_shardings(tmp_path):
 def test_retention_keeps_latest_and_every_cycle_end(tmp_path):
   with Checkpointer(tmp_path, keep_latest=2) as ckpt:
     save_epochs(ckpt, range(1, 11), cycle_ends=(3, 7))
-    assert ckpt.all_epochs() == [3, 7, 9, 10]
+    assert ckpt.all_steps() == [3, 7, 9, 10]
     assert ckpt.cycle_checkpoints() == {0: 3, 1: 7}
     restored = ckpt.restore_latest(abstract(make_state(0)))
-    assert (restored.epoch, restored.meta, restored.skipped) == (10, {"epoch": 10}, ())
+    assert (restored.step, restored.meta, restored.skipped) == (10, {"epoch": 10}, ())
     assert_bitwise_equal(restored.state, make_state(10))
     cycle_state, _ = ckpt.restore(3, abstract(make_state(0)))
     assert_bitwise_equal(cycle_state, make_state(3))
@@ -125,11 +125,11 @@ def test_retention_keeps_latest_and_every_cycle_end(tmp_path):
 def test_keep_forever_set_survives_reopening(tmp_path):
   with Checkpointer(tmp_path, keep_latest=1) as ckpt:
     save_epochs(ckpt, range(1, 6), cycle_ends=(2, 4))
-    assert ckpt.all_epochs() == [2, 4, 5]
+    assert ckpt.all_steps() == [2, 4, 5]
   with Checkpointer(tmp_path, keep_latest=1) as ckpt:
     assert ckpt.cycle_checkpoints() == {0: 2, 1: 4}
     save_epochs(ckpt, range(6, 9))
-    assert ckpt.all_epochs() == [2, 4, 8]
+    assert ckpt.all_steps() == [2, 4, 8]
     assert ckpt.cycle_checkpoints() == {0: 2, 1: 4}
 
 
@@ -140,7 +140,7 @@ def test_empty_directory_restores_none(tmp_path, make_dir):
     directory.mkdir()
   with Checkpointer(directory) as ckpt:
     assert ckpt.restore_latest(abstract(make_state(0))) is None
-    assert ckpt.all_epochs() == [] and ckpt.cycle_checkpoints() == {}
+    assert ckpt.all_steps() == [] and ckpt.cycle_checkpoints() == {}
 
 
 def test_async_save_copies_before_return_and_restores_after_wait(tmp_path):
@@ -151,7 +151,7 @@ def test_async_save_copies_before_return_and_restores_after_wait(tmp_path):
     for leaf in jax.tree.leaves(state):  # what buffer donation in the next train step does
       leaf.delete()
     restored = ckpt.restore_latest(abstract(make_state(0)))
-  assert restored.epoch == 5
+  assert restored.step == 5
   assert_bitwise_equal(restored.state, expected)
 
 
@@ -190,14 +190,14 @@ def test_corrupted_latest_falls_back_and_can_be_saved_again(tmp_path, corrupt):
   with Checkpointer(tmp_path, keep_latest=3, log=messages.append) as ckpt:
     restored = ckpt.restore_latest(abstract(make_state(0)))
     assert isinstance(restored, Restored)
-    assert restored.epoch == 2 and [e for e, _ in restored.skipped] == [3]
+    assert restored.step == 2 and [e for e, _ in restored.skipped] == [3]
     assert_bitwise_equal(restored.state, make_state(2))
     assert any("3 failed to load" in m for m in messages)
     assert (tmp_path / "3.corrupt").is_dir()
-    assert ckpt.all_epochs() == [1, 2] and ckpt.cycle_checkpoints() == {}
+    assert ckpt.all_steps() == [1, 2] and ckpt.cycle_checkpoints() == {}
     assert ckpt.save(3, make_state(33), meta={"epoch": 3})
     again = ckpt.restore_latest(abstract(make_state(0)))
-  assert (again.epoch, again.skipped) == (3, ())
+  assert (again.step, again.skipped) == (3, ())
   assert_bitwise_equal(again.state, make_state(33))
 
 
@@ -213,9 +213,9 @@ def test_interrupted_save_is_ignored_and_cleaned_up(tmp_path):
   messages = []
   with Checkpointer(tmp_path, log=messages.append) as ckpt:
     restored = ckpt.restore_latest(abstract(make_state(0)))
-    assert (restored.epoch, restored.skipped) == (2, ())
+    assert (restored.step, restored.skipped) == (2, ())
     assert ckpt.save(3, make_state(3), meta={"epoch": 3})
-    assert ckpt.all_epochs() == [2, 3]
+    assert ckpt.all_steps() == [2, 3]
   assert not messages
   assert sorted(os.listdir(tmp_path)) == ["2", "3"]
 
@@ -226,7 +226,7 @@ def test_template_mismatch_raises_and_renames_nothing(tmp_path):
     wrong = {"params": make_state(0).params}
     with pytest.raises(RuntimeError, match="no checkpoint"):
       ckpt.restore_latest(abstract(wrong))
-    assert ckpt.all_epochs() == [1, 2]
+    assert ckpt.all_steps() == [1, 2]
   assert sorted(os.listdir(tmp_path)) == ["1", "2"]
 
 
@@ -239,7 +239,7 @@ def test_save_rejects_old_epochs_and_non_json_meta(tmp_path):
     assert len(messages) == 2 and "step 4 is already saved" in messages[0]
     with pytest.raises(TypeError):
       ckpt.save(5, make_state(5), meta={"array": np.zeros(2)})
-    assert ckpt.all_epochs() == [4] and ckpt.cycle_checkpoints() == {}
+    assert ckpt.all_steps() == [4] and ckpt.cycle_checkpoints() == {}
   with pytest.raises(ValueError, match="keep_latest"):
     Checkpointer(tmp_path, keep_latest=0)
 
@@ -265,7 +265,7 @@ def test_process_killed_during_async_save(tmp_path):
   with Checkpointer(tmp_path) as ckpt:
     restored = ckpt.restore_latest({"w": jnp.zeros((4_000_000,))})
     expected_epoch = 2 if "2" in left else 1
-    assert (restored.epoch, restored.skipped) == (expected_epoch, ())
+    assert (restored.step, restored.skipped) == (expected_epoch, ())
     assert np.all(np.asarray(restored.state["w"]) == expected_epoch)
     if expected_epoch == 1:
       assert ckpt.save(2, {"w": jnp.full((4_000_000,), 3.0)}, meta={"epoch": 2})

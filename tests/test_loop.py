@@ -1,15 +1,16 @@
-"""End to end: the CLI smoke run, resume equivalence, config-mismatch refusal, NaN stop."""
+"""End to end through train_and_evaluate: outputs, resume equivalence, config-mismatch refusal, method options.
+
+The CLI smoke run, bad flags and the NaN stop are in test_reliability.py (one end-to-end run each)."""
 
 import json
-import sys
 
 import pytest
 
+from conftest import experiment
 from jaxsparse import config as config_lib
 from jaxsparse.loop import ConfigMismatchError, train_and_evaluate
 
-sys.path.insert(0, str(config_lib.__file__).rsplit("/jaxsparse/", 1)[0] + "/experiments")
-import run as run_cli  # noqa: E402
+run_cli = experiment("run")
 
 
 def _config(genuine_npz, tmp_cache, **kw):
@@ -99,42 +100,9 @@ def test_interrupted_run_resumes_bitwise(full_run, genuine_npz, cache, tmp_path)
 def test_config_mismatch_is_refused_and_nothing_overwritten(full_run, genuine_npz, cache):
   workdir, _ = full_run
   before = (workdir / "metrics.jsonl").read_text()
-  with pytest.raises(ConfigMismatchError, match="seed: 0 -> 1.*--fresh"):
+  with pytest.raises(ConfigMismatchError, match="seed: 0 -> 1.*fresh=True"):
     train_and_evaluate(_config(genuine_npz, cache, seed=1), workdir, progress=False)
   assert (workdir / "metrics.jsonl").read_text() == before
-
-
-def test_nan_loss_stops_with_a_clear_message(genuine_npz, cache, tmp_path):
-  config = _config(genuine_npz, cache, learning_rate=1e30, warmup_epochs=0, epochs=2)
-  with pytest.raises(FloatingPointError, match="non-finite training loss .* at step"):
-    train_and_evaluate(config, tmp_path, progress=False)
-
-
-def test_cli_smoke_run_and_errors(genuine_npz, cache, tmp_path, capsys):
-  argv = [
-    "--preset=smoke",
-    "--schedule=cyclic",
-    "--period=2",
-    "--epochs=2",
-    "--train-size=128",
-    f"--data={genuine_npz}",
-    f"--cache-dir={cache}",
-    f"--workdir={tmp_path / 'cli'}",
-    "--no-progress",
-    "--eval-keeps=1,0.3",
-  ]
-  assert run_cli.main(argv) == 0
-  summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
-  assert summary["schedule"] == "cyclic" and summary["epochs"] == 2
-  assert run_cli.main(["--schedule=dense", "--gamma=0.5"]) == 2
-  assert "--gamma does not apply to --schedule=dense" in capsys.readouterr().err
-  assert (
-    run_cli.main(
-      ["--preset=smoke", f"--data={tmp_path / 'missing.npz'}", f"--workdir={tmp_path / 'm'}", "--no-progress"]
-    )
-    == 1
-  )
-  assert "missing.npz" in capsys.readouterr().err
 
 
 def test_cli_relative_keep_and_sandwich_with_distillation(genuine_npz, cache, tmp_path):

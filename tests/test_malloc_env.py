@@ -7,16 +7,16 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, experiment
 
-sys.path.insert(0, str(ROOT / "experiments"))
-import malloc_env  # noqa: E402
+malloc_env = experiment("malloc_env")
 
 SCRIPT = f"""
-import os, sys
-sys.path.insert(0, {str(ROOT / "experiments")!r})
+import importlib.util, os, sys
 print(repr(os.environ.get("GLIBC_TUNABLES")), os.getpid(), flush=True)
-import malloc_env
+spec = importlib.util.spec_from_file_location("malloc_env", {str(ROOT / "experiments" / "malloc_env.py")!r})
+malloc_env = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(malloc_env)
 malloc_env.reexec_with_tunables()
 print("main", sys.argv[1:], flush=True)
 """

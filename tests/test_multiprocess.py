@@ -204,9 +204,9 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_identical(
 
 
 def test_distributed_flags_and_variables(monkeypatch):
-  sys.path.insert(0, str(ROOT / "experiments"))
-  import run as run_cli
+  from conftest import experiment
 
+  run_cli = experiment("run")
   for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     monkeypatch.delenv(var, raising=False)
   args = lambda *a: run_cli.parse_args(["--preset=smoke", *a])  # noqa: E731

@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -14,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import experiment
 from jaxsparse import config as config_lib
 from jaxsparse import data as data_lib
 from jaxsparse import loop
 from jaxsparse import workdir as workdir_lib
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-import run as run_cli  # noqa: E402
+run_cli = experiment("run")
 
 # 128 training images in batches of 32: 4 steps per epoch, 2 epochs, a reset after epoch 2.
 FLAGS = [
@@ -80,6 +81,11 @@ def _sigterm_at_poll(monkeypatch, n: int):
 
 
 # ---- 1, 2: signals and kills -------------------------------------------------------------------------------------
+
+
+def test_cli_run_writes_its_summary(baseline):
+  summary = json.loads((baseline / "summary.json").read_text())
+  assert summary["schedule"] == "cyclic" and summary["epochs"] == 2
 
 
 def test_sigterm_mid_epoch_saves_and_resumes_bitwise(baseline, genuine_npz, cache, tmp_path, monkeypatch, capsys):
@@ -203,20 +209,20 @@ def test_truncated_metrics_line_is_dropped_on_resume(baseline, genuine_npz, cach
 BAD_FLAGS = {
   "keep_above_1": (["--schedule=constant", "--keep=1.5"], 2, "keep must be a number in (0.0, 1.0], got 1.5"),
   "keep_nan": (["--schedule=constant", "--keep=nan"], 2, "keep must be a number in (0.0, 1.0], got nan"),
-  "eval_keep_0": (["--eval-keeps=1,0"], 2, "eval_keeps must be a non-empty list of values in (0, 1]"),
-  "eval_keep_nan": (["--eval-keeps=nan"], 2, "eval_keeps must be a non-empty list of values in (0, 1]"),
+  "eval_keep_0": (["--eval-keeps=1,0"], 2, "--eval-keeps must be a non-empty list of values in (0, 1]"),
+  "eval_keep_nan": (["--eval-keeps=nan"], 2, "--eval-keeps must be a non-empty list of values in (0, 1]"),
   "min_keep_nan": (["--min-keep=nan"], 2, "min_keep must be a number in (0, 1], got nan"),
   "option_of_other_schedule": (["--schedule=dense", "--gamma=0.5"], 2, "--gamma does not apply to --schedule=dense"),
   "adaptive_b_without_val": (
     ["--schedule=adaptive_b", "--val-size=0"],
     2,
-    "schedule 'adaptive_b' needs a validation split: set val_size > 0",
+    "schedule 'adaptive_b' needs a validation split: set --val-size > 0",
   ),
-  "train_smaller_than_batch": (["--train-size=16"], 2, "train_size (16) must be >= batch_size (32)"),
-  "zero_epochs": (["--epochs=0"], 2, "epochs must be >= 1, got 0"),
+  "train_smaller_than_batch": (["--train-size=16"], 2, "--train-size (16) must be >= --batch-size (32)"),
+  "zero_epochs": (["--epochs=0"], 2, "--epochs must be >= 1, got 0"),
   "bad_shape": (["--shape=zigzag"], 2, "shape must be one of"),
-  "zero_regimes": (["--regimes=0"], 2, "regimes must be an integer >= 1, got 0"),
-  "distill_one_regime": (["--distill"], 2, "distill needs regimes >= 2"),
+  "zero_regimes": (["--regimes=0"], 2, "--regimes must be an integer >= 1, got 0"),
+  "distill_one_regime": (["--distill"], 2, "--distill needs regimes >= 2"),
   "sandwich_on_dense": (["--schedule=dense", "--regimes=3"], 2, "schedule 'dense' keeps 1.0"),
 }
 
@@ -323,6 +329,7 @@ def test_nan_loss_names_the_step_and_the_last_good_checkpoint(genuine_npz, cache
   config = run_cli.config_from_args(run_cli.parse_args(_argv(genuine_npz, cache, tmp_path)))
   with pytest.raises(FloatingPointError) as info:
     loop.train_and_evaluate(config, tmp_path, progress=False)
+  assert re.search("non-finite training loss .* at step", str(info.value))
   assert str(info.value).startswith(
     "non-finite training loss (nan) at step 5 (epoch 2); stopping. "
     f"the last good checkpoint is {tmp_path / 'checkpoints' / '4'} (step 4)"

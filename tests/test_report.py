@@ -118,12 +118,9 @@ def test_variants_of_one_schedule_are_grouped_apart(tmp_path):
 
 
 def test_compare_cli_writes_the_table_and_skips_unfinished_runs_only_with_partial(tmp_path, capsys):
-  import sys
-  from pathlib import Path
+  from conftest import experiment
 
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-  import compare
-
+  compare = experiment("compare")
   dirs = [str(_fake_run(tmp_path, s, seed, acc)) for s, seed, acc in [("dense", 0, 0.80), ("adaptive_b", 0, 0.83)]]
   running = tmp_path / "cyclic_s0"
   running.mkdir()

@@ -1,17 +1,14 @@
 """experiments/study.py (planning, resume, bad flags) and experiments/jpeg_shift.py (matching, end to end)."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from conftest import experiment
 from jaxsparse import config as config_lib
 from jaxsparse.loop import load_trained, train_and_evaluate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import jpeg_shift  # noqa: E402
-import study  # noqa: E402
+jpeg_shift = experiment("jpeg_shift")
+study = experiment("study")
 
 
 def test_plan_is_seed_major_with_one_workdir_per_run(tmp_path):
@@ -23,7 +20,7 @@ def test_plan_is_seed_major_with_one_workdir_per_run(tmp_path):
 
 
 def test_variant_flags_are_accepted_by_run_py():
-  import run as run_cli
+  run_cli = experiment("run")
 
   for flags in study.VARIANTS.values():
     run_cli.config_from_args(run_cli.parse_args(flags + ["--preset=smoke"]))

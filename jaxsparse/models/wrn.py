@@ -50,6 +50,14 @@ from jaxsparse.sites import (
 )
 from jaxsparse.topk import nonzero_fraction, topk_mask
 
+# The named WideResNets: depth, widen factor.
+MODELS = {
+  "wrn28_4": (28, 4),  # the paper's backbone
+  "wrn16_4": (16, 4),
+  "wrn16_2": (16, 2),
+  "wrn16_1": (16, 1),
+  "wrn10_1": (10, 1),  # tiny: tests and smoke runs
+}
 NORMS = ("rmsnorm", "batchnorm", "none")
 # None: flax's default, lax.conv_general_dilated. Same parameters and function for all four.
 CONVS = {"auto": auto_conv, "xla": None, "matmul": shifted_matmul_conv, "wgrad_matmul": wgrad_matmul_conv}
