@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 from scipy import stats
 
 from jaxsparse.config import Config
@@ -100,8 +101,16 @@ def plot_run(history: Sequence[Mapping], keep_curve: Mapping[float, float], outd
   keeps = sorted(keep_curve)
   ax.plot(keeps, [keep_curve[k] for k in keeps], marker="o")
   ax.set(xscale="log", xlabel="test-time keep ratio", ylabel="test accuracy", title="Keep curve")
+  _plain_log_ticks(ax, keeps)
   paths.append(_save(fig, outdir / "keep_curve.png"))
   return paths
+
+
+def _plain_log_ticks(ax, keeps) -> None:
+  """Ticks at the keeps themselves, labelled like 0.05 (not 5×10⁻², which needs mathtext and its fonts)."""
+  ax.xaxis.set_major_locator(FixedLocator(list(keeps)))
+  ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+  ax.xaxis.set_minor_locator(NullLocator())
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -447,6 +456,7 @@ def plot_comparison(runs, outdir: str | Path) -> list[Path]:
     acc = [mean_std([r["summary"]["keep_curve"][str(k)] for r in rs])[0] for k in keeps]
     ax.plot(keeps, acc, marker="o", label=s)
   ax.set(xscale="log", xlabel="test-time keep ratio", ylabel="test accuracy", title="Keep curve (mean over seeds)")
+  _plain_log_ticks(ax, sorted({float(k) for r in runs for k in r["summary"]["keep_curve"]}))
   ax.legend()
   paths.append(_save(fig, outdir / "keep_curve.png"))
 
