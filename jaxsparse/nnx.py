@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsparse.sites import SiteRouter, as_keep, check_site_args, is_keep_map, make_matcher, mean_densities
+from jaxsparse.sites import SiteRouter, check_site_args, is_keep_map, make_router, mean_densities
 from jaxsparse.topk import nonzero_fraction, topk_mask
 
 #: NNX weight layers whose inputs are the default sites.
@@ -107,30 +107,29 @@ def sparse_apply(
     raise TypeError(f"jaxsparse.nnx.sparse_apply: model must be a flax.nnx.Module instance, got {what}")
   if _ROUTER.get() is not None:
     raise RuntimeError("sparse_apply: calls cannot be nested (a model run by sparse_apply called sparse_apply)")
-  check_site_args(where=where, position=position, gradient=gradient, score=score)
-  keep = as_keep(keep)
-  matches = make_matcher(where, module_type=nnx.Module, type_name="flax.nnx.Module", default=WEIGHT_LAYERS)
   densities: dict[str, list] = {}
 
   def record(module, path, density):
     densities.setdefault(path, []).append(density)
 
-  router = SiteRouter(
+  router = make_router(
+    where=where,
     keep=keep,
-    matches=matches,
-    weight_layers=WEIGHT_LAYERS,
-    model_inputs=args,
     position=position,
-    score=score,
     gradient=gradient,
+    score=score,
     relative=relative,
+    model_inputs=args,
+    module_type=nnx.Module,
+    type_name="flax.nnx.Module",
+    weight_layers=WEIGHT_LAYERS,
     record=record if return_density else None,
   )
   # Every layer that may be a site or that marks the model's first input gets its site class for this call.
   swapped = []
   for path, module in nnx.iter_modules(model):
     name = _path(path)
-    if path and (isinstance(module, WEIGHT_LAYERS) or matches(module, name)):
+    if path and (isinstance(module, WEIGHT_LAYERS) or router.matches(module, name)):
       swapped.append((module, type(module), name))
   token = _ROUTER.set(router)
   try:

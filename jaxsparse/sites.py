@@ -303,6 +303,35 @@ class SiteRouter:
       )
 
 
+def make_router(
+  *,
+  where,
+  keep,
+  position: str,
+  gradient: str,
+  score: str,
+  relative: bool,
+  model_inputs,
+  module_type: type,
+  type_name: str,
+  weight_layers: tuple[type, ...],
+  record=None,
+) -> SiteRouter:
+  """Checks the options of one `sparse_apply` call and builds its `SiteRouter` (Linen and NNX alike)."""
+  check_site_args(where=where, position=position, gradient=gradient, score=score)
+  return SiteRouter(
+    keep=as_keep(keep),
+    matches=make_matcher(where, module_type=module_type, type_name=type_name, default=weight_layers),
+    weight_layers=weight_layers,
+    model_inputs=model_inputs,
+    position=position,
+    score=score,
+    gradient=gradient,
+    relative=relative,
+    record=record,
+  )
+
+
 def mean_densities(densities: Mapping[str, list]) -> dict[str, jax.Array]:
   """{path: [d1, d2, ...]} (one per call of the site) -> {path: mean density}."""
   return {p: d[0] if len(d) == 1 else jnp.mean(jnp.stack(d)) for p, d in densities.items()}

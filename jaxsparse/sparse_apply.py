@@ -18,7 +18,7 @@ from flax import nnx as flax_nnx
 from flax.core import scope as flax_scope
 
 from jaxsparse import nnx as jaxsparse_nnx
-from jaxsparse.sites import POSITIONS, SiteRouter, as_keep, check_site_args, make_matcher, mean_densities  # noqa: F401
+from jaxsparse.sites import make_router
 
 #: Linen weight layers whose inputs are the default sites (none of them subclasses another).
 WEIGHT_LAYERS = (nn.Conv, nn.ConvTranspose, nn.ConvLocal, nn.Dense, nn.DenseGeneral, nn.Einsum)
@@ -112,37 +112,23 @@ def sparse_apply(
     >>> dens
     {'layers_2': Array(0.25, dtype=float32)}
   """
+  options = dict(
+    keep=keep,
+    where=where,
+    position=position,
+    gradient=gradient,
+    score=score,
+    relative=relative,
+    return_density=return_density,
+  )
   if isinstance(model, nn.Module):
     if not args:
       raise TypeError(
         "sparse_apply: a Linen model needs its variables: sparse_apply(model, variables, *inputs, keep=...)"
       )
-    return _sparse_apply_linen(
-      model,
-      args[0],
-      args[1:],
-      keep=keep,
-      where=where,
-      position=position,
-      gradient=gradient,
-      score=score,
-      relative=relative,
-      return_density=return_density,
-      apply_kwargs=kwargs,
-    )
+    return _sparse_apply_linen(model, args[0], args[1:], **options, apply_kwargs=kwargs)
   if isinstance(model, flax_nnx.Module):
-    return jaxsparse_nnx.sparse_apply(
-      model,
-      *args,
-      keep=keep,
-      where=where,
-      position=position,
-      gradient=gradient,
-      score=score,
-      relative=relative,
-      return_density=return_density,
-      **kwargs,
-    )
+    return jaxsparse_nnx.sparse_apply(model, *args, **options, **kwargs)
   what = f"the class {model.__name__} (pass an instance)" if isinstance(model, type) else type(model).__name__
   raise TypeError(f"sparse_apply: model must be a flax.linen.Module or a flax.nnx.Module instance, got {what}")
 
@@ -150,22 +136,20 @@ def sparse_apply(
 def _sparse_apply_linen(
   model: nn.Module, variables, args, *, keep, where, position, gradient, score, relative, return_density, apply_kwargs
 ):
-  check_site_args(where=where, position=position, gradient=gradient, score=score)
-  keep = as_keep(keep)
-
   def record(module, path, density):
     module.sow(_DENSITY, _LEAF, density)
 
-  matches = make_matcher(where, module_type=nn.Module, type_name="flax.linen.Module", default=WEIGHT_LAYERS)
-  router = SiteRouter(
+  router = make_router(
+    where=where,
     keep=keep,
-    matches=matches,
-    weight_layers=WEIGHT_LAYERS,
-    model_inputs=args,
     position=position,
-    score=score,
     gradient=gradient,
+    score=score,
     relative=relative,
+    model_inputs=args,
+    module_type=nn.Module,
+    type_name="flax.linen.Module",
+    weight_layers=WEIGHT_LAYERS,
     record=record if return_density else None,
   )
 
