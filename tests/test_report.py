@@ -272,3 +272,42 @@ def test_several_baselines_and_method_variants_are_labelled_apart(tmp_path):
   assert "| 1.0 (" in row  # one of its two fake epochs has keep 0.5
   paths = report.plot_comparison(runs, tmp_path / "out")
   assert (tmp_path / "out" / "gap.png") in paths and (tmp_path / "out" / "gap.png").stat().st_size > 1000
+
+
+def test_phase_stats_split_the_last_quarter_by_the_keep_just_trained():
+  keeps = [1.0, 0.5, 0.2, 1.0, 0.5, 1.0, 0.3, 0.1]  # last quarter: epochs 7 and 8, both sparse
+  history = [{"keep": k, "val_accuracy": 0.1 * e} for e, k in enumerate(keeps, 1)]
+  quarter = report.phase_stats(history)
+  assert math.isnan(quarter["dense"]) and quarter["sparse"] == pytest.approx(0.75)
+  assert (quarter["n_dense"], quarter["n_sparse"]) == (0, 2)
+  half = report.phase_stats(history, tail=0.5)  # epochs 5-8: 0.5 | 1.0 | 0.3 | 0.1
+  assert half["dense"] == pytest.approx(0.6) and half["sparse"] == pytest.approx((0.5 + 0.7 + 0.8) / 3)
+  assert (half["n_dense"], half["n_sparse"]) == (1, 3)
+  history[5]["val_accuracy"] = None  # an epoch without validation is skipped
+  assert report.phase_stats(history, tail=0.5)["n_dense"] == 0
+  with pytest.raises(ValueError, match="tail must be in"):
+    report.phase_stats(history, tail=0)
+
+
+def test_the_evaluation_timing_table_lists_only_schedules_that_trained_both_ways(tmp_path):
+  dirs = [_fake_run(tmp_path, "dense", 0, 0.80)]
+  for seed, (after_dense, after_sparse) in enumerate([(0.50, 0.47), (0.52, 0.48)]):
+    d = _fake_run(tmp_path, "cyclic", seed, 0.80)
+    keeps = [1.0, 0.5, 1.0, 0.5, 1.0, 0.5, 1.0, 0.5]  # last quarter: epoch 7 dense, epoch 8 sparse
+    history = [
+      {
+        "epoch": e,
+        "keep": k,
+        "train_accuracy": 0.9,
+        "val_accuracy": after_dense if k == 1.0 else after_sparse,
+        "test_accuracy": None,
+      }
+      for e, k in enumerate(keeps, 1)
+    ]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    dirs.append(d)
+  md = report.comparison_markdown(report.load_runs(dirs), title="T")
+  assert "Evaluation timing" in md
+  # differences per run 0.03 and 0.04: mean 0.035, t(0.975, 1) * std / sqrt(2) = 12.706 * 0.00707 / 1.414
+  assert "| cyclic | 2 | 0.5100 | 0.4750 | +0.0350 ± 0.0635 | 1.0 / 1.0 | 0 of 2 |" in md
+  assert "| dense | " not in md.split("Evaluation timing")[1]
