@@ -3,8 +3,8 @@
   python experiments/compare.py runs/cpu_* --out docs/study --title "CPU study"
 
 Reads each run's summary.json and metrics.jsonl; writes <out>/results.md (mean ± std per schedule and per
-seed, difference to each --baseline group with a 95% t-interval, epochs spent sparse) and <out>/*.png (accuracy vs
-epoch, keep trajectories, keep curves, generalisation gap).
+seed, difference to each --baseline group with a 95% t-interval, epochs spent sparse, evaluation timing within
+the keep cycle) and <out>/*.png (accuracy vs epoch, keep trajectories, keep curves, generalisation gap).
 """
 
 from __future__ import annotations
