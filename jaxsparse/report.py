@@ -332,6 +332,33 @@ def mixed_machines_warning(runs) -> str | None:
   )
 
 
+# Config fields in which the seeds of one variant may differ: the seed itself, and bookkeeping that does not change
+# what a run computes.
+_FREE_FIELDS = ("seed", "cache_dir", "keep_checkpoints")
+
+
+def mixed_settings_warning(runs) -> str | None:
+  """A one-line markdown warning naming each group (see `run_label`) whose runs differ in a Config field other
+  than the seed, e.g. ``dense: epochs (40, 80)``: `comparison_markdown` would average them as seeds of one variant.
+  Data paths are compared by file name (one copy at two paths is the same data); fields that a run's config.json
+  lacks are skipped. None when every group is uniform."""
+  problems = []
+  for label, rs in _by_schedule(runs).items():
+    configs = [r.get("config") or {} for r in rs]
+    fields = sorted(set.intersection(*(set(c) for c in configs)) - set(_FREE_FIELDS)) if configs else []
+    for name in fields:
+      canon = lambda v: Path(v).name if name == "data" and isinstance(v, str) else v  # noqa: E731
+      values = list(dict.fromkeys(json.dumps(canon(c[name]), sort_keys=True) for c in configs))
+      if len(values) > 1:
+        problems.append(f"`{label}`: {name} ({', '.join(values)})")
+  if not problems:
+    return None
+  return (
+    f"**Warning: runs grouped as one variant differ in their settings: {'; '.join(problems)}. Each row averages "
+    f"them as if they were seeds of one configuration; compare such runs in separate tables.**"
+  )
+
+
 def seeds_needed(
   sd_diff: float, *, delta: float, confidence: float = 0.95, power: float | None = None, max_n: int = 100_000
 ) -> int:
@@ -365,17 +392,18 @@ def comparison_markdown(runs, *, title: str, baseline: str | Sequence[str] = "de
   """One markdown table: per schedule mean ± std of final and best dense test accuracy, difference to each
   baseline group (`baseline`: one label or several; paired by seed, 95% t-interval), epochs spent sparse (see
   `sparsity_stats`), keep curve means, cycles, wall time; then per-seed rows.
-  Each table is followed by the machine(s) its runs were made on (see `machine_label`); a warning above them says
-  when the runs mix hardware or commits (see `mixed_machines_warning`)."""
+  Each table is followed by the machine(s) its runs were made on (see `machine_label`); warnings above the tables
+  say when the runs mix hardware or commits (see `mixed_machines_warning`) or when one group mixes settings (see
+  `mixed_settings_warning`)."""
   groups = _by_schedule(runs)
   baselines = [baseline] if isinstance(baseline, str) else list(baseline)
   keeps = sorted({float(k) for r in runs for k in r["summary"]["keep_curve"]}, reverse=True)
   final = {s: {r["summary"]["seed"]: r["summary"]["test_accuracy"] for r in rs} for s, rs in groups.items()}
   tags, machine_lines = machines_markdown(runs)
-  warning = mixed_machines_warning(runs)
+  warnings = [w for w in (mixed_settings_warning(runs), mixed_machines_warning(runs)) if w]
   lines = (
     [f"# {title}", ""]
-    + ([warning, ""] if warning else [])
+    + [line for w in warnings for line in (w, "")]
     + [
       "Dense (keep = 1) test accuracy at the end of training; mean ± std over seeds. "
       f"Δ vs {' / '.join(baselines)}: mean paired difference over shared seeds ± the 95% t-interval "

@@ -311,3 +311,27 @@ def test_the_evaluation_timing_table_lists_only_schedules_that_trained_both_ways
   # differences per run 0.03 and 0.04: mean 0.035, t(0.975, 1) * std / sqrt(2) = 12.706 * 0.00707 / 1.414
   assert "| cyclic | 2 | 0.5100 | 0.4750 | +0.0350 ± 0.0635 | 1.0 / 1.0 | 0 of 2 |" in md
   assert "| dense | " not in md.split("Evaluation timing")[1]
+
+
+def test_a_group_that_mixes_settings_is_warned_about(tmp_path):
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  dirs = [
+    _fake_run(tmp_path / "a", "dense", 0, 0.80, config={"epochs": 40, "data": "/x/cifar10.tar.gz", "cache_dir": "/c"}),
+    _fake_run(tmp_path / "b", "dense", 1, 0.82, config={"epochs": 80, "data": "/y/cifar10.tar.gz", "cache_dir": None}),
+    _fake_run(tmp_path, "adaptive_b", 0, 0.83, config={"epochs": 40, "eval_keeps": [1.0, 0.5]}),
+    _fake_run(tmp_path, "adaptive_b", 1, 0.81, config={"epochs": 40, "eval_keeps": [1.0, 0.1]}),
+  ]
+  runs = report.load_runs(dirs)
+  warning = report.mixed_settings_warning(runs)
+  assert warning == (
+    "**Warning: runs grouped as one variant differ in their settings: `adaptive_b`: eval_keeps ([1.0, 0.5], "
+    "[1.0, 0.1]); `dense`: epochs (40, 80). Each row averages them as if they were seeds of one configuration; "
+    "compare such runs in separate tables.**"
+  )
+  md = report.comparison_markdown(runs, title="T")
+  assert md.index(warning) < md.index("| schedule |")
+  # Seeds, bookkeeping and one data copy at two paths are not settings; a config.json that lacks a field skips it.
+  assert report.mixed_settings_warning(runs[:1] + [runs[1] | {"config": {**runs[1]["config"], "epochs": 40}}]) is None
+  assert report.mixed_settings_warning(runs[2:3] + [runs[3] | {"config": {"schedule": "adaptive_b"}}]) is None
+  assert "Warning" not in report.comparison_markdown(runs[:1], title="T")
