@@ -202,6 +202,31 @@ def sparsity_stats(history: Sequence[Mapping], config: Mapping | None = None) ->
   return {"keep_below_1": below, "bit": bit, "mean_density": float(np.mean(densities)) if densities else math.nan}
 
 
+def _tail(history: Sequence[Mapping], tail: float, caller: str) -> Sequence[Mapping]:
+  """The last ``tail`` fraction of a run's epoch records (at least one)."""
+  if not 0 < tail <= 1:
+    raise ValueError(f"{caller}: tail must be in (0, 1], got {tail}")
+  return history[len(history) - max(1, round(tail * len(history))) :]
+
+
+def fit_stats(history: Sequence[Mapping], tail: float = 0.25) -> dict[str, float]:
+  """How closely a run fits its training set and how well it generalises over its last ``tail`` of epochs.
+
+  Returns the means over those epochs of ``train_loss`` and ``train_accuracy`` (measured as the run trained: at
+  each epoch's keep, with dropout active), of the dense ``val_accuracy`` (nan when no epoch has one) and ``gap``,
+  the mean of train - validation accuracy over the epochs that have both.
+  """
+  records = _tail(history, tail, "fit_stats")
+  mean = lambda xs: float(np.mean(xs)) if xs else math.nan  # noqa: E731
+  val = [r for r in records if r.get("val_accuracy") is not None]
+  return {
+    "train_loss": mean([r["train_loss"] for r in records]),
+    "train_accuracy": mean([r["train_accuracy"] for r in records]),
+    "val_accuracy": mean([r["val_accuracy"] for r in val]),
+    "gap": mean([r["train_accuracy"] - r["val_accuracy"] for r in val]),
+  }
+
+
 def phase_stats(history: Sequence[Mapping], tail: float = 0.25) -> dict[str, float]:
   """Dense validation accuracy over a run's last ``tail`` of epochs, split by the keep of the epoch just trained.
 
@@ -210,11 +235,7 @@ def phase_stats(history: Sequence[Mapping], tail: float = 0.25) -> dict[str, flo
   where in its keep cycle it falls. Returns ``dense`` and ``sparse`` (mean accuracies, nan when there are no such
   epochs) and ``n_dense``, ``n_sparse``; epochs without a validation pass are skipped.
   """
-  if not 0 < tail <= 1:
-    raise ValueError(f"phase_stats: tail must be in (0, 1], got {tail}")
-  records = [
-    r for r in history[len(history) - max(1, round(tail * len(history))) :] if r.get("val_accuracy") is not None
-  ]
+  records = [r for r in _tail(history, tail, "phase_stats") if r.get("val_accuracy") is not None]
   dense = [r["val_accuracy"] for r in records if r["keep"] >= 1.0]
   sparse = [r["val_accuracy"] for r in records if r["keep"] < 1.0]
   mean = lambda xs: float(np.mean(xs)) if xs else math.nan  # noqa: E731
@@ -391,7 +412,8 @@ def seeds_needed(
 def comparison_markdown(runs, *, title: str, baseline: str | Sequence[str] = "dense", figures=()) -> str:
   """One markdown table: per schedule mean ± std of final and best dense test accuracy, difference to each
   baseline group (`baseline`: one label or several; paired by seed, 95% t-interval), epochs spent sparse (see
-  `sparsity_stats`), keep curve means, cycles, wall time; then per-seed rows.
+  `sparsity_stats`), keep curve means, cycles, wall time; then per-seed rows, the fit over the last quarter (see `fit_stats`) and
+  the evaluation timing (see `phase_stats`).
   Each table is followed by the machine(s) its runs were made on (see `machine_label`); warnings above the tables
   say when the runs mix hardware or commits (see `mixed_machines_warning`) or when one group mixes settings (see
   `mixed_settings_warning`)."""
@@ -456,10 +478,33 @@ def comparison_markdown(runs, *, title: str, baseline: str | Sequence[str] = "de
         f"{r['summary']['best_test_accuracy']:.4f} | `{r['path']}` |" + (f" {tags[r['path']]} |" if mixed else "")
       )
   lines += [""] + machine_lines
+  lines += _fit_markdown(groups)
   lines += _phase_markdown(groups)
   if figures:
     lines += [""] + [f"![{f}]({f})" for f in figures]
   return "\n".join(lines) + "\n"
+
+
+def _fit_markdown(groups) -> list[str]:
+  """The `fit_stats` table: per group, mean over runs of training fit and dense validation accuracy, last quarter."""
+  rows = []
+  for s, rs in groups.items():
+    fits = [fit_stats(r["history"]) for r in rs]
+    m = {k: float(np.mean([f[k] for f in fits])) for k in ("train_loss", "train_accuracy", "val_accuracy", "gap")}
+    rows.append(
+      f"| {s} | {len(rs)} | {m['train_loss']:.4f} | {m['train_accuracy']:.4f} | {m['val_accuracy']:.4f} | "
+      f"{m['gap']:+.4f} |"
+    )
+  return [
+    "",
+    "Fit over the last quarter of the epochs (mean over epochs, then over runs): training loss and accuracy as "
+    "trained (at each epoch's keep, dropout active), dense validation accuracy after each epoch, and the gap "
+    "between them. A regulariser that works holds the training fit back and raises validation accuracy.",
+    "",
+    "| schedule | runs | train loss | train acc | val acc | gap (train − val) |",
+    "|---|---:|---:|---:|---:|---:|",
+    *rows,
+  ]
 
 
 def _phase_markdown(groups) -> list[str]:

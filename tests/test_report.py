@@ -19,6 +19,7 @@ def _fake_run(root, schedule, seed, final, keeps=(1.0, 0.5), config=None, proven
       "keep": 1.0 if e % 2 else 0.5,
       "cycle": e // 2,
       "reset_after": e % 2 == 0,
+      "train_loss": 0.1 * e,
       "train_accuracy": 0.5,
       "val_accuracy": 0.4,
       "test_accuracy": final - 0.01 * (2 - e),
@@ -298,6 +299,7 @@ def test_the_evaluation_timing_table_lists_only_schedules_that_trained_both_ways
       {
         "epoch": e,
         "keep": k,
+        "train_loss": 0.3,
         "train_accuracy": 0.9,
         "val_accuracy": after_dense if k == 1.0 else after_sparse,
         "test_accuracy": None,
@@ -335,3 +337,34 @@ def test_a_group_that_mixes_settings_is_warned_about(tmp_path):
   assert report.mixed_settings_warning(runs[:1] + [runs[1] | {"config": {**runs[1]["config"], "epochs": 40}}]) is None
   assert report.mixed_settings_warning(runs[2:3] + [runs[3] | {"config": {"schedule": "adaptive_b"}}]) is None
   assert "Warning" not in report.comparison_markdown(runs[:1], title="T")
+
+
+def test_fit_stats_average_the_last_quarter_as_trained():
+  history = [
+    {"keep": k, "train_loss": loss, "train_accuracy": acc, "val_accuracy": val}
+    for k, loss, acc, val in [
+      (1.0, 2.0, 0.2, 0.2),  # outside the last quarter of 8 epochs
+      (1.0, 1.0, 0.4, 0.3),
+      (1.0, 0.5, 0.6, 0.35),
+      (0.5, 0.4, 0.7, 0.38),
+      (0.1, 0.6, 0.6, 0.36),
+      (1.0, 0.1, 0.9, 0.40),
+      (0.5, 0.2, 0.8, 0.41),
+      (1.0, 0.04, 1.0, None),
+    ]
+  ]
+  f = report.fit_stats(history)
+  assert f["train_loss"] == pytest.approx(0.12) and f["train_accuracy"] == pytest.approx(0.9)
+  assert f["val_accuracy"] == pytest.approx(0.41) and f["gap"] == pytest.approx(0.8 - 0.41)
+  assert report.fit_stats(history, tail=0.5)["train_loss"] == pytest.approx((0.6 + 0.1 + 0.2 + 0.04) / 4)
+  with pytest.raises(ValueError, match="fit_stats: tail must be in"):
+    report.fit_stats(history, tail=0)
+
+
+def test_the_fit_table_lists_every_schedule(tmp_path):
+  dirs = [_fake_run(tmp_path, "dense", 0, 0.80), _fake_run(tmp_path, "adaptive_b", 0, 0.81)]
+  md = report.comparison_markdown(report.load_runs(dirs), title="T")
+  assert "| schedule | runs | train loss | train acc | val acc | gap (train − val) |" in md
+  # Two epochs: the last quarter is the last epoch (loss 0.2, train 0.5, val 0.4).
+  assert "| adaptive_b | 1 | 0.2000 | 0.5000 | 0.4000 | +0.1000 |" in md
+  assert "| dense | 1 | 0.2000 | 0.5000 | 0.4000 | +0.1000 |" in md
