@@ -199,7 +199,11 @@ def sparsity_stats(history: Sequence[Mapping], config: Mapping | None = None) ->
         bit += 1.0
       elif sites:
         bit += float(np.mean([d >= 0.98 * r["keep"] for d in sites]))
-  return {"keep_below_1": below, "bit": bit, "mean_density": float(np.mean(densities)) if densities else math.nan}
+  return {"keep_below_1": below, "bit": bit, "mean_density": _mean_or_nan(densities)}
+
+
+def _mean_or_nan(values) -> float:
+  return float(np.mean(values)) if len(values) else math.nan
 
 
 def _tail(history: Sequence[Mapping], tail: float, caller: str) -> Sequence[Mapping]:
@@ -217,13 +221,12 @@ def fit_stats(history: Sequence[Mapping], tail: float = 0.25) -> dict[str, float
   the mean of train - validation accuracy over the epochs that have both.
   """
   records = _tail(history, tail, "fit_stats")
-  mean = lambda xs: float(np.mean(xs)) if xs else math.nan  # noqa: E731
   val = [r for r in records if r.get("val_accuracy") is not None]
   return {
-    "train_loss": mean([r["train_loss"] for r in records]),
-    "train_accuracy": mean([r["train_accuracy"] for r in records]),
-    "val_accuracy": mean([r["val_accuracy"] for r in val]),
-    "gap": mean([r["train_accuracy"] - r["val_accuracy"] for r in val]),
+    "train_loss": _mean_or_nan([r["train_loss"] for r in records]),
+    "train_accuracy": _mean_or_nan([r["train_accuracy"] for r in records]),
+    "val_accuracy": _mean_or_nan([r["val_accuracy"] for r in val]),
+    "gap": _mean_or_nan([r["train_accuracy"] - r["val_accuracy"] for r in val]),
   }
 
 
@@ -238,8 +241,7 @@ def phase_stats(history: Sequence[Mapping], tail: float = 0.25) -> dict[str, flo
   records = [r for r in _tail(history, tail, "phase_stats") if r.get("val_accuracy") is not None]
   dense = [r["val_accuracy"] for r in records if r["keep"] >= 1.0]
   sparse = [r["val_accuracy"] for r in records if r["keep"] < 1.0]
-  mean = lambda xs: float(np.mean(xs)) if xs else math.nan  # noqa: E731
-  return {"dense": mean(dense), "sparse": mean(sparse), "n_dense": len(dense), "n_sparse": len(sparse)}
+  return {"dense": _mean_or_nan(dense), "sparse": _mean_or_nan(sparse), "n_dense": len(dense), "n_sparse": len(sparse)}
 
 
 def paired_difference(a: Mapping[int, float], b: Mapping[int, float], confidence: float = 0.95):
@@ -412,8 +414,8 @@ def seeds_needed(
 def comparison_markdown(runs, *, title: str, baseline: str | Sequence[str] = "dense", figures=()) -> str:
   """One markdown table: per schedule mean ± std of final and best dense test accuracy, difference to each
   baseline group (`baseline`: one label or several; paired by seed, 95% t-interval), epochs spent sparse (see
-  `sparsity_stats`), keep curve means, cycles, wall time; then per-seed rows, the fit over the last quarter (see `fit_stats`) and
-  the evaluation timing (see `phase_stats`).
+  `sparsity_stats`), keep curve means, cycles, wall time; then per-seed rows, the fit over the last quarter (see
+  `fit_stats`) and the evaluation timing (see `phase_stats`).
   Each table is followed by the machine(s) its runs were made on (see `machine_label`); warnings above the tables
   say when the runs mix hardware or commits (see `mixed_machines_warning`) or when one group mixes settings (see
   `mixed_settings_warning`)."""
