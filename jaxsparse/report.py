@@ -368,7 +368,7 @@ def mixed_settings_warning(runs) -> str | None:
   problems = []
   for label, rs in _by_schedule(runs).items():
     configs = [r.get("config") or {} for r in rs]
-    fields = sorted(set.intersection(*(set(c) for c in configs)) - set(_FREE_FIELDS)) if configs else []
+    fields = sorted(set.intersection(*(set(c) for c in configs)) - set(_FREE_FIELDS))
     for name in fields:
       canon = lambda v: Path(v).name if name == "data" and isinstance(v, str) else v  # noqa: E731
       values = list(dict.fromkeys(json.dumps(canon(c[name]), sort_keys=True) for c in configs))
