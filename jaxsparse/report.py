@@ -411,6 +411,16 @@ def seeds_needed(
   raise ValueError(f"more than {max_n} seeds needed for delta={delta} at sd_diff={sd_diff}")
 
 
+def _relative_keep_note(runs) -> str:
+  """A sentence for tables whose keep columns mix keep modes; empty when no run uses relative keep."""
+  if not any((r.get("config") or {}).get("topk_keep") == "relative" for r in runs):
+    return ""
+  return (
+    " Keep columns: test accuracy at that keep in each run's own keep mode, so for topk_keep=relative runs keep k "
+    "is a fraction of each example's active units, a lower density than absolute keep k."
+  )
+
+
 def comparison_markdown(runs, *, title: str, baseline: str | Sequence[str] = "dense", figures=()) -> str:
   """One markdown table: per schedule mean ± std of final and best dense test accuracy, difference to each
   baseline group (`baseline`: one label or several; paired by seed, 95% t-interval), epochs spent sparse (see
@@ -432,7 +442,8 @@ def comparison_markdown(runs, *, title: str, baseline: str | Sequence[str] = "de
       "Dense (keep = 1) test accuracy at the end of training; mean ± std over seeds. "
       f"Δ vs {' / '.join(baselines)}: mean paired difference over shared seeds ± the 95% t-interval "
       "half-width. Sparse epochs: epochs at keep < 1, and those weighted by the share of top-k sites the keep "
-      "actually cut (achieved density reached the keep); mean density: achieved, over sites and epochs.",
+      "actually cut (achieved density reached the keep); mean density: achieved, over sites and epochs."
+      + _relative_keep_note(runs),
       "",
       "| schedule | seeds | final test acc | best test acc | "
       + " | ".join(f"Δ final vs {b}" for b in baselines)

@@ -267,6 +267,8 @@ def test_several_baselines_and_method_variants_are_labelled_apart(tmp_path):
   ]
   md = report.comparison_markdown(runs, title="T", baseline=["dense", "dense+dropout0.3"])
   assert "| Δ final vs dense | Δ final vs dense+dropout0.3 | sparse epochs (cut) |" in md
+  assert "for topk_keep=relative runs keep k is a fraction" in md
+  assert "topk_keep=relative runs" not in report.comparison_markdown(runs[:-1], title="T", baseline="dense")
   row = next(line for line in md.splitlines() if line.startswith("| constant(keep=0.1)+regimes=3+distill | 2 |"))
   # vs dense: 0.82 - (0.80, 0.81) = (0.02, 0.01); vs dropout: 0.82 - (0.79, 0.81) = (0.03, 0.01)
   assert "| +0.0150 ± 0.0635 (n=2) | +0.0200 ± 0.1271 (n=2) |" in row
