@@ -115,8 +115,19 @@ def _plain_log_ticks(ax, keeps) -> None:
 
 def _save(fig: Figure, path: Path) -> Path:
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight" keeps a legend placed outside the axes
   return path
+
+
+def _series_style(i: int) -> dict:
+  """Colour and line style of the i-th series of a comparison plot: the ten default colours, then the same
+  colours dashed, then dotted, so that up to 30 schedules stay distinguishable."""
+  return {"color": f"C{i % 10}", "ls": ("-", "--", ":")[(i // 10) % 3]}
+
+
+def _legend_outside(ax) -> None:
+  """A legend to the right of the axes, where it cannot cover the curves of a many-schedule comparison."""
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -562,15 +573,15 @@ def plot_comparison(runs, outdir: str | Path) -> list[Path]:
   groups = _by_schedule(runs)
   paths = []
 
-  fig = Figure(figsize=(7, 4))
+  fig = Figure(figsize=(10, 4))
   ax = fig.subplots()
-  for s, rs in groups.items():
+  for i, (s, rs) in enumerate(groups.items()):
     n = min(len(r["history"]) for r in rs)
     epochs = [h["epoch"] for h in rs[0]["history"][:n] if h.get("test_accuracy") is not None]
     acc = np.mean([[h["test_accuracy"] for h in r["history"][:n] if h["epoch"] in epochs] for r in rs], axis=0)
-    ax.plot(epochs, acc, label=f"{s} (n={len(rs)})")
+    ax.plot(epochs, acc, label=f"{s} (n={len(rs)})", **_series_style(i))
   ax.set(xlabel="epoch", ylabel="dense test accuracy", title="Test accuracy (mean over seeds)")
-  ax.legend()
+  _legend_outside(ax)
   paths.append(_save(fig, outdir / "accuracy.png"))
 
   fig = Figure(figsize=(7, 1.2 + 1.0 * len(groups)))
@@ -595,36 +606,36 @@ def plot_comparison(runs, outdir: str | Path) -> list[Path]:
   axes[-1].set_xlabel("epochs completed")
   paths.append(_save(fig, outdir / "keep.png"))
 
-  fig = Figure(figsize=(5.5, 4))
+  fig = Figure(figsize=(9, 4))
   ax = fig.subplots()
-  for s, rs in groups.items():
+  for i, (s, rs) in enumerate(groups.items()):
     keeps = sorted({float(k) for r in rs for k in r["summary"]["keep_curve"]})
     acc = [mean_std([r["summary"]["keep_curve"][str(k)] for r in rs])[0] for k in keeps]
-    ax.plot(keeps, acc, marker="o", label=s)
+    ax.plot(keeps, acc, marker="o", label=s, **_series_style(i))
   ax.set(xscale="log", xlabel="test-time keep ratio", ylabel="test accuracy", title="Keep curve (mean over seeds)")
   _plain_log_ticks(ax, sorted({float(k) for r in runs for k in r["summary"]["keep_curve"]}))
-  ax.legend()
+  _legend_outside(ax)
   paths.append(_save(fig, outdir / "keep_curve.png"))
 
-  fig = Figure(figsize=(12, 4))
+  fig = Figure(figsize=(15, 4))
   ax1, ax2 = fig.subplots(1, 2, sharey=True)
   for i, (s, rs) in enumerate(groups.items()):
-    color = f"C{i % 10}"
+    style = _series_style(i)
     n = min(len(r["history"]) for r in rs)
     if all(r["history"][e].get("val_accuracy") is not None for r in rs for e in range(n)):
       gap = np.mean([[h["train_accuracy"] - h["val_accuracy"] for h in r["history"][:n]] for r in rs], axis=0)
-      ax1.plot([h["epoch"] for h in rs[0]["history"][:n]], gap, color=color, label=f"{s} (n={len(rs)})")
+      ax1.plot([h["epoch"] for h in rs[0]["history"][:n]], gap, label=f"{s} (n={len(rs)})", **style)
     tested = [e for e in range(n) if all(r["history"][e].get("test_accuracy") is not None for r in rs)]
     gap = np.mean(
       [[r["history"][e]["train_accuracy"] - r["history"][e]["test_accuracy"] for e in tested] for r in rs], axis=0
     )
-    ax2.plot([rs[0]["history"][e]["epoch"] for e in tested], gap, color=color, marker="o", label=s)
+    ax2.plot([rs[0]["history"][e]["epoch"] for e in tested], gap, marker="o", label=s, **style)
   ax1.set(
     xlabel="epoch",
     ylabel="train accuracy − held-out accuracy",
     title="Generalisation gap: train − validation (every epoch)",
   )
   ax2.set(xlabel="epoch", title="train − dense test (tested epochs)")
-  ax1.legend(fontsize=7)
+  _legend_outside(ax2)
   paths.append(_save(fig, outdir / "gap.png"))
   return paths

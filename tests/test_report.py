@@ -370,3 +370,10 @@ def test_the_fit_table_lists_every_schedule(tmp_path):
   # Two epochs: the last quarter is the last epoch (loss 0.2, train 0.5, val 0.4).
   assert "| adaptive_b | 1 | 0.2000 | 0.5000 | 0.4000 | +0.1000 |" in md
   assert "| dense | 1 | 0.2000 | 0.5000 | 0.4000 | +0.1000 |" in md
+
+
+def test_comparison_series_styles_stay_distinct_past_ten_schedules():
+  styles = [tuple(sorted(report._series_style(i).items())) for i in range(30)]
+  assert len(set(styles)) == 30
+  assert report._series_style(0) == {"color": "C0", "ls": "-"}
+  assert report._series_style(12) == {"color": "C2", "ls": "--"}
