@@ -42,6 +42,10 @@ VARIANTS = {
   # in-place distillation from the dense pass (README, Several regimes per step).
   "sandwich": ["--schedule=constant", "--keep=0.1", "--regimes=3"],
   "sandwich_distill": ["--schedule=constant", "--keep=0.1", "--regimes=3", "--distill"],
+  # The frontier study (docs/results.md, Frontier): a network trained for each keep, and joint training with dropout.
+  **{f"keep{k}": ["--schedule=constant", f"--keep={k}"] for k in ("0.3", "0.2", "0.1", "0.05")},
+  "sandwich_dropout": ["--schedule=constant", "--keep=0.1", "--regimes=3", "--dropout=0.3"],
+  "adaptive_b_dropout": ["--schedule=adaptive_b", "--dropout=0.3"],
 }
 MAIN = ("dense", "dropout", "cyclic", "adaptive_a", "adaptive_b")
 
