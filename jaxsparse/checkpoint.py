@@ -50,15 +50,34 @@ class Restored(NamedTuple):
   skipped: tuple[tuple[int, str], ...]
 
 
+def cycle_retention(spec: str, *, name: str = "keep_cycles") -> Callable[[Mapping[int, int]], set[int]]:
+  """The cycle-end checkpoints to keep for good, as a function {step: cycle} -> steps kept.
+
+  `spec` is "all", "none", "last:N" (the N newest cycles) or "every:K" (cycles K, 2K, 3K, ... counted from 1);
+  a bad one is a ValueError naming `name`.
+  """
+  kind, _, number = str(spec).partition(":")
+  if (kind, number) in (("all", ""), ("none", "")):
+    return (lambda cycle_of: set(cycle_of)) if kind == "all" else (lambda cycle_of: set())
+  if kind in ("last", "every") and number.isdigit() and int(number) >= 1:
+    n = int(number)
+    if kind == "every":
+      return lambda cycle_of: {step for step, cycle in cycle_of.items() if (cycle + 1) % n == 0}
+    return lambda cycle_of: set(sorted(cycle_of, key=cycle_of.get)[-n:])
+  raise ValueError(f"{name} must be 'all', 'none', 'last:N' or 'every:K' with N, K >= 1, got {spec!r}")
+
+
 @dataclasses.dataclass
 class _KeepSteps:
-  """Orbax preservation policy: keep every checkpoint whose step is a key of ``cycle_of``."""
+  """Orbax preservation policy: keep the cycle-end checkpoints (``cycle_of``: step -> cycle) that `select` picks."""
 
   cycle_of: Mapping[int, int]
+  select: Callable[[Mapping[int, int]], set[int]]
 
   def should_preserve(self, checkpoints, *, context) -> list[bool]:
     del context
-    return [info.step in self.cycle_of for info in checkpoints]
+    kept = self.select(self.cycle_of)
+    return [info.step in kept for info in checkpoints]
 
 
 def _absolute(directory: str | os.PathLike[str]) -> str:
@@ -92,7 +111,13 @@ class Checkpointer:
   """
 
   def __init__(
-    self, directory: str | os.PathLike[str], *, keep_latest: int = 2, async_save: bool = True, log: Log | None = None
+    self,
+    directory: str | os.PathLike[str],
+    *,
+    keep_latest: int = 2,
+    keep_cycles: str = "all",
+    async_save: bool = True,
+    log: Log | None = None,
   ):
     """Opens (creating if needed) a checkpoint directory.
 
@@ -100,6 +125,8 @@ class Checkpointer:
       directory: where the numbered checkpoint folders live; made absolute.
       keep_latest: how many of the newest checkpoints to keep besides the cycle ends. 2 leaves a
         fallback if the newest one turns out to be unreadable.
+      keep_cycles: which cycle-end checkpoints to keep for good (`cycle_retention`): "all", "none",
+        "last:N" or "every:K". A cycle end it drops is deleted once it is not among the newest `keep_latest`.
       async_save: write in a background thread; `save` returns once arrays are copied to host.
       log: receives one line per notable event (skips, fallbacks, quarantines); defaults to this
         module's `logging` logger.
@@ -112,7 +139,8 @@ class Checkpointer:
       raise ValueError(f"keep_latest must be >= 1, got {keep_latest}")
     self._log = log
     self._cycle_of: dict[int, int] = {}  # step -> cycle whose end it marks
-    policy = ocp_managers.AnyPreservationPolicy([ocp_managers.LatestN(n=keep_latest), _KeepSteps(self._cycle_of)])
+    keep = _KeepSteps(self._cycle_of, cycle_retention(keep_cycles))
+    policy = ocp_managers.AnyPreservationPolicy([ocp_managers.LatestN(n=keep_latest), keep])
     options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
     )

@@ -91,9 +91,19 @@ class Config:
     "per step)",
   )
   distill: bool = _field(False, "with regimes >= 2: the sparse passes learn from the dense pass's predictions")
+  # Fine-tuning.
+  init_from: str | None = _field(
+    None,
+    "a finished run's directory: start from its final parameters and model state, with a fresh optimiser, "
+    "learning-rate schedule and controller (None: a fresh initialisation)",
+  )
   # Bookkeeping.
   seed: int = _field(0, "initialisation, data order and validation split")
-  keep_checkpoints: int = _field(2, "latest checkpoints kept, besides one per reset cycle")
+  keep_checkpoints: int = _field(2, "latest checkpoints kept, besides the cycle ends of keep_cycles")
+  keep_cycles: str = _field(
+    "all",
+    "checkpoints of cycle ends kept for good: all, none, last:N (the N newest cycles) or every:K (cycles K, 2K, ...)",
+  )
 
   def __post_init__(self):
     for f in dataclasses.fields(self):

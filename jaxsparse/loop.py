@@ -34,6 +34,7 @@ from tqdm import tqdm  # plain tqdm: tqdm.auto warns in Jupyter without ipywidge
 from jaxsparse import checkpoint as checkpoint_lib
 from jaxsparse import controllers as controllers_lib
 from jaxsparse import data as data_lib
+from jaxsparse import macs as macs_lib
 from jaxsparse import parallel, provenance, report
 from jaxsparse import train as train_lib
 from jaxsparse import workdir as workdir_lib
@@ -86,6 +87,7 @@ def check_config(config: Config) -> controllers_lib.Controller:
       "schedule 'adaptive_b' needs a validation split: set Config.val_size > 0".
   """
   controller = build_controller(config)
+  checkpoint_lib.cycle_retention(config.keep_cycles, name="Config.keep_cycles")
   if controller.needs_validation and config.val_size < 1:
     raise ValueError(f"schedule {config.schedule!r} needs a validation split: set Config.val_size > 0")
   if config.regimes > 1 and config.schedule == "dense":
@@ -142,6 +144,38 @@ def load_trained(workdir: str | os.PathLike, *, mesh=None) -> tuple[Config, trai
   return config, restored.state, ds
 
 
+def init_from(config: Config, state: train_lib.TrainState, mesh) -> tuple[train_lib.TrainState, dict]:
+  """`state` with the final parameters and model state of the finished run in ``config.init_from``, and where
+  they came from ({"run", "step", "test_accuracy"}).
+
+  Raises:
+    ValueError: naming the path and ``Config.init_from`` when it is not a run directory, holds no finished run
+      (no summary.json, or no checkpoint of its final step), or its model's parameters do not match `config`'s.
+  """
+  source = Path(config.init_from)
+  where = f"Config.init_from: {source}"
+  if not (source / "config.json").is_file():
+    raise ValueError(f"{where} is not a run directory (no config.json)")
+  if not (source / "summary.json").is_file():
+    raise ValueError(f"{where} holds no finished run (no summary.json): finish or choose another run")
+  source_config = Config.from_dict(json.loads((source / "config.json").read_text()))
+  summary = json.loads((source / "summary.json").read_text())
+  template = initial_state(source_config, 1, mesh)  # the source's own structure, so restoring never fails on it
+  with checkpoint_lib.Checkpointer(source / "checkpoints") as ckpt:
+    if summary["steps"] not in ckpt.all_steps():
+      raise ValueError(f"{where} has no checkpoint of its final step {summary['steps']}")
+    restored, _ = ckpt.restore(summary["steps"], template)
+  shapes = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)  # noqa: E731
+  ours, theirs = (shapes({"params": s.params, "model_state": s.model_state}) for s in (state, restored))
+  if ours != theirs:
+    raise ValueError(
+      f"{where} holds a {source_config.model} model (norm {source_config.norm}) whose parameters do not match this "
+      f"config's {config.model} (norm {config.norm})"
+    )
+  origin = {"run": str(source.resolve()), "step": summary["steps"], "test_accuracy": summary["test_accuracy"]}
+  return state.replace(params=restored.params, model_state=restored.model_state), origin
+
+
 def _load_data(config: Config, *, progress: bool) -> data_lib.Dataset:
   bar = None
 
@@ -181,7 +215,34 @@ def evaluate(eval_fn, state, split, *, keep: float, batch_size: int, mean, std, 
   sums = [eval_fn(state, batch, keep) for batch in parallel.prefetch_to_mesh(batches, mesh)]
   totals = jax.device_get(jax.tree.map(lambda *xs: jnp.sum(jnp.stack(xs)), *sums))
   count = float(totals["count"])
-  return {"accuracy": float(totals["correct"]) / count, "loss": float(totals["loss"]) / count, "count": int(count)}
+  return {
+    "accuracy": float(totals["correct"]) / count,
+    "loss": float(totals["loss"]) / count,
+    "count": int(count),
+    "density": {k[len("density/") :]: float(v) / count for k, v in totals.items() if k.startswith("density/")},
+  }
+
+
+def keep_curve(evaluate_at: Callable[[float], dict], model: WideResNet, params_and_state, keeps) -> tuple[dict, float]:
+  """({keep: {"accuracy", "density", "macs", "macs_fraction"}}, dense MACs per example) of a trained model.
+
+  `evaluate_at(keep)` evaluates at one keep (`evaluate`'s result); "density" is the mean achieved density over
+  the sites, "macs" the effective MACs per example (`jaxsparse.macs.effective_macs` over every conv and the
+  classifier, the stem counted dense) and "macs_fraction" their share of the dense MACs.
+  """
+  layer = macs_lib.layer_macs(model, params_and_state, jnp.zeros((1, 32, 32, 3), jnp.float32))
+  dense = float(sum(layer.values()))
+  curve = {}
+  for k in keeps:
+    result = evaluate_at(k)
+    effective = macs_lib.effective_macs(layer, result["density"], model.layer_inputs())
+    curve[k] = {
+      "accuracy": result["accuracy"],
+      "density": float(np.mean(list(result["density"].values()))) if result["density"] else 1.0,
+      "macs": effective,
+      "macs_fraction": effective / dense,
+    }
+  return curve, dense
 
 
 def _device_summary() -> str:
@@ -343,10 +404,18 @@ def train_and_evaluate(
   steps_per_epoch = data_lib.steps_per_epoch(len(ds.train.labels), config.batch_size)
   state = initial_state(config, steps_per_epoch, mesh, controller)
   with workdir_lib.writing(workdir / "checkpoints"):
-    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep_latest=config.keep_checkpoints, log=ckpt_log)
+    ckpt = checkpoint_lib.Checkpointer(
+      workdir / "checkpoints", keep_latest=config.keep_checkpoints, keep_cycles=config.keep_cycles, log=ckpt_log
+    )
   with ckpt:
     run = _Run(config, workdir, ds, mesh, steps_per_epoch, ckpt, primary, log, controller)
     state, meta = _restore(ckpt, state, steps_per_epoch, log)
+    source = None
+    if config.init_from is not None:
+      fresh_state, source = init_from(config, state, mesh)
+      if int(state.step) == 0:  # else resumed from this run's own checkpoint
+        state = fresh_state
+        log(f"initialised from {source['run']} (step {source['step']}, test accuracy {source['test_accuracy']:.4f})")
     history = workdir_lib.read_history(run.metrics_path, int(state.step) // steps_per_epoch, log, write=primary)
     t_start = time.time()
     wall = lambda: float(meta["wall_time_s"]) + time.time() - t_start  # noqa: E731
@@ -379,7 +448,7 @@ def train_and_evaluate(
       raise _interrupted(ckpt, steps_per_epoch) from None
     finally:
       bar.close()
-    summary = _finish(run, state, history, origin)
+    summary = _finish(run, state, history, origin, source)
   log(report.format_summary(summary))
   return summary
 
@@ -535,24 +604,33 @@ def _epoch_line(record: dict, epochs: int) -> str:
   )
 
 
-def _finish(run: _Run, state, history: list[dict], origin: dict) -> dict:
+def _finish(run: _Run, state, history: list[dict], origin: dict, source: dict | None) -> dict:
   """The keep curve of the final state, then summary.json and the plots; returns the summary."""
-  keep_curve = {}
-  last_test = history[-1]["test_accuracy"] if history else None  # the same state: keep 1.0 is not evaluated twice
-  for k in run.config.eval_keeps:
-    keep_curve[k] = last_test if k == 1.0 and last_test is not None else run.evaluate(state, run.ds.test, k)["accuracy"]
+  variables = {"params": state.params, **state.model_state}
+  keep_macs, dense_macs = keep_curve(
+    lambda k: run.evaluate(state, run.ds.test, k), build_model(run.config), variables, run.config.eval_keeps
+  )
+  keep_curve_acc = {k: v["accuracy"] for k, v in keep_macs.items()}
   summary = report.summarize(
-    history, keep_curve=keep_curve, device=_device_summary(), data_source=run.ds.source, config=run.config.to_dict()
+    history,
+    keep_curve=keep_curve_acc,
+    device=_device_summary(),
+    data_source=run.ds.source,
+    config=run.config.to_dict(),
+    keep_macs=keep_macs,
+    dense_macs=dense_macs,
   )
   summary["conv"] = _conv_summary(run.config)  # what "auto" meant on this backend
   summary["passes_per_step"] = run.config.regimes  # forward/backward passes of the model per train step
   summary["provenance"] = origin
+  if source is not None:
+    summary["init_from"] = source  # the run fine-tuned, its step and its dense test accuracy
   summary["process_count"] = jax.process_count()
   if run.primary:
     with workdir_lib.writing(run.workdir / "summary.json"):
       workdir_lib.atomic_write(run.workdir / "summary.json", json.dumps(summary, indent=2))
     with workdir_lib.writing(run.workdir / "plots"):
-      report.plot_run(history, keep_curve, run.workdir / "plots")
+      report.plot_run(history, keep_curve_acc, run.workdir / "plots")
   with workdir_lib.writing(run.ckpt.directory):
     run.ckpt.wait()
   return summary

@@ -125,7 +125,15 @@ def sparse_apply(
     weight_layers=WEIGHT_LAYERS,
     record=record if return_density else None,
   )
-  # Every layer that may be a site or that marks the model's first input gets its site class for this call.
+  out = call_routed(model, router, args, kwargs)
+  router.finish(model, where)
+  return (out, mean_densities(densities)) if return_density else out
+
+
+def call_routed(model: nnx.Module, router, args, kwargs):
+  """``model(*args, **kwargs)`` with every weight layer, and every submodule that ``router.matches(module, path)``,
+  calling ``router.route(module, path, call, args, kwargs)`` instead of running itself (`SiteRouter.route`'s
+  protocol); the model's classes are restored afterwards, also when the call raises."""
   swapped = []
   for path, module in nnx.iter_modules(model):
     name = _path(path)
@@ -135,13 +143,11 @@ def sparse_apply(
   try:
     for module, cls, name in swapped:
       object.__setattr__(module, "__class__", _site_class(cls, name))
-    out = model(*args, **kwargs)
+    return model(*args, **kwargs)
   finally:
     for module, cls, _ in swapped:
       object.__setattr__(module, "__class__", cls)
     _ROUTER.reset(token)
-  router.finish(model, where)
-  return (out, mean_densities(densities)) if return_density else out
 
 
 class Density(nnx.Variable):

@@ -8,17 +8,26 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
 from scipy import stats
 
 from jaxsparse.config import Config
 
 
 def summarize(
-  history: Sequence[Mapping], *, keep_curve: Mapping[float, float], device: str, data_source: str, config: Mapping
+  history: Sequence[Mapping],
+  *,
+  keep_curve: Mapping[float, float],
+  device: str,
+  data_source: str,
+  config: Mapping,
+  keep_macs: Mapping[float, Mapping] | None = None,
+  dense_macs: float | None = None,
 ) -> dict:
-  """The summary.json of a run, from its per-epoch records and its final keep curve."""
+  """The summary.json of a run, from its per-epoch records and its final keep curve (with, where measured, each
+  keep's mean achieved density and effective MACs per example: `jaxsparse.loop.keep_curve`)."""
   if not history:
     raise ValueError("no epochs recorded")
   last = history[-1]
@@ -42,6 +51,8 @@ def summarize(
     "schedule": config.get("schedule"),
     "seed": config.get("seed"),
     "model": config.get("model"),
+    **({"keep_macs": {str(k): dict(v) for k, v in sorted(keep_macs.items(), reverse=True)}} if keep_macs else {}),
+    **({"dense_macs": dense_macs} if dense_macs is not None else {}),
   }
 
 
@@ -52,10 +63,20 @@ def format_summary(summary: Mapping) -> str:
     f"{summary['best_test_accuracy']:.4f} (epoch {summary['best_epoch']})   cycles: {summary['cycles']}"
     f"   wall: {summary['wall_time_s'] / 60:.1f} min on {summary['device']}",
     "",
-    "| keep | test accuracy |",
-    "|---:|---:|",
   ]
-  lines += [f"| {float(k):.2f} | {v:.4f} |" for k, v in summary["keep_curve"].items()]
+  macs = summary.get("keep_macs")
+  if not macs:
+    lines += ["| keep | test accuracy |", "|---:|---:|"]
+    lines += [f"| {float(k):.2f} | {v:.4f} |" for k, v in summary["keep_curve"].items()]
+    return "\n".join(lines)
+  lines += [
+    f"| keep | test accuracy | mean density | effective MMACs per image | of dense ({summary['dense_macs'] / 1e6:.1f}) |",
+    "|---:|---:|---:|---:|---:|",
+  ]
+  lines += [
+    f"| {float(k):.2f} | {v['accuracy']:.4f} | {v['density']:.3f} | {v['macs'] / 1e6:.1f} | {v['macs_fraction']:.3f} |"
+    for k, v in macs.items()
+  ]
   return "\n".join(lines)
 
 
@@ -119,10 +140,35 @@ def _save(fig: Figure, path: Path) -> Path:
   return path
 
 
-def _series_style(i: int) -> dict:
-  """Colour and line style of the i-th series of a comparison plot: the ten default colours, then the same
-  colours dashed, then dotted, so that up to 30 schedules stay distinguishable."""
-  return {"color": f"C{i % 10}", "ls": ("-", "--", ":")[(i // 10) % 3]}
+_COLORS = colormaps["tab20"].colors
+# Line style per kind of approach: baselines solid black/grey, joint training solid, a network per keep dashed,
+# fine-tuned dotted; with dropout, joint and per-keep runs are dash-dotted.
+_APPROACH_STYLE = {"baseline": "-", "joint": "-", "per-keep": "--", "fine-tuned": ":", "joint+dropout": "-."}
+
+
+def approach(label: str) -> str:
+  """The kind of approach a comparison group is: baseline (dense, dropout), per-keep (a constant keep), fine-tuned
+  (started from another run), joint (a keep schedule or several regimes per step), or joint+dropout.
+
+  >>> approach("constant(keep=0.1)+regimes=3+dropout0.3")
+  'joint+dropout'
+  """
+  if "+finetuned" in label:
+    return "fine-tuned"
+  if label.startswith("dense"):
+    return "baseline"
+  if label.startswith("constant") and "+regimes=" not in label:
+    return "per-keep"
+  return "joint+dropout" if "+dropout" in label else "joint"
+
+
+def _series_style(i: int, label: str = "") -> dict:
+  """Colour and line style of the i-th series of a comparison plot: twenty distinct colours (tab20, in an order
+  that takes the strong shades first), black and grey for the baselines, the line style by `approach`."""
+  kind = approach(label) if label else "joint"
+  if kind == "baseline":
+    return {"color": "dimgray" if "+dropout" in label else "black", "ls": "--" if "+dropout" in label else "-"}
+  return {"color": _COLORS[(2 * i) % 20 + (2 * i // 20) % 2], "ls": _APPROACH_STYLE[kind]}
 
 
 def _legend_outside(ax) -> None:
@@ -170,7 +216,7 @@ def run_label(config: Mapping) -> str:
     value = config.get(name, getattr(defaults, name))
     if value != getattr(defaults, name):
       label += f"+dropout{value:g}" if name == "dropout" else "+distill" if name == "distill" else f"+{name}={value}"
-  return label
+  return label + ("+finetuned" if config.get("init_from") else "")
 
 
 def _by_schedule(runs) -> dict[str, list[dict]]:
@@ -502,11 +548,79 @@ def comparison_markdown(runs, *, title: str, baseline: str | Sequence[str] = "de
         f"{r['summary']['best_test_accuracy']:.4f} | `{r['path']}` |" + (f" {tags[r['path']]} |" if mixed else "")
       )
   lines += [""] + machine_lines
+  lines += _frontier_markdown(groups)
   lines += _fit_markdown(groups)
   lines += _phase_markdown(groups)
   if figures:
     lines += [""] + [f"![{f}]({f})" for f in figures]
   return "\n".join(lines) + "\n"
+
+
+def _frontier_markdown(groups) -> list[str]:
+  """Per test-time keep: each group's accuracy (mean ± std) and effective MACs, and each joint group's paired
+  difference (95% t-interval) to the network trained at that keep and to the dense network fine-tuned at it."""
+  priced = {s: rs for s, rs in groups.items() if all(r["summary"].get("keep_macs") for r in rs)}
+  if not priced:
+    return []
+  keeps = sorted({k for rs in priced.values() for r in rs for k in r["summary"]["keep_macs"]}, key=float, reverse=True)
+
+  def at(rs, k):
+    return {r["summary"]["seed"]: r["summary"]["keep_macs"][k] for r in rs if k in r["summary"]["keep_macs"]}
+
+  def delta(s, other, k):
+    if other not in priced or s == other:
+      return "—"
+    acc = [{seed: v["accuracy"] for seed, v in at(priced[x], k).items()} for x in (s, other)]
+    d, half, n = paired_difference(*acc)
+    if n < 2:
+      return "—" if not n else f"{100 * d:+.1f} (n=1)"
+    return f"{100 * d:+.1f} [{100 * (d - half):+.1f}, {100 * (d + half):+.1f}] (n={n})"
+
+  lines = [
+    "",
+    "Keep curve with its price: per test-time keep, test accuracy (mean ± std over seeds) and effective MACs per "
+    "image (dense MACs times each layer's input density, `jaxsparse.macs`), and for each joint network the paired "
+    "difference in points (95% t-interval) to the network trained at that constant keep and to the dense network "
+    "fine-tuned at it.",
+    "",
+    "| test keep | group | approach | runs | accuracy | MMACs | of dense | Δ vs trained at keep | Δ vs fine-tuned |",
+    "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+  ]
+  for k in keeps:
+    trained, tuned = f"constant(keep={float(k):g})", f"constant(keep={float(k):g})+finetuned"
+    for s, rs in priced.items():
+      values = list(at(rs, k).values())
+      if not values:
+        continue
+      m, sd = mean_std([v["accuracy"] for v in values])
+      joint = approach(s).startswith("joint")
+      lines.append(
+        f"| {float(k):g} | {s} | {approach(s)} | {len(values)} | {m:.4f} ± {sd:.4f} | "
+        f"{np.mean([v['macs'] for v in values]) / 1e6:.1f} | {np.mean([v['macs_fraction'] for v in values]):.3f} | "
+        f"{delta(s, trained, k) if joint else '—'} | {delta(s, tuned, k) if joint else '—'} |"
+      )
+  cost = {s: core_minutes(rs) for s, rs in priced.items()}
+  kinds = {kind: sum(c for s, c in cost.items() if approach(s) == kind) for kind in ("per-keep", "fine-tuned")}
+  lines += [
+    "",
+    "Training cost, core-minutes per run (mean over seeds; wall time x the cores the run could use): "
+    + ", ".join(f"{s} {c:.0f}" for s, c in cost.items())
+    + f". All per-keep networks together: {kinds['per-keep']:.0f}; all fine-tunes together: {kinds['fine-tuned']:.0f}"
+    + (f" (+ dense {cost['dense']:.0f})." if "dense" in cost else "."),
+  ]
+  return lines
+
+
+def core_minutes(rs) -> float:
+  """Mean over the runs `rs` of wall minutes times the CPU cores each could use (its provenance; 1 if unknown)."""
+  return float(
+    np.mean(
+      [
+        r["summary"]["wall_time_s"] / 60 * ((r["summary"].get("provenance") or {}).get("cpu", {}).get("usable") or 1)
+        for r in rs
+      ]
+    )
+  )
 
 
 def _fit_markdown(groups) -> list[str]:
@@ -579,7 +693,7 @@ def plot_comparison(runs, outdir: str | Path) -> list[Path]:
     n = min(len(r["history"]) for r in rs)
     epochs = [h["epoch"] for h in rs[0]["history"][:n] if h.get("test_accuracy") is not None]
     acc = np.mean([[h["test_accuracy"] for h in r["history"][:n] if h["epoch"] in epochs] for r in rs], axis=0)
-    ax.plot(epochs, acc, label=f"{s} (n={len(rs)})", **_series_style(i))
+    ax.plot(epochs, acc, label=f"{s} (n={len(rs)})", **_series_style(i, s))
   ax.set(xlabel="epoch", ylabel="dense test accuracy", title="Test accuracy (mean over seeds)")
   _legend_outside(ax)
   paths.append(_save(fig, outdir / "accuracy.png"))
@@ -611,7 +725,7 @@ def plot_comparison(runs, outdir: str | Path) -> list[Path]:
   for i, (s, rs) in enumerate(groups.items()):
     keeps = sorted({float(k) for r in rs for k in r["summary"]["keep_curve"]})
     acc = [mean_std([r["summary"]["keep_curve"][str(k)] for r in rs])[0] for k in keeps]
-    ax.plot(keeps, acc, marker="o", label=s, **_series_style(i))
+    ax.plot(keeps, acc, marker="o", label=s, **_series_style(i, s))
   ax.set(xscale="log", xlabel="test-time keep ratio", ylabel="test accuracy", title="Keep curve (mean over seeds)")
   _plain_log_ticks(ax, sorted({float(k) for r in runs for k in r["summary"]["keep_curve"]}))
   _legend_outside(ax)
@@ -620,7 +734,7 @@ def plot_comparison(runs, outdir: str | Path) -> list[Path]:
   fig = Figure(figsize=(15, 4))
   ax1, ax2 = fig.subplots(1, 2, sharey=True)
   for i, (s, rs) in enumerate(groups.items()):
-    style = _series_style(i)
+    style = _series_style(i, s)
     n = min(len(r["history"]) for r in rs)
     if all(r["history"][e].get("val_accuracy") is not None for r in rs for e in range(n)):
       gap = np.mean([[h["train_accuracy"] - h["val_accuracy"] for h in r["history"][:n]] for r in rs], axis=0)
@@ -638,4 +752,43 @@ def plot_comparison(runs, outdir: str | Path) -> list[Path]:
   ax2.set(xlabel="epoch", title="train − dense test (tested epochs)")
   _legend_outside(ax2)
   paths.append(_save(fig, outdir / "gap.png"))
+
+  priced = {s: rs for s, rs in groups.items() if all(r["summary"].get("keep_macs") for r in rs)}
+  if priced:
+    fig = Figure(figsize=(9, 4.5))
+    ax = fig.subplots()
+    for i, (s, rs) in enumerate(groups.items()):
+      if s in priced:
+        points = macs_curve(rs)
+        ax.plot(
+          [p["macs"] / 1e6 for p in points], [p["accuracy"] for p in points], marker="o", label=s, **_series_style(i, s)
+        )
+    ax.set(
+      xscale="log",
+      xlabel="effective MMACs per image (log)",
+      ylabel="test accuracy",
+      title="Accuracy against compute: each point a test-time keep (mean over seeds)",
+    )
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.grid(alpha=0.3)
+    _legend_outside(ax)
+    paths.append(_save(fig, outdir / "pareto.png"))
   return paths
+
+
+def macs_curve(rs) -> list[dict]:
+  """Per test-time keep shared by the runs `rs` (highest first): mean accuracy, density, effective MACs and MACs
+  fraction over the runs (their summaries' "keep_macs")."""
+  keeps = set.intersection(*(set(r["summary"]["keep_macs"]) for r in rs))
+  return [
+    {
+      "keep": float(k),
+      **{f: float(np.mean([r["summary"]["keep_macs"][k][f] for r in rs])) for f in _MACS_FIELDS},
+    }
+    for k in sorted(keeps, key=float, reverse=True)
+  ]
+
+
+_MACS_FIELDS = ("accuracy", "density", "macs", "macs_fraction")

@@ -243,13 +243,21 @@ def eval_step(state: TrainState, batch: dict, keep: jax.Array) -> dict:
   """Sums over the real (mask = 1) examples of one padded batch, at keep ratio `keep`.
 
   Returns:
-    {"correct", "loss", "count"}: float32 sums; accuracy = correct / count over all batches.
+    {"correct", "loss", "count", "density/<site>"...}: float32 sums; accuracy = correct / count over all batches.
+    A site's density sum is its batch's achieved density times the batch's count, so that summed over batches and
+    divided by the total count it is the mean achieved density (padding examples, copies of real ones, are counted
+    in the last batch's density).
   """
-  logits = state.apply_fn({"params": state.params, **state.model_state}, batch["image"], keep=keep, train=False)
+  logits, new_vars = state.apply_fn(
+    {"params": state.params, **state.model_state}, batch["image"], keep=keep, train=False, mutable=[DENSITY]
+  )
   mask = batch["mask"]
+  count = jnp.sum(mask)
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+  densities = site_densities(flax.core.unfreeze(new_vars).get(DENSITY, {}))
   return {
     "correct": jnp.sum(correct * mask),
     "loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
-    "count": jnp.sum(mask),
+    "count": count,
+    **{f"density/{k}": d * count for k, d in densities.items()},
   }

@@ -66,9 +66,9 @@ def abstract(state):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
-def save_epochs(ckpt, epochs, cycle_ends=()):
+def save_epochs(ckpt, epochs, cycle_ends=(), first_cycle=0):
   for epoch in epochs:
-    cycle = list(cycle_ends).index(epoch) if epoch in cycle_ends else None
+    cycle = first_cycle + list(cycle_ends).index(epoch) if epoch in cycle_ends else None
     ckpt.save(epoch, make_state(epoch), meta={"epoch": epoch}, cycle_end=cycle)
   ckpt.wait()
 
@@ -131,6 +131,36 @@ def test_keep_forever_set_survives_reopening(tmp_path):
     save_epochs(ckpt, range(6, 9))
     assert ckpt.all_steps() == [2, 4, 8]
     assert ckpt.cycle_checkpoints() == {0: 2, 1: 4}
+
+
+@pytest.mark.parametrize(
+  "keep_cycles,kept_before,kept_after",
+  [
+    ("all", [2, 4, 6], [2, 4, 6, 9]),
+    ("none", [], []),
+    ("last:2", [4, 6], [6, 9]),
+    ("every:2", [4], [4, 9]),
+  ],
+)
+def test_cycle_retention_holds_across_reopening_and_keeps_a_fallback(tmp_path, keep_cycles, kept_before, kept_after):
+  # Cycles 0, 1, 2 end at steps 2, 4, 6; after reopening, cycle 3 ends at step 9.
+  with Checkpointer(tmp_path, keep_latest=2, keep_cycles=keep_cycles) as ckpt:
+    save_epochs(ckpt, range(1, 8), cycle_ends=(2, 4, 6))
+    assert ckpt.all_steps() == sorted(set(kept_before) | {6, 7})
+  with Checkpointer(tmp_path, keep_latest=2, keep_cycles=keep_cycles) as ckpt:
+    save_epochs(ckpt, range(8, 11), cycle_ends=(9,), first_cycle=3)
+    assert ckpt.all_steps() == sorted(set(kept_after) | {9, 10})
+  _flip_array_byte(str(tmp_path / "10"))  # the corrupt-checkpoint fallback works under every choice
+  with Checkpointer(tmp_path, keep_latest=2, keep_cycles=keep_cycles, log=lambda _: None) as ckpt:
+    restored = ckpt.restore_latest(abstract(make_state(0)))
+  assert restored.step == 9
+  assert_bitwise_equal(restored.state, make_state(9))
+
+
+@pytest.mark.parametrize("spec", ["some", "last:0", "every:", "last:x", 3])
+def test_bad_cycle_retention_names_the_argument(tmp_path, spec):
+  with pytest.raises(ValueError, match="keep_cycles must be 'all', 'none', 'last:N' or 'every:K'"):
+    Checkpointer(tmp_path, keep_cycles=spec)
 
 
 @pytest.mark.parametrize("make_dir", [False, True])

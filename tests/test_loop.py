@@ -4,10 +4,12 @@ The CLI smoke run, bad flags and the NaN stop are in test_reliability.py (one en
 
 import json
 
+import jax
 import pytest
 
 from conftest import experiment
 from jaxsparse import config as config_lib
+from jaxsparse import loop, parallel
 from jaxsparse.loop import ConfigMismatchError, train_and_evaluate
 
 run_cli = experiment("run")
@@ -65,6 +67,12 @@ def test_run_outputs_and_summary(full_run):
   ):
     assert key in summary, key
   assert summary["epochs"] == 3 and set(summary["keep_curve"]) == {"1.0", "0.5"}
+  # The keep curve's price: mean achieved density and effective MACs per keep (WRN-10-1: 12.54 M dense MACs).
+  assert summary["dense_macs"] == 12_541_952
+  curve = summary["keep_macs"]
+  assert {k: v["accuracy"] for k, v in curve.items()} == summary["keep_curve"]
+  assert curve["0.5"]["density"] <= 0.5 + 1e-6 and curve["0.5"]["macs"] < curve["1.0"]["macs"] < 12_541_952
+  assert curve["0.5"]["macs_fraction"] == pytest.approx(curve["0.5"]["macs"] / 12_541_952)
   assert summary["conv"] == "auto -> per layer (xla or wgrad_matmul by shape)"  # the default, on this CPU backend
   # Where the run was made: in summary.json and one provenance.jsonl line per start, never in config.json.
   saved = json.loads((workdir / "summary.json").read_text())
@@ -140,3 +148,48 @@ def test_eval_every_tests_every_nth_epoch_and_the_last(genuine_npz, cache, tmp_p
   assert summary["best_epoch"] in (2, 3) and (tmp_path / "plots" / "accuracy.png").exists()
   with pytest.raises(ValueError, match="eval_every must be >= 1"):
     config.replace(eval_every=0)
+
+
+def test_init_from_restores_the_source_parameters_bitwise_with_a_fresh_optimiser(full_run, genuine_npz, cache):
+  workdir, summary = full_run
+  config = _config(genuine_npz, cache, schedule="constant", controller_options={"keep": 0.5}, init_from=str(workdir))
+  mesh = parallel.make_mesh()
+  fresh = loop.initial_state(config, 4, mesh)
+  state, origin = loop.init_from(config, fresh, mesh)
+  _, source, _ = loop.load_trained(workdir)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), state.params, source.params))
+  assert not jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), state.params, fresh.params))
+  assert int(state.step) == 0 and float(state.controller.keep) == 0.5  # fresh step, optimiser and controller
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), state.opt_state, fresh.opt_state))
+  assert origin == {"run": str(workdir.resolve()), "step": summary["steps"], "test_accuracy": summary["test_accuracy"]}
+
+
+def test_init_from_refuses_what_is_not_a_finished_matching_run(full_run, genuine_npz, cache, tmp_path):
+  workdir, _ = full_run
+  unfinished = tmp_path / "unfinished"
+  unfinished.mkdir()
+  (unfinished / "config.json").write_text((workdir / "config.json").read_text())
+  mesh = parallel.make_mesh()
+  for source, error in (
+    (tmp_path / "missing", "is not a run directory"),
+    (unfinished, "holds no finished run"),
+    (workdir, "holds a wrn10_1 model .* do not match this config's wrn16_1"),
+  ):
+    config = _config(genuine_npz, cache, init_from=str(source), model="wrn16_1" if source == workdir else "wrn10_1")
+    with pytest.raises(ValueError, match=f"Config.init_from: {source} {error}"):
+      loop.init_from(config, loop.initial_state(config, 4, mesh), mesh)
+
+
+def test_fine_tuning_run_records_its_source_and_resumes_from_its_own_checkpoints(
+  full_run, genuine_npz, cache, tmp_path
+):
+  workdir, _ = full_run
+  config = _config(
+    genuine_npz, cache, schedule="constant", controller_options={"keep": 0.5}, epochs=1, init_from=str(workdir)
+  )
+  summary = train_and_evaluate(config, tmp_path, progress=False)
+  assert summary["init_from"]["run"] == str(workdir.resolve())
+  assert json.loads((tmp_path / "config.json").read_text())["init_from"] == str(workdir)
+  before = (tmp_path / "metrics.jsonl").read_text()
+  assert train_and_evaluate(config, tmp_path, progress=False)["keep_curve"] == summary["keep_curve"]
+  assert (tmp_path / "metrics.jsonl").read_text() == before  # finished: nothing retrained from the source

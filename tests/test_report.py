@@ -372,8 +372,70 @@ def test_the_fit_table_lists_every_schedule(tmp_path):
   assert "| dense | 1 | 0.2000 | 0.5000 | 0.4000 | +0.1000 |" in md
 
 
-def test_comparison_series_styles_stay_distinct_past_ten_schedules():
-  styles = [tuple(sorted(report._series_style(i).items())) for i in range(30)]
-  assert len(set(styles)) == 30
-  assert report._series_style(0) == {"color": "C0", "ls": "-"}
-  assert report._series_style(12) == {"color": "C2", "ls": "--"}
+def test_comparison_series_have_distinct_colours_and_a_line_style_per_approach():
+  colours = [report._series_style(i, "adaptive_b")["color"] for i in range(20)]
+  assert len(set(colours)) == 20
+  assert report._series_style(0, "dense") == {"color": "black", "ls": "-"}
+  assert report._series_style(1, "dense+dropout0.3") == {"color": "dimgray", "ls": "--"}
+  assert report._series_style(2, "constant(keep=0.1)")["ls"] == "--"
+  assert report._series_style(3, "constant(keep=0.1)+finetuned")["ls"] == ":"
+  kinds = {
+    "dense": "baseline",
+    "dense+dropout0.3": "baseline",
+    "constant(keep=0.2)": "per-keep",
+    "constant(keep=0.2)+finetuned": "fine-tuned",
+    "constant(keep=0.1)+regimes=3": "joint",
+    "adaptive_b+dropout0.3": "joint+dropout",
+    "cyclic(period=4)": "joint",
+  }
+  assert {label: report.approach(label) for label in kinds} == kinds
+
+
+def _priced(d, accuracy_by_keep, macs_by_keep, minutes=10.0):
+  summary = json.loads((d / "summary.json").read_text())
+  summary["keep_macs"] = {
+    str(k): {"accuracy": a, "density": k / 2, "macs": macs_by_keep[k], "macs_fraction": macs_by_keep[k] / 100e6}
+    for k, a in accuracy_by_keep.items()
+  }
+  summary["dense_macs"] = 100e6
+  summary["wall_time_s"] = 60 * minutes
+  summary["provenance"] = {"cpu": {"usable": 1}}
+  (d / "summary.json").write_text(json.dumps(summary))
+  return d
+
+
+def test_frontier_table_prices_each_keep_and_pairs_joint_networks_with_per_keep_ones(tmp_path):
+  macs = {1.0: 50e6, 0.1: 8e6}
+  keep01 = {"schedule": "constant", "controller_options": {"keep": 0.1}}
+  dirs = []
+  for seed, (joint, trained, tuned) in enumerate([(0.40, 0.42, 0.39), (0.42, 0.43, 0.40)]):
+    dirs.append(
+      _priced(_fake_run(tmp_path, "sandwich", seed, 0.5, config={**keep01, "regimes": 3}), {1.0: 0.5, 0.1: joint}, macs)
+    )
+    dirs.append(
+      _priced(
+        _fake_run(tmp_path, "keep", seed, 0.5, config=keep01),
+        {1.0: 0.45, 0.1: trained},
+        macs,
+        minutes=20,
+      )
+    )
+    tuned_config = {**keep01, "init_from": "runs/dense"}
+    dirs.append(_priced(_fake_run(tmp_path, "tuned", seed, 0.5, config=tuned_config), {1.0: 0.4, 0.1: tuned}, macs, 2))
+  runs = report.load_runs(dirs)
+  md = report.comparison_markdown(runs, title="T")
+  row = "| 0.1 | constant(keep=0.1)+regimes=3 | joint | 2 | 0.4100 ± 0.0141 | 8.0 | 0.080 |"
+  assert row in md
+  line = next(line for line in md.splitlines() if line.startswith(row))
+  # Paired by seed: joint − trained at keep = (−2, −1) points; joint − fine-tuned = (+1, +2).
+  assert "| -1.5 [-7.9, +4.9] (n=2) | +1.5 [-4.9, +7.9] (n=2) |" in line
+  assert "All per-keep networks together: 20; all fine-tunes together: 2" in md
+  paths = report.plot_comparison(runs, tmp_path / "out")
+  assert (tmp_path / "out" / "pareto.png") in paths and (tmp_path / "out" / "pareto.png").stat().st_size > 1000
+  assert report.macs_curve(runs[:1])[1] == {
+    "keep": 0.1,
+    "accuracy": 0.40,
+    "density": 0.05,
+    "macs": 8e6,
+    "macs_fraction": 0.08,
+  }

@@ -42,6 +42,38 @@ def test_bad_study_flags_exit_2(tmp_path, flags):
   assert e.value.code == 2
 
 
+def test_two_shards_list_every_unfinished_run_exactly_once(tmp_path, capsys):
+  variants = "dense,keep0.1,sandwich_dropout"
+  (tmp_path / "keep0.1_s1").mkdir()
+  (tmp_path / "keep0.1_s1" / "summary.json").write_text("{}")
+  listed = []
+  for shard in ("0/2", "1/2"):
+    assert (
+      study.main(["--out", str(tmp_path), "--variants", variants, "--seeds", "0,1", "--shard", shard, "--list"]) == 0
+    )
+    listed += capsys.readouterr().out.splitlines()
+  workdirs = [line.split("--workdir=")[1].split()[0] for line in listed]
+  expected = [str(tmp_path / f"{v}_s{s}") for s in (0, 1) for v in variants.split(",")]
+  assert sorted(workdirs) == sorted(w for w in expected if not w.endswith("keep0.1_s1"))
+  assert all(line.startswith("python experiments/run.py ") for line in listed)
+
+
+def test_fine_tunes_name_their_source_run_and_wait_for_it(tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(study.VARIANTS, "ft", ["--schedule=constant", "--keep=0.1", "--init-from={out}/dense_s{seed}"])
+  ((_, _, flags),) = study.plan(["ft"], [3], tmp_path)
+  assert flags == ["--schedule=constant", "--keep=0.1", f"--init-from={tmp_path}/dense_s3", "--seed=3"]
+  assert study.main(["--out", str(tmp_path), "--variants", "ft", "--seeds", "3"]) == 1
+  out = capsys.readouterr().out
+  assert f"{tmp_path}/dense_s3 has not finished" in out and "waiting for their source run: ft_s3" in out
+
+
+@pytest.mark.parametrize("shard", ["2/2", "a/b", "1"])
+def test_bad_shards_exit_2(tmp_path, shard):
+  with pytest.raises(SystemExit) as e:
+    study.main(["--out", str(tmp_path), "--shard", shard, "--list"])
+  assert e.value.code == 2
+
+
 def test_match_jpeg_takes_the_rth_image_of_each_class():
   copy_labels = np.repeat(np.arange(3), 4)  # class-major, like the image-folder copy
   genuine = np.array([2, 0, 2, 1, 0])

@@ -169,6 +169,25 @@ def test_sandwich_gradient_is_the_mean_of_the_per_keep_gradients(distill):
   assert all(0.0 < float(v) <= 0.2 + 0.05 for k, v in metrics.items() if k.startswith("density/"))
 
 
+def test_each_pass_of_a_sandwich_step_draws_its_own_dropout_mask():
+  model = _tiny(dropout=0.5)
+  state, batch = _sgd_state(model), _batch()
+  new, metrics = jax.jit(functools.partial(train_lib.train_step, regimes=3))(state, batch, jnp.float32(0.3))
+  keeps = _sandwich_keeps(state, 0.3, 3)
+  dropout_rngs = jax.random.split(jax.random.fold_in(state.rng, state.step), 4)[1:]
+
+  def loss(keep, rng):
+    logits, _ = state.apply_fn(
+      {"params": state.params}, batch["image"], keep=keep, train=True, mutable=["density"], rngs={"dropout": rng}
+    )
+    return float(jnp.mean(train_lib.cross_entropy(logits, batch["label"])))
+
+  losses = [loss(jnp.float32(k), r) for k, r in zip(keeps, dropout_rngs)]
+  np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
+  # The same keep with another pass's key gives another loss: the masks differ between passes.
+  assert loss(jnp.float32(keeps[0]), dropout_rngs[1]) != losses[0]
+
+
 def test_distillation_targets_carry_no_gradient():
   """With distill, the sparse passes' loss reaches the parameters only through the sparse logits."""
   state, batch = _sgd_state(), _batch()

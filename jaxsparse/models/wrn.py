@@ -212,6 +212,20 @@ class WideResNet(nn.Module):
     n = (self.depth - 4) // 6
     return [f"group{g}_block{b}/act{i}" for g in range(3) for b in range(n) for i in (1, 2)] + ["final_act"]
 
+  def layer_inputs(self) -> dict[str, str | None]:
+    """{weight layer path: the site whose output it reads, None for the image} for every conv and the classifier
+    (`jaxsparse.macs.effective_macs`: conv1 and the shortcut read ``act1``, conv2 reads ``act2``)."""
+    n = (self.depth - 4) // 6
+    out: dict[str, str | None] = {"stem": None}
+    for g in range(3):
+      for b in range(n):
+        block = f"group{g}_block{b}"
+        out.update({f"{block}/conv1": f"{block}/act1", f"{block}/conv2": f"{block}/act2"})
+        if b == 0 and (g > 0 or self.widen != 1):  # the projection shortcut: where the shape changes
+          out[f"{block}/shortcut"] = f"{block}/act1"
+    out["classifier"] = "final_act"
+    return out
+
   def _site_keeps(self, keep):
     """{block name: {"act1": keep, "act2": keep}, "final_act": keep} from a per-site mapping (validated)."""
     check_keep_map(keep, owner="WideResNet")
