@@ -4,6 +4,11 @@
       -- --preset=study --data=../shared/data/cifar10-jpeg.tar.gz
   python experiments/compare.py runs/study/*_s* --out docs/study --title "CPU study"
 
+On a scheduler (a SLURM job array, GNU parallel, a cloud batch service), --list prints one run.py command per
+unfinished run, and --shard=I/N keeps every N-th run from the I-th (README, Studies on a scheduler):
+
+  python experiments/study.py --out runs/study --seeds 0,1,2 --list -- --preset=study | parallel -j 2
+
 Every run goes to <out>/<variant>_s<seed> with its log beside it (<variant>_s<seed>.log). Arguments after `--`
 go to every run. Runs that already have a summary.json are skipped and interrupted ones resume from their
 checkpoints, so re-running the same command after a crash or Ctrl-C continues the study. With --pin each lane
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import queue
+import shlex
 import subprocess
 import sys
 import threading
@@ -51,8 +57,23 @@ MAIN = ("dense", "dropout", "cyclic", "adaptive_a", "adaptive_b")
 
 
 def plan(variants, seeds, out: Path):
-  """(name, workdir, flags) per run, seed-major so that a partial study covers every variant."""
-  return [(f"{v}_s{s}", out / f"{v}_s{s}", VARIANTS[v] + [f"--seed={s}"]) for s in seeds for v in variants]
+  """(name, workdir, flags) per run, seed-major so that a partial study covers every variant. In a variant's
+  flags, ``{out}`` and ``{seed}`` stand for the study directory and the run's seed (fine-tunes name their source)."""
+  return [
+    (f"{v}_s{s}", out / f"{v}_s{s}", [f.format(out=out, seed=s) for f in VARIANTS[v]] + [f"--seed={s}"])
+    for s in seeds
+    for v in variants
+  ]
+
+
+def command(workdir: Path, flags, common) -> list[str]:
+  """The run.py command line (after the interpreter) of one run of the study."""
+  return [str(RUN), *flags, f"--workdir={workdir}", "--no-progress", *common]
+
+
+def _source(flags) -> Path | None:
+  """The run a fine-tune starts from (its --init-from), if any."""
+  return next((Path(f.split("=", 1)[1]) for f in flags if f.startswith("--init-from=")), None)
 
 
 def _lane(lane: int, jobs: queue.Queue, common: list[str], pin: bool, results: dict, lock: threading.Lock):
@@ -67,7 +88,13 @@ def _lane(lane: int, jobs: queue.Queue, common: list[str], pin: bool, results: d
         results[name] = "done before"
         print(f"[lane {lane}] {name}: already finished, skipped", flush=True)
       continue
-    cmd = [sys.executable, str(RUN), *flags, f"--workdir={workdir}", "--no-progress", *common]
+    source = _source(flags)
+    if source is not None and not (source / "summary.json").exists():
+      with lock:
+        results[name] = "waiting"
+        print(f"[lane {lane}] {name}: skipped, {source} has not finished (run the study again after it)", flush=True)
+      continue
+    cmd = [sys.executable, *command(workdir, flags, common)]
     preexec = None
     if pin and cpus:
       cpu = cpus[lane % len(cpus)]
@@ -97,6 +124,14 @@ def main(argv=None) -> int:
   p.add_argument("--seeds", default="0,1,2", help="comma-separated integers (default: %(default)s)")
   p.add_argument("--lanes", type=int, default=1, help="runs at once (default: %(default)s)")
   p.add_argument("--pin", action="store_true", help="bind each lane to one CPU core (Linux)")
+  p.add_argument(
+    "--shard", default="0/1", help="I/N: only the runs whose index in the plan is I modulo N (default: %(default)s)"
+  )
+  p.add_argument(
+    "--list",
+    action="store_true",
+    help="print one run.py command per unfinished run of the shard (for a scheduler or GNU parallel) and exit",
+  )
   args = p.parse_args(argv)
   variants = [v for v in args.variants.split(",") if v]
   unknown = [v for v in variants if v not in VARIANTS]
@@ -110,8 +145,20 @@ def main(argv=None) -> int:
     p.error("--lanes must be >= 1")
   if args.pin and not hasattr(os, "sched_setaffinity"):
     p.error("--pin needs Linux (os.sched_setaffinity)")
+  try:
+    index, count = (int(x) for x in args.shard.split("/"))
+  except ValueError:
+    index, count = -1, 0
+  if not 0 <= index < count:
+    p.error(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}")
+  todo = plan(variants, seeds, Path(args.out))[index::count]
+  if args.list:
+    for name, workdir, flags in todo:
+      if not (workdir / "summary.json").exists():
+        print(shlex.join(["python", os.path.relpath(RUN), *command(workdir, flags, common)[1:]]))
+    return 0
   jobs: queue.Queue = queue.Queue()
-  for job in plan(variants, seeds, Path(args.out)):
+  for job in todo:
     jobs.put(job)
   results: dict = {}
   lock = threading.Lock()
@@ -128,9 +175,14 @@ def main(argv=None) -> int:
   except KeyboardInterrupt:  # the runs got the same SIGINT from the terminal and save a checkpoint each
     print("interrupted: running runs save a checkpoint; run the same command to continue", file=sys.stderr)
     return 130
-  failed = {n: rc for n, rc in results.items() if rc not in (0, "done before")}
-  print(f"{len(results) - len(failed)}/{len(results)} runs finished" + (f"; failed: {failed}" if failed else ""))
-  return 1 if failed else 0
+  failed = {n: rc for n, rc in results.items() if rc not in (0, "done before", "waiting")}
+  waiting = [n for n, rc in results.items() if rc == "waiting"]
+  print(
+    f"{len(results) - len(failed) - len(waiting)}/{len(results)} runs finished"
+    + (f"; failed: {failed}" if failed else "")
+    + (f"; waiting for their source run: {', '.join(waiting)}" if waiting else "")
+  )
+  return 1 if failed or waiting else 0
 
 
 if __name__ == "__main__":
