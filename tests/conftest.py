@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,11 +31,32 @@ def experiment(name: str):
   return sys.modules[key]
 
 
+def synthetic_cifar_npz(path: Path, n_train: int = 1200, n_test: int = 400, seed: int = 0) -> Path:
+  """Writes a small, deterministic CIFAR-10-shaped .npz in the real subset's format (uint8 x_train / x_test of
+  (n, 32, 32, 3), int64 labels, classes balanced): each class is a colour and a stripe frequency under noise, so a
+  few epochs learn it. Returns `path`."""
+  rng = np.random.default_rng(seed)
+  colours = rng.uniform(40, 215, (10, 3))
+  ramp = np.arange(32, dtype=np.float64)
+
+  def split(n):
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    stripes = 30 * np.sin(ramp[None, :] * (1 + labels[:, None]) * np.pi / 16)  # (n, 32): one frequency per class
+    images = colours[labels][:, None, None, :] + stripes[:, :, None, None] + rng.normal(0, 25, (n, 32, 32, 3))
+    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+  (x_train, y_train), (x_test, y_test) = split(n_train), split(n_test)
+  np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+  return path
+
+
 @pytest.fixture(scope="session")
-def genuine_npz() -> Path:
-  if not GENUINE_NPZ.exists():
-    pytest.skip(f"{GENUINE_NPZ} not found (the shared data copy sits beside the repository)")
-  return GENUINE_NPZ
+def cifar_npz(tmp_path_factory) -> Path:
+  """The genuine CIFAR-10 subset beside the repository (../shared/data), else a generated one in its format."""
+  if GENUINE_NPZ.exists():
+    return GENUINE_NPZ
+  return synthetic_cifar_npz(tmp_path_factory.mktemp("synthetic_data") / "cifar10-synthetic.npz")
 
 
 @pytest.fixture(scope="session")

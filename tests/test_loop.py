@@ -15,9 +15,9 @@ from jaxsparse.loop import ConfigMismatchError, train_and_evaluate
 run_cli = experiment("run")
 
 
-def _config(genuine_npz, tmp_cache, **kw):
+def _config(cifar_npz, tmp_cache, **kw):
   base = dict(
-    data=str(genuine_npz),
+    data=str(cifar_npz),
     cache_dir=str(tmp_cache),
     train_size=128,
     val_size=64,
@@ -38,9 +38,9 @@ def _records(workdir):
 
 
 @pytest.fixture(scope="module")
-def full_run(genuine_npz, cache, tmp_path_factory):
+def full_run(cifar_npz, cache, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("full")
-  summary = train_and_evaluate(_config(genuine_npz, cache), workdir, progress=False)
+  summary = train_and_evaluate(_config(cifar_npz, cache), workdir, progress=False)
   return workdir, summary
 
 
@@ -88,9 +88,9 @@ def test_run_outputs_and_summary(full_run):
   assert all(d <= 0.25 + 1e-6 for d in records[2]["density"].values())
 
 
-def test_interrupted_run_resumes_bitwise(full_run, genuine_npz, cache, tmp_path):
+def test_interrupted_run_resumes_bitwise(full_run, cifar_npz, cache, tmp_path):
   workdir, summary = full_run
-  config = _config(genuine_npz, cache)
+  config = _config(cifar_npz, cache)
 
   def interrupt_after_epoch_2(line):
     if line.startswith("epoch   2/"):
@@ -105,15 +105,15 @@ def test_interrupted_run_resumes_bitwise(full_run, genuine_npz, cache, tmp_path)
   assert resumed["keep_curve"] == summary["keep_curve"]
 
 
-def test_config_mismatch_is_refused_and_nothing_overwritten(full_run, genuine_npz, cache):
+def test_config_mismatch_is_refused_and_nothing_overwritten(full_run, cifar_npz, cache):
   workdir, _ = full_run
   before = (workdir / "metrics.jsonl").read_text()
   with pytest.raises(ConfigMismatchError, match="seed: 0 -> 1.*fresh=True"):
-    train_and_evaluate(_config(genuine_npz, cache, seed=1), workdir, progress=False)
+    train_and_evaluate(_config(cifar_npz, cache, seed=1), workdir, progress=False)
   assert (workdir / "metrics.jsonl").read_text() == before
 
 
-def test_cli_relative_keep_and_sandwich_with_distillation(genuine_npz, cache, tmp_path):
+def test_cli_relative_keep_and_sandwich_with_distillation(cifar_npz, cache, tmp_path):
   argv = [
     "--preset=smoke",
     "--schedule=constant",
@@ -123,7 +123,7 @@ def test_cli_relative_keep_and_sandwich_with_distillation(genuine_npz, cache, tm
     "--distill",
     "--epochs=1",
     "--train-size=128",
-    f"--data={genuine_npz}",
+    f"--data={cifar_npz}",
     f"--cache-dir={cache}",
     f"--workdir={tmp_path / 'sw'}",
     "--no-progress",
@@ -139,8 +139,8 @@ def test_cli_relative_keep_and_sandwich_with_distillation(genuine_npz, cache, tm
   assert all(d < 0.2 for d in record["density"].values())  # 20% of the active units: below 20% of all units
 
 
-def test_eval_every_tests_every_nth_epoch_and_the_last(genuine_npz, cache, tmp_path):
-  config = _config(genuine_npz, cache, schedule="dense", controller_options={}, eval_every=2)
+def test_eval_every_tests_every_nth_epoch_and_the_last(cifar_npz, cache, tmp_path):
+  config = _config(cifar_npz, cache, schedule="dense", controller_options={}, eval_every=2)
   summary = train_and_evaluate(config, tmp_path, progress=False)
   tested = [r["test_accuracy"] is not None for r in _records(tmp_path)]
   assert tested == [False, True, True]
@@ -150,9 +150,9 @@ def test_eval_every_tests_every_nth_epoch_and_the_last(genuine_npz, cache, tmp_p
     config.replace(eval_every=0)
 
 
-def test_init_from_restores_the_source_parameters_bitwise_with_a_fresh_optimiser(full_run, genuine_npz, cache):
+def test_init_from_restores_the_source_parameters_bitwise_with_a_fresh_optimiser(full_run, cifar_npz, cache):
   workdir, summary = full_run
-  config = _config(genuine_npz, cache, schedule="constant", controller_options={"keep": 0.5}, init_from=str(workdir))
+  config = _config(cifar_npz, cache, schedule="constant", controller_options={"keep": 0.5}, init_from=str(workdir))
   mesh = parallel.make_mesh()
   fresh = loop.initial_state(config, 4, mesh)
   state, origin = loop.init_from(config, fresh, mesh)
@@ -164,7 +164,7 @@ def test_init_from_restores_the_source_parameters_bitwise_with_a_fresh_optimiser
   assert origin == {"run": str(workdir.resolve()), "step": summary["steps"], "test_accuracy": summary["test_accuracy"]}
 
 
-def test_init_from_refuses_what_is_not_a_finished_matching_run(full_run, genuine_npz, cache, tmp_path):
+def test_init_from_refuses_what_is_not_a_finished_matching_run(full_run, cifar_npz, cache, tmp_path):
   workdir, _ = full_run
   unfinished = tmp_path / "unfinished"
   unfinished.mkdir()
@@ -173,19 +173,19 @@ def test_init_from_refuses_what_is_not_a_finished_matching_run(full_run, genuine
   for source, error in (
     (tmp_path / "missing", "is not a run directory"),
     (unfinished, "holds no finished run"),
-    (workdir, "holds a wrn10_1 model .* do not match this config's wrn16_1"),
+    (workdir, r"holds a wrn10_1 model \(norm rmsnorm\), not this config's wrn16_1 \(rmsnorm\)"),
   ):
-    config = _config(genuine_npz, cache, init_from=str(source), model="wrn16_1" if source == workdir else "wrn10_1")
+    config = _config(cifar_npz, cache, init_from=str(source), model="wrn16_1" if source == workdir else "wrn10_1")
+    with pytest.raises(ValueError, match=f"Config.init_from: {source} {error}"):
+      loop.check_config(config)  # before any work
     with pytest.raises(ValueError, match=f"Config.init_from: {source} {error}"):
       loop.init_from(config, loop.initial_state(config, 4, mesh), mesh)
 
 
-def test_fine_tuning_run_records_its_source_and_resumes_from_its_own_checkpoints(
-  full_run, genuine_npz, cache, tmp_path
-):
+def test_fine_tuning_run_records_its_source_and_resumes_from_its_own_checkpoints(full_run, cifar_npz, cache, tmp_path):
   workdir, _ = full_run
   config = _config(
-    genuine_npz, cache, schedule="constant", controller_options={"keep": 0.5}, epochs=1, init_from=str(workdir)
+    cifar_npz, cache, schedule="constant", controller_options={"keep": 0.5}, epochs=1, init_from=str(workdir)
   )
   summary = train_and_evaluate(config, tmp_path, progress=False)
   assert summary["init_from"]["run"] == str(workdir.resolve())

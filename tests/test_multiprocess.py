@@ -48,19 +48,19 @@ def _env(devices: int) -> dict:
   }
 
 
-def _argv(genuine_npz, cache, workdir, *extra):
+def _argv(cifar_npz, cache, workdir, *extra):
   return [
     sys.executable,
     str(RUN),
     *FLAGS,
-    f"--data={genuine_npz}",
+    f"--data={cifar_npz}",
     f"--cache-dir={cache}",
     f"--workdir={workdir}",
     *extra,
   ]
 
 
-def _launch(genuine_npz, cache, workdir, logs: Path, *extra, port=None) -> list[subprocess.Popen]:
+def _launch(cifar_npz, cache, workdir, logs: Path, *extra, port=None) -> list[subprocess.Popen]:
   """Starts the two processes of one run (as the README's two commands) and returns them."""
   port = port or _free_port()
   procs = []
@@ -69,7 +69,7 @@ def _launch(genuine_npz, cache, workdir, logs: Path, *extra, port=None) -> list[
     procs.append(
       subprocess.Popen(
         _argv(
-          genuine_npz,
+          cifar_npz,
           cache,
           workdir,
           "--distributed",
@@ -109,17 +109,17 @@ def logs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_process_run(genuine_npz, cache, tmp_path_factory, logs):
+def two_process_run(cifar_npz, cache, tmp_path_factory, logs):
   workdir = tmp_path_factory.mktemp("runs") / "two"
-  codes = _wait(_launch(genuine_npz, cache, workdir, logs))
+  codes = _wait(_launch(cifar_npz, cache, workdir, logs))
   assert codes == [0, 0], _log(logs, workdir, 0)[-3000:] + _log(logs, workdir, 1)[-3000:]
   return workdir
 
 
-def test_two_processes_match_one_process_and_write_once(two_process_run, genuine_npz, cache, tmp_path, logs):
+def test_two_processes_match_one_process_and_write_once(two_process_run, cifar_npz, cache, tmp_path, logs):
   one = tmp_path / "one"
   done = subprocess.run(
-    _argv(genuine_npz, cache, one), env=_env(4), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
+    _argv(cifar_npz, cache, one), env=_env(4), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
   )
   assert done.returncode == 0, done.stderr[-3000:]
   (records2, summary2), (records1, summary1) = _results(two_process_run), _results(one)
@@ -151,9 +151,9 @@ def test_two_processes_match_one_process_and_write_once(two_process_run, genuine
 
 
 @pytest.mark.slow
-def test_sigkill_both_processes_then_relaunch_ends_identical(two_process_run, genuine_npz, cache, tmp_path, logs):
+def test_sigkill_both_processes_then_relaunch_ends_identical(two_process_run, cifar_npz, cache, tmp_path, logs):
   workdir = tmp_path / "killed"
-  procs = _launch(genuine_npz, cache, workdir, logs)
+  procs = _launch(cifar_npz, cache, workdir, logs)
   deadline = time.time() + LAUNCH_TIMEOUT_S
   while not (workdir / "checkpoints" / "4").is_dir() and time.time() < deadline:  # epoch 1's checkpoint
     assert all(p.poll() is None for p in procs), "a process ended before the kill"
@@ -162,16 +162,16 @@ def test_sigkill_both_processes_then_relaunch_ends_identical(two_process_run, ge
     p.send_signal(signal.SIGKILL)
   assert _wait(procs) == [-signal.SIGKILL] * 2
   assert not (workdir / "summary.json").exists()
-  assert _wait(_launch(genuine_npz, cache, workdir, logs)) == [0, 0], _log(logs, workdir, 0)[-3000:]
+  assert _wait(_launch(cifar_npz, cache, workdir, logs)) == [0, 0], _log(logs, workdir, 0)[-3000:]
   assert "resumed from" in _log(logs, workdir, 0)
   assert _results(workdir) == _results(two_process_run)  # the same processes and collectives: bitwise
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", [0, 1])
-def test_a_process_dying_alone_stops_the_other_with_an_error(victim, genuine_npz, cache, tmp_path, logs):
+def test_a_process_dying_alone_stops_the_other_with_an_error(victim, cifar_npz, cache, tmp_path, logs):
   workdir = tmp_path / f"alone{victim}"
-  procs = _launch(genuine_npz, cache, workdir, logs, "--epochs=30", "--heartbeat-timeout=5")
+  procs = _launch(cifar_npz, cache, workdir, logs, "--epochs=30", "--heartbeat-timeout=5")
   deadline = time.time() + LAUNCH_TIMEOUT_S
   while not (workdir / "metrics.jsonl").exists() and time.time() < deadline:  # mid-training
     time.sleep(0.05)
@@ -187,10 +187,10 @@ def test_a_process_dying_alone_stops_the_other_with_an_error(victim, genuine_npz
 
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_identical(
-  two_process_run, genuine_npz, cache, tmp_path, logs
+  two_process_run, cifar_npz, cache, tmp_path, logs
 ):
   workdir = tmp_path / "sigterm"
-  procs = _launch(genuine_npz, cache, workdir, logs)
+  procs = _launch(cifar_npz, cache, workdir, logs)
   deadline = time.time() + LAUNCH_TIMEOUT_S
   while not (workdir / "checkpoints").is_dir() and time.time() < deadline:  # training has started
     time.sleep(0.05)
@@ -199,7 +199,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_identical(
   assert codes == [130, 143] or (codes == [0, 0] and (workdir / "summary.json").exists()), codes
   if codes == [130, 143]:  # process 0 learnt of the stop from the combined flag, at the same step
     assert "saved a checkpoint" in _log(logs, workdir, 0) or "interrupted" in _log(logs, workdir, 0)
-    assert _wait(_launch(genuine_npz, cache, workdir, logs)) == [0, 0], _log(logs, workdir, 0)[-3000:]
+    assert _wait(_launch(cifar_npz, cache, workdir, logs)) == [0, 0], _log(logs, workdir, 0)[-3000:]
   assert _results(workdir) == _results(two_process_run)
 
 

@@ -45,14 +45,14 @@ def test_committed_without_outputs_and_colab_ready(name):
 
 
 @pytest.fixture(scope="module")
-def kernel_env(genuine_npz, tmp_path_factory):
+def kernel_env(cifar_npz, tmp_path_factory):
   """A kernelspec for this interpreter, with the notebook variables in its environment."""
   root = tmp_path_factory.mktemp("notebook-kernel")
   spec = root / "kernels" / KERNEL
   spec.mkdir(parents=True)
   env = {
     "JAXSPARSE_NOTEBOOK_SMALL": "1",
-    "JAXSPARSE_DATA": str(genuine_npz),
+    "JAXSPARSE_DATA": str(cifar_npz),
     "JAXSPARSE_CACHE_DIR": str(root / "data-cache"),
     "JAX_COMPILATION_CACHE_DIR": str(root / "xla-cache"),
     "MPLBACKEND": "module://matplotlib_inline.backend_inline",

@@ -38,9 +38,9 @@ SCHEDULE = ["--schedule=cyclic", "--period=2"]
 TIMES = ("epoch_time_s", "eval_time_s", "wall_time_s")
 
 
-def _argv(genuine_npz, cache, workdir, *extra):
+def _argv(cifar_npz, cache, workdir, *extra):
   schedule = [] if any(f.startswith("--schedule") for f in extra) else SCHEDULE
-  return [*FLAGS, *schedule, f"--data={genuine_npz}", f"--cache-dir={cache}", f"--workdir={workdir}", *extra]
+  return [*FLAGS, *schedule, f"--data={cifar_npz}", f"--cache-dir={cache}", f"--workdir={workdir}", *extra]
 
 
 def _results(workdir: Path):
@@ -59,10 +59,10 @@ def _tree(directory: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def baseline(genuine_npz, cache, tmp_path_factory):
+def baseline(cifar_npz, cache, tmp_path_factory):
   """One uninterrupted CLI run: the reference every interrupted run must reproduce."""
   workdir = tmp_path_factory.mktemp("baseline")
-  assert run_cli.main(_argv(genuine_npz, cache, workdir)) == 0
+  assert run_cli.main(_argv(cifar_npz, cache, workdir)) == 0
   return workdir
 
 
@@ -88,10 +88,10 @@ def test_cli_run_writes_its_summary(baseline):
   assert summary["schedule"] == "cyclic" and summary["epochs"] == 2
 
 
-def test_sigterm_mid_epoch_saves_and_resumes_bitwise(baseline, genuine_npz, cache, tmp_path, monkeypatch, capsys):
+def test_sigterm_mid_epoch_saves_and_resumes_bitwise(baseline, cifar_npz, cache, tmp_path, monkeypatch, capsys):
   workdir = tmp_path / "run"
   _sigterm_at_poll(monkeypatch, 8)  # polls: start, steps 1-4, end of epoch 1, steps 5-6
-  assert run_cli.main(_argv(genuine_npz, cache, workdir)) == 143
+  assert run_cli.main(_argv(cifar_npz, cache, workdir)) == 143
   err = capsys.readouterr().err
   assert f"checkpoint {workdir / 'checkpoints' / '6'} holds step 6 (epoch 2, step 2 of 4)" in err
   assert "run the same command again" in err
@@ -101,7 +101,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_bitwise(baseline, genuine_npz, cach
   shutil.copytree(workdir, spare)
   monkeypatch.undo()
 
-  assert run_cli.main(_argv(genuine_npz, cache, workdir)) == 0
+  assert run_cli.main(_argv(cifar_npz, cache, workdir)) == 0
   assert "resumed from" in capsys.readouterr().out
   assert _results(workdir) == _results(baseline)
 
@@ -109,15 +109,15 @@ def test_sigterm_mid_epoch_saves_and_resumes_bitwise(baseline, genuine_npz, cach
   for f in (spare / "checkpoints" / "6" / "state").rglob("*"):
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-  assert run_cli.main(_argv(genuine_npz, cache, spare)) == 0
+  assert run_cli.main(_argv(cifar_npz, cache, spare)) == 0
   out = capsys.readouterr().out
   assert "failed to load" in out and "resuming from an older checkpoint" in out
   assert (spare / "checkpoints" / "6.corrupt").is_dir()
   assert _results(spare) == _results(baseline)
 
 
-def test_should_stop_api_raises_interrupted_with_checkpoint(genuine_npz, cache, tmp_path):
-  config = run_cli.config_from_args(run_cli.parse_args(_argv(genuine_npz, cache, tmp_path)))
+def test_should_stop_api_raises_interrupted_with_checkpoint(cifar_npz, cache, tmp_path):
+  config = run_cli.config_from_args(run_cli.parse_args(_argv(cifar_npz, cache, tmp_path)))
   with pytest.raises(loop.Interrupted) as info:
     loop.train_and_evaluate(config, tmp_path, progress=False, should_stop=lambda: True)
   assert info.value.checkpoint is None and "before the first checkpoint" in str(info.value)
@@ -160,10 +160,10 @@ def _run_until_killed(argv, env, *, after_s: float | None, checkpoints: Path) ->
   return None
 
 
-def _kill_and_resume(baseline, genuine_npz, cache, tmp_path, kills: list[float | None], *extra, want: int = 1):
+def _kill_and_resume(baseline, cifar_npz, cache, tmp_path, kills: list[float | None], *extra, want: int = 1):
   """Starts the run with each kill time in turn until `want` kills landed, then lets it finish."""
   workdir = tmp_path / "run"
-  argv, env = _argv(genuine_npz, cache, workdir, *extra), _env(tmp_path / "jit_cache")
+  argv, env = _argv(cifar_npz, cache, workdir, *extra), _env(tmp_path / "jit_cache")
   killed = 0
   for after_s in kills:
     if _run_until_killed(argv, env, after_s=after_s, checkpoints=workdir / "checkpoints") is None:
@@ -179,26 +179,26 @@ def _kill_and_resume(baseline, genuine_npz, cache, tmp_path, kills: list[float |
   return killed
 
 
-def test_sigkill_during_checkpoint_write_then_resume_bitwise(baseline, genuine_npz, cache, tmp_path):
-  assert _kill_and_resume(baseline, genuine_npz, cache, tmp_path, [None]) == 1
+def test_sigkill_during_checkpoint_write_then_resume_bitwise(baseline, cifar_npz, cache, tmp_path):
+  assert _kill_and_resume(baseline, cifar_npz, cache, tmp_path, [None]) == 1
 
 
 @pytest.mark.slow
-def test_ten_sigkills_at_random_moments_then_resume_bitwise(genuine_npz, cache, tmp_path):
+def test_ten_sigkills_at_random_moments_then_resume_bitwise(cifar_npz, cache, tmp_path):
   # 10 epochs, so that the run outlives ten kills: each start gets 1.5-7 s (about 5 go to imports and the restore).
-  assert run_cli.main(_argv(genuine_npz, cache, tmp_path / "baseline", "--epochs=10")) == 0
+  assert run_cli.main(_argv(cifar_npz, cache, tmp_path / "baseline", "--epochs=10")) == 0
   rng = random.Random(10)
   kills = [None if i % 3 == 0 else rng.uniform(1.5, 7.0) for i in range(25)]
-  assert _kill_and_resume(tmp_path / "baseline", genuine_npz, cache, tmp_path, kills, "--epochs=10", want=10) == 10
+  assert _kill_and_resume(tmp_path / "baseline", cifar_npz, cache, tmp_path, kills, "--epochs=10", want=10) == 10
 
 
-def test_truncated_metrics_line_is_dropped_on_resume(baseline, genuine_npz, cache, tmp_path, capsys):
+def test_truncated_metrics_line_is_dropped_on_resume(baseline, cifar_npz, cache, tmp_path, capsys):
   workdir = tmp_path / "run"
   shutil.copytree(baseline, workdir)
   shutil.rmtree(workdir / "checkpoints" / "8")  # as if killed before the epoch-2 checkpoint committed
   text = (workdir / "metrics.jsonl").read_text()
   (workdir / "metrics.jsonl").write_text(text[: len(text) - 40])  # and while appending its metrics line
-  assert run_cli.main(_argv(genuine_npz, cache, workdir)) == 0
+  assert run_cli.main(_argv(cifar_npz, cache, workdir)) == 0
   assert "dropped an unreadable line" in capsys.readouterr().out
   assert _results(workdir) == _results(baseline)
 
@@ -224,12 +224,14 @@ BAD_FLAGS = {
   "zero_regimes": (["--regimes=0"], 2, "--regimes must be an integer >= 1, got 0"),
   "distill_one_regime": (["--distill"], 2, "--distill needs regimes >= 2"),
   "sandwich_on_dense": (["--schedule=dense", "--regimes=3"], 2, "schedule 'dense' keeps 1.0"),
+  "keep_cycles": (["--keep-cycles=last:0"], 2, "--keep-cycles must be 'all', 'none', 'last:N' or 'every:K'"),
+  "init_from_missing": (["--init-from=missing"], 2, "--init-from: missing is not a run directory (no config.json)"),
 }
 
 
 @pytest.mark.parametrize("flags,code,message", BAD_FLAGS.values(), ids=BAD_FLAGS.keys())
-def test_bad_flags_fail_with_one_clear_line(flags, code, message, genuine_npz, cache, tmp_path, capsys):
-  assert run_cli.main(_argv(genuine_npz, cache, tmp_path / "run", *flags)) == code
+def test_bad_flags_fail_with_one_clear_line(flags, code, message, cifar_npz, cache, tmp_path, capsys):
+  assert run_cli.main(_argv(cifar_npz, cache, tmp_path / "run", *flags)) == code
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and "\n" not in err and message in err, err
   assert not (tmp_path / "run").exists()
@@ -258,26 +260,24 @@ def test_bad_data_sources(cache, tmp_path, capsys):
     assert err.startswith("error: ") and message in err, err
 
 
-def test_config_mismatch_refused_and_nothing_changed(baseline, genuine_npz, cache, capsys):
+def test_config_mismatch_refused_and_nothing_changed(baseline, cifar_npz, cache, capsys):
   before = _tree(baseline)
-  assert run_cli.main(_argv(genuine_npz, cache, baseline, "--seed=1")) == 1
+  assert run_cli.main(_argv(cifar_npz, cache, baseline, "--seed=1")) == 1
   err = capsys.readouterr().err
   assert "holds a run with a different config (seed: 0 -> 1); pass --fresh" in err
   assert _tree(baseline) == before
 
 
-def test_unwritable_workdir(genuine_npz, cache, tmp_path, capsys):
+def test_unwritable_workdir(cifar_npz, cache, tmp_path, capsys):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
-  assert run_cli.main(_argv(genuine_npz, cache, blocker / "run")) == 1
+  assert run_cli.main(_argv(cifar_npz, cache, blocker / "run")) == 1
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert err.startswith(f"error: cannot write the run directory {blocker / 'run'}: Not a directory; ")
   assert "choose a writable --workdir" in err
 
 
-def test_disk_full_mid_run_stops_clearly_and_damages_nothing(
-  baseline, genuine_npz, cache, tmp_path, monkeypatch, capsys
-):
+def test_disk_full_mid_run_stops_clearly_and_damages_nothing(baseline, cifar_npz, cache, tmp_path, monkeypatch, capsys):
   workdir = tmp_path / "run"
   shutil.copytree(baseline, workdir)
   shutil.rmtree(workdir / "checkpoints" / "8")  # back to the end of epoch 1
@@ -293,7 +293,7 @@ def test_disk_full_mid_run_stops_clearly_and_damages_nothing(
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
   monkeypatch.setattr(workdir_lib, "append_line", disk_full)
-  assert run_cli.main(_argv(genuine_npz, cache, workdir)) == 1
+  assert run_cli.main(_argv(cifar_npz, cache, workdir)) == 1
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert err == (
     f"error: cannot write {workdir / 'metrics.jsonl'}: No space left on device; free disk space or "
@@ -309,8 +309,8 @@ def test_disk_full_mid_run_stops_clearly_and_damages_nothing(
 # ---- 4, 5: determinism and numerics ------------------------------------------------------------------------------
 
 
-def test_same_seed_same_metrics_other_seed_differs(baseline, genuine_npz, cache, tmp_path):
-  config = run_cli.config_from_args(run_cli.parse_args(_argv(genuine_npz, cache, tmp_path)))
+def test_same_seed_same_metrics_other_seed_differs(baseline, cifar_npz, cache, tmp_path):
+  config = run_cli.config_from_args(run_cli.parse_args(_argv(cifar_npz, cache, tmp_path)))
   loop.train_and_evaluate(config, tmp_path / "s0", progress=False)
   assert _results(tmp_path / "s0") == _results(baseline)
   loop.train_and_evaluate(config.replace(seed=1), tmp_path / "s1", progress=False)
@@ -318,7 +318,7 @@ def test_same_seed_same_metrics_other_seed_differs(baseline, genuine_npz, cache,
   assert [r["train_loss"] for r in ours] != [r["train_loss"] for r in theirs]
 
 
-def test_nan_loss_names_the_step_and_the_last_good_checkpoint(genuine_npz, cache, tmp_path, monkeypatch):
+def test_nan_loss_names_the_step_and_the_last_good_checkpoint(cifar_npz, cache, tmp_path, monkeypatch):
   real = data_lib.train_batches
 
   def poisoned(*args, epoch, **kw):  # the second epoch's data turns into NaN
@@ -326,7 +326,7 @@ def test_nan_loss_names_the_step_and_the_last_good_checkpoint(genuine_npz, cache
       yield {**batch, "image": batch["image"] * np.nan} if epoch == 1 else batch
 
   monkeypatch.setattr(data_lib, "train_batches", poisoned)
-  config = run_cli.config_from_args(run_cli.parse_args(_argv(genuine_npz, cache, tmp_path)))
+  config = run_cli.config_from_args(run_cli.parse_args(_argv(cifar_npz, cache, tmp_path)))
   with pytest.raises(FloatingPointError) as info:
     loop.train_and_evaluate(config, tmp_path, progress=False)
   assert re.search("non-finite training loss .* at step", str(info.value))
@@ -337,10 +337,10 @@ def test_nan_loss_names_the_step_and_the_last_good_checkpoint(genuine_npz, cache
 
 
 @pytest.mark.slow
-def test_bfloat16_trains_as_well_as_float32(genuine_npz, cache, tmp_path):
+def test_bfloat16_trains_as_well_as_float32(cifar_npz, cache, tmp_path):
   config = config_lib.preset(
     "smoke",
-    data=str(genuine_npz),
+    data=str(cifar_npz),
     cache_dir=str(cache),
     schedule="cyclic",
     controller_options={"period": 3},

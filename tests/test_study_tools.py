@@ -91,12 +91,12 @@ def test_check_pairs_refuses_different_pictures():
     jpeg_shift.check_pairs(a, a[::-1])
 
 
-def test_jpeg_shift_end_to_end_on_a_trained_run(genuine_npz, cache, tmp_path):
+def test_jpeg_shift_end_to_end_on_a_trained_run(cifar_npz, cache, tmp_path):
   # Trained and tested on the genuine subset, so its "JPEG versions" are the genuine images themselves: the shift
   # must be exactly zero and the accuracy must equal the run's own final test accuracy.
   config = config_lib.preset(
     "smoke",
-    data=str(genuine_npz),
+    data=str(cifar_npz),
     cache_dir=str(cache),
     train_size=128,
     val_size=64,
@@ -108,7 +108,7 @@ def test_jpeg_shift_end_to_end_on_a_trained_run(genuine_npz, cache, tmp_path):
   summary = train_and_evaluate(config, tmp_path / "run", progress=False)
   loaded_config, state, _ = load_trained(tmp_path / "run")
   assert loaded_config == config and int(state.step) == summary["steps"]
-  r = jpeg_shift.evaluate_run(str(tmp_path / "run"), str(genuine_npz), [1.0, 0.3])
+  r = jpeg_shift.evaluate_run(str(tmp_path / "run"), str(cifar_npz), [1.0, 0.3])
   assert r["pixel_diff"] == 0.0 and r["genuine"] == r["jpeg"]
   assert r["genuine"][1.0] == summary["keep_curve"]["1.0"] and r["genuine"][0.3] == summary["keep_curve"]["0.3"]
   text = jpeg_shift.markdown([r], [1.0, 0.3])
