@@ -23,7 +23,7 @@ Sections (``--sections``, comma-separated; default all):
   forward + backward, with XLA's convolution and with ``wgrad_matmul``, beside what ``conv="auto"``
   picks for it (``jaxsparse.models.conv.choose_conv``): the crossover behind "auto".
 * ``topk``: ``topk_threshold`` by method (radix, bisect, sort) and ``topk_mask`` (forward and
-  forward+backward) at the model's real site shapes, with the per-step selection cost summed over
+  forward+backward) at the model's real site shapes, beside ``lax.top_k`` and ``lax.approx_max_k`` (static k), with the per-step selection cost summed over
   the model's sites, plus the (128, 65536) row case quoted in jaxsparse/topk.py.
 * ``pipeline``: host batches/s of ``jaxsparse.data.train_batches`` over 50,000 random uint8
   images against train steps/s.
@@ -456,6 +456,10 @@ def bench_topk(args) -> dict:
     row["mask_ms"] = _best_ms(mask, x, keep, reps=reps)[1]
     row["mask_relative_ms"] = _best_ms(jax.jit(lambda x, k: topk_mask(x, k, relative=True)), x, keep, reps=reps)[1]
     row["mask_fwd_bwd_ms"] = _best_ms(grad, x, keep, reps=reps)[1]
+    # References with a static k (one compilation per keep): XLA's exact top_k and its approximate max_k.
+    rows_x, k = x.reshape(x.shape[0], -1), max(1, int(np.ceil(SPARSE_KEEP * np.prod(x.shape[1:]))))
+    row["lax_top_k_ms"] = _best_ms(jax.jit(lambda r: lax.top_k(r, k)[0][:, -1]), rows_x, reps=reps)[1]
+    row["lax_approx_max_k_ms"] = _best_ms(jax.jit(lambda r: lax.approx_max_k(r, k)[0][:, -1]), rows_x, reps=reps)[1]
     for key in ("mask_ms", "mask_fwd_bwd_ms", "mask_keep1_ms"):
       per_step[key] += count * row[key]
     rows.append(row)

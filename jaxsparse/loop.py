@@ -88,6 +88,7 @@ def check_config(config: Config) -> controllers_lib.Controller:
   """
   controller = build_controller(config)
   checkpoint_lib.cycle_retention(config.keep_cycles, name="Config.keep_cycles")
+  check_source(config)
   if controller.needs_validation and config.val_size < 1:
     raise ValueError(f"schedule {config.schedule!r} needs a validation split: set Config.val_size > 0")
   if config.regimes > 1 and config.schedule == "dense":
@@ -144,34 +145,42 @@ def load_trained(workdir: str | os.PathLike, *, mesh=None) -> tuple[Config, trai
   return config, restored.state, ds
 
 
-def init_from(config: Config, state: train_lib.TrainState, mesh) -> tuple[train_lib.TrainState, dict]:
-  """`state` with the final parameters and model state of the finished run in ``config.init_from``, and where
-  they came from ({"run", "step", "test_accuracy"}).
+def check_source(config: Config) -> tuple[Config, dict] | None:
+  """(config, summary) of the run ``config.init_from`` names (None without one), checked before any work.
 
   Raises:
-    ValueError: naming the path and ``Config.init_from`` when it is not a run directory, holds no finished run
-      (no summary.json, or no checkpoint of its final step), or its model's parameters do not match `config`'s.
+    ValueError: naming ``Config.init_from`` and the path when it is not a run directory, holds no finished run
+      (no summary.json) or trained another model (``model`` or ``norm`` differ: the parameters would not fit).
   """
+  if config.init_from is None:
+    return None
   source = Path(config.init_from)
   where = f"Config.init_from: {source}"
   if not (source / "config.json").is_file():
     raise ValueError(f"{where} is not a run directory (no config.json)")
   if not (source / "summary.json").is_file():
-    raise ValueError(f"{where} holds no finished run (no summary.json): finish or choose another run")
+    raise ValueError(f"{where} holds no finished run (no summary.json): finish it or choose another run")
   source_config = Config.from_dict(json.loads((source / "config.json").read_text()))
-  summary = json.loads((source / "summary.json").read_text())
+  theirs, ours = ((c.model, c.norm) for c in (source_config, config))
+  if theirs != ours:
+    raise ValueError(f"{where} holds a {theirs[0]} model (norm {theirs[1]}), not this config's {ours[0]} ({ours[1]})")
+  return source_config, json.loads((source / "summary.json").read_text())
+
+
+def init_from(config: Config, state: train_lib.TrainState, mesh) -> tuple[train_lib.TrainState, dict]:
+  """`state` with the final parameters and model state of the finished run in ``config.init_from``, and where
+  they came from ({"run", "step", "test_accuracy"}); the optimiser, step and controller stay `state`'s.
+
+  Raises:
+    ValueError: as `check_source`, or when the source has no checkpoint of its final step.
+  """
+  source_config, summary = check_source(config)
+  source = Path(config.init_from)
   template = initial_state(source_config, 1, mesh)  # the source's own structure, so restoring never fails on it
   with checkpoint_lib.Checkpointer(source / "checkpoints") as ckpt:
     if summary["steps"] not in ckpt.all_steps():
-      raise ValueError(f"{where} has no checkpoint of its final step {summary['steps']}")
+      raise ValueError(f"Config.init_from: {source} has no checkpoint of its final step {summary['steps']}")
     restored, _ = ckpt.restore(summary["steps"], template)
-  shapes = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)  # noqa: E731
-  ours, theirs = (shapes({"params": s.params, "model_state": s.model_state}) for s in (state, restored))
-  if ours != theirs:
-    raise ValueError(
-      f"{where} holds a {source_config.model} model (norm {source_config.norm}) whose parameters do not match this "
-      f"config's {config.model} (norm {config.norm})"
-    )
   origin = {"run": str(source.resolve()), "step": summary["steps"], "test_accuracy": summary["test_accuracy"]}
   return state.replace(params=restored.params, model_state=restored.model_state), origin
 
