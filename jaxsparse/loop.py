@@ -268,24 +268,31 @@ def _conv_summary(config: Config) -> str:
 
 class _EpochSums:
   """Per-step metrics of one epoch summed in step order in float64: exact through JSON, so an epoch resumed from
-  a mid-epoch checkpoint averages to the same bits as an uninterrupted one."""
+  a mid-epoch checkpoint averages to the same bits as an uninterrupted one. The loss and accuracy of the epoch's
+  first `head_steps` steps are also summed apart (`head_means`): what a reset's first dense steps cost."""
 
-  def __init__(self, sums: dict[str, float] | None = None, count: int = 0):
+  def __init__(self, sums: dict[str, float] | None = None, count: int = 0, head: dict | None = None, head_steps=1):
     self.sums, self.count = dict(sums or {}), int(count)
+    self.head, self.head_steps = dict(head or {}), head_steps
 
   def add(self, metrics: dict) -> None:
     for k, v in metrics.items():
       self.sums[k] = self.sums.get(k, 0.0) + float(v)
+      if self.count < self.head_steps and k in ("loss", "accuracy"):
+        self.head[k] = self.head.get(k, 0.0) + float(v)
     self.count += 1
 
   def means(self) -> dict[str, float]:
     return {k: v / self.count for k, v in self.sums.items()}
 
+  def head_means(self) -> dict[str, float]:
+    return {k: v / min(self.count, self.head_steps) for k, v in self.head.items()}
+
 
 def _position(sums: _EpochSums, wall_time_s: float) -> dict:
   """A checkpoint's meta: the metric sums of the current epoch's finished steps and the run's wall time. Where the
   run stands (epoch, step in the epoch, cycle) is the train state's own: its step and its controller state."""
-  return {"partial_sums": sums.sums, "partial_count": sums.count, "wall_time_s": wall_time_s}
+  return {"partial_sums": sums.sums, "partial_count": sums.count, "partial_head": sums.head, "wall_time_s": wall_time_s}
 
 
 def _restore(ckpt: checkpoint_lib.Checkpointer, state, steps_per_epoch: int, log: Callable[[str], None]):
@@ -437,7 +444,9 @@ def train_and_evaluate(
       dynamic_ncols=True,
       desc="train",
     )
-    sums = _EpochSums(meta["partial_sums"], meta["partial_count"])  # steps already done in the current epoch
+    # Steps already done in the current epoch; the first tenth of an epoch's steps are also summed apart.
+    new_sums = functools.partial(_EpochSums, head_steps=max(1, steps_per_epoch // 10))
+    sums = new_sums(meta["partial_sums"], meta["partial_count"], meta["partial_head"])
     try:
       if should_stop():
         raise Interrupted()
@@ -450,7 +459,7 @@ def train_and_evaluate(
           raise Interrupted()
         state, record = _end_epoch(run, state, epoch, sums, t_epoch=t_epoch, wall=wall)
         history.append(record)
-        sums = _EpochSums()
+        sums = new_sums()
         if stopped or should_stop():
           raise Interrupted()
     except KeyboardInterrupt:
@@ -561,7 +570,7 @@ def _end_epoch(run: _Run, state, epoch: int, sums: _EpochSums, *, t_epoch: float
   returns (state, the epoch's record)."""
   config = run.config
   keep, cycle = float(state.controller.keep), int(state.controller.cycle)
-  train = sums.means()
+  train, head = sums.means(), sums.head_means()
   t_eval = time.time()
   val = run.evaluate(state, run.ds.val, 1.0) if run.ds.val is not None else None
   tested = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
@@ -584,6 +593,9 @@ def _end_epoch(run: _Run, state, epoch: int, sums: _EpochSums, *, t_epoch: float
     "lr": float(run.lr_at(int(state.step) - 1)),
     "train_loss": train["loss"],
     "train_accuracy": train["accuracy"],
+    "first_steps": sums.head_steps,  # the epoch's first tenth: right after a reset, the shock
+    "first_steps_loss": head["loss"],
+    "first_steps_accuracy": head["accuracy"],
     **({"train_dense_accuracy": train["dense_accuracy"]} if "dense_accuracy" in train else {}),
     "val_accuracy": val["accuracy"] if val else None,
     "test_accuracy": test["accuracy"] if test else None,

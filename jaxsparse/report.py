@@ -549,6 +549,7 @@ def comparison_markdown(runs, *, title: str, baseline: str | Sequence[str] = "de
       )
   lines += [""] + machine_lines
   lines += _frontier_markdown(groups)
+  lines += _shock_markdown(groups)
   lines += _fit_markdown(groups)
   lines += _phase_markdown(groups)
   if figures:
@@ -621,6 +622,61 @@ def core_minutes(rs) -> float:
       ]
     )
   )
+
+
+def reset_shocks(history: Sequence[Mapping]) -> list[dict]:
+  """One record per reset of a run (an epoch with ``reset_after``, followed by another): the cycle that ended, the
+  keep and training loss / accuracy of its last epoch, the loss / accuracy of the first steps after the reset
+  ("first_steps_*" of the next epoch) and of that whole epoch, and the loss of the cycle's first epoch (the goal: a
+  reset should not undo the cycle)."""
+  shocks = []
+  for before, after in zip(history, history[1:]):
+    if not before.get("reset_after") or "first_steps_loss" not in after:
+      continue
+    first = next(r for r in history if r["cycle"] == before["cycle"])
+    shocks.append(
+      {
+        "cycle": before["cycle"],
+        "epoch": after["epoch"],
+        "keep_before": before["keep"],
+        "loss_before": before["train_loss"],
+        "accuracy_before": before["train_accuracy"],
+        "loss_first_steps": after["first_steps_loss"],
+        "accuracy_first_steps": after["first_steps_accuracy"],
+        "loss_after": after["train_loss"],
+        "cycle_first_loss": first["train_loss"],
+      }
+    )
+  return shocks
+
+
+def _shock_markdown(groups) -> list[str]:
+  """The `reset_shocks` table: per group, over every reset of every run."""
+  rows = []
+  for s, rs in groups.items():
+    shocks = [x for r in rs for x in reset_shocks(r["history"])]
+    if not shocks:
+      continue
+    jump = [x["loss_first_steps"] - x["loss_before"] for x in shocks]
+    drop = [x["accuracy_before"] - x["accuracy_first_steps"] for x in shocks]
+    undone = sum(x["loss_after"] > x["cycle_first_loss"] for x in shocks)
+    worst = max(shocks, key=lambda x: x["loss_first_steps"] - x["loss_before"])
+    rows.append(
+      f"| {s} | {len(shocks)} | {np.mean(jump):+.3f} | {max(jump):+.3f} (epoch {worst['epoch']}, keep before "
+      f"{worst['keep_before']:.3f}) | {np.mean(drop):+.3f} | {undone} of {len(shocks)} |"
+    )
+  if not rows:
+    return []
+  return [
+    "",
+    "Reset shock: at every reset (keep back to 1 after a cycle), the training loss of the first tenth of the next "
+    "epoch's steps minus that of the cycle's last epoch (as trained), the drop in training accuracy, and the resets "
+    "after which the whole next epoch's loss was above the loss of the cycle's first epoch (the cycle undone).",
+    "",
+    "| schedule | resets | loss jump, mean | loss jump, largest | accuracy drop, mean | next epoch above the cycle's first |",
+    "|---|---:|---:|---:|---:|---:|",
+    *rows,
+  ]
 
 
 def _fit_markdown(groups) -> list[str]:

@@ -85,6 +85,8 @@ def test_run_outputs_and_summary(full_run):
   # adaptive_a with tol=0.99 always compresses: 1.0 (dense reference epoch) -> 0.5 -> 0.25.
   assert [r["keep"] for r in records] == [1.0, 0.5, 0.25]
   assert all(len(r["density"]) == 7 for r in records)
+  # 4 steps per epoch: the first tenth is the first step (what a reset's first dense steps cost).
+  assert all(r["first_steps"] == 1 and 0 <= r["first_steps_accuracy"] <= 1 for r in records)
   assert all(d <= 0.25 + 1e-6 for d in records[2]["density"].values())
 
 
@@ -193,3 +195,19 @@ def test_fine_tuning_run_records_its_source_and_resumes_from_its_own_checkpoints
   before = (tmp_path / "metrics.jsonl").read_text()
   assert train_and_evaluate(config, tmp_path, progress=False)["keep_curve"] == summary["keep_curve"]
   assert (tmp_path / "metrics.jsonl").read_text() == before  # finished: nothing retrained from the source
+
+
+def test_the_first_steps_of_an_epoch_are_summed_apart_and_survive_a_mid_epoch_resume():
+  steps = [{"loss": 1.0 + i, "accuracy": 0.1 * i, "density/a": 0.5} for i in range(5)]
+  whole = loop._EpochSums(head_steps=2)
+  for m in steps:
+    whole.add(m)
+  part = loop._EpochSums(head_steps=2)
+  for m in steps[:3]:
+    part.add(m)
+  meta = json.loads(json.dumps(loop._position(part, 0.0)))  # through a checkpoint's JSON meta
+  resumed = loop._EpochSums(meta["partial_sums"], meta["partial_count"], meta["partial_head"], head_steps=2)
+  for m in steps[3:]:
+    resumed.add(m)
+  assert resumed.head_means() == whole.head_means() == {"loss": 1.5, "accuracy": 0.05}
+  assert resumed.means() == whole.means()

@@ -439,3 +439,31 @@ def test_frontier_table_prices_each_keep_and_pairs_joint_networks_with_per_keep_
     "macs": 8e6,
     "macs_fraction": 0.08,
   }
+
+
+def test_reset_shocks_compare_the_first_steps_after_each_reset_with_the_cycle():
+  def epoch(e, keep, cycle, loss, acc, reset=False, first=None):
+    return {
+      "epoch": e,
+      "keep": keep,
+      "cycle": cycle,
+      "reset_after": reset,
+      "train_loss": loss,
+      "train_accuracy": acc,
+      "first_steps_loss": loss if first is None else first[0],
+      "first_steps_accuracy": acc if first is None else first[1],
+    }
+
+  history = [
+    epoch(1, 1.0, 0, 2.0, 0.3),
+    epoch(2, 0.3, 0, 1.5, 0.5, reset=True),
+    epoch(3, 1.0, 1, 2.2, 0.2, first=(2.4, 0.1)),  # the shock: worse than the cycle's first epoch
+    epoch(4, 0.3, 1, 1.0, 0.6, reset=True),
+    epoch(5, 1.0, 2, 1.1, 0.6, first=(1.3, 0.55)),
+  ]
+  shocks = report.reset_shocks(history)
+  assert [(x["cycle"], x["epoch"], x["keep_before"]) for x in shocks] == [(0, 3, 0.3), (1, 5, 0.3)]
+  assert shocks[0]["loss_first_steps"] - shocks[0]["loss_before"] == pytest.approx(0.9)
+  assert shocks[0]["cycle_first_loss"] == 2.0 and shocks[1]["cycle_first_loss"] == 2.2
+  lines = report._shock_markdown({"adaptive_b": [{"history": history}]})
+  assert "| adaptive_b | 2 | +0.600 | +0.900 (epoch 3, keep before 0.300) | +0.225 | 1 of 2 |" in lines
