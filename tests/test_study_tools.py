@@ -1,5 +1,7 @@
 """experiments/study.py (planning, resume, bad flags) and experiments/jpeg_shift.py (matching, end to end)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -8,6 +10,7 @@ from jaxsparse import config as config_lib
 from jaxsparse.loop import load_trained, train_and_evaluate
 
 jpeg_shift = experiment("jpeg_shift")
+reset_probe = experiment("reset_probe")
 study = experiment("study")
 
 
@@ -115,3 +118,26 @@ def test_jpeg_shift_end_to_end_on_a_trained_run(cifar_npz, cache, tmp_path):
   assert "| dense | 0 |" in text and "+0.00 ± 0.00" in text
   with pytest.raises(FileNotFoundError, match="no config.json"):
     load_trained(tmp_path)
+
+
+def test_reset_probe_replays_the_first_dense_step_after_a_reset_exactly(cifar_npz, cache, tmp_path):
+  config = config_lib.preset(
+    "smoke",
+    data=str(cifar_npz),
+    cache_dir=str(cache),
+    train_size=128,
+    val_size=64,
+    batch_size=32,
+    epochs=3,
+    schedule="cyclic",
+    controller_options={"period": 2, "min_keep": 0.2},
+    eval_keeps=(1.0,),
+  )
+  train_and_evaluate(config, tmp_path / "run", progress=False)
+  (result,) = reset_probe.probe_run(tmp_path / "run", steps=2)
+  assert (result["cycle"], result["next_epoch"], result["keep_before"]) == (0, 3, pytest.approx(0.2))
+  # 4 steps per epoch: the run's "first steps" of epoch 3 are its first step, which the probe replays.
+  epoch3 = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][2]
+  assert result["steps"]["dense"][0]["loss"] == pytest.approx(epoch3["first_steps_loss"], rel=1e-6)
+  assert len(result["steps"]["at_keep_before"]) == 2 and result["steps"]["dense"][0]["grad_norm"] > 0
+  assert "| 0 | 3 | 0.200 |" in reset_probe.markdown([result], 2)
