@@ -3,8 +3,10 @@
   python experiments/compare.py runs/cpu_* --out docs/study --title "CPU study"
 
 Reads each run's summary.json and metrics.jsonl; writes <out>/results.md (mean ± std per schedule and per
-seed, difference to each --baseline group with a 95% t-interval, epochs spent sparse, evaluation timing within
-the keep cycle) and <out>/*.png (accuracy vs epoch, keep trajectories, keep curves, generalisation gap).
+seed, difference to each --baseline group with a 95% t-interval, epochs spent sparse, the keep curve with its
+effective MACs and the paired differences of joint networks to per-keep and fine-tuned ones, the reset shock, the
+fit and the evaluation timing within the keep cycle) and <out>/*.png (accuracy vs epoch, keep trajectories, keep
+curves, generalisation gap, and pareto.png: accuracy against effective MACs).
 """
 
 from __future__ import annotations
