@@ -33,17 +33,21 @@ def experiment(name: str):
 
 def synthetic_cifar_npz(path: Path, n_train: int = 1200, n_test: int = 400, seed: int = 0) -> Path:
   """Writes a small, deterministic CIFAR-10-shaped .npz in the real subset's format (uint8 x_train / x_test of
-  (n, 32, 32, 3), int64 labels, classes balanced): each class is a colour and a stripe frequency under noise, so a
-  few epochs learn it. Returns `path`."""
+  (n, 32, 32, 3), int64 labels, classes balanced): each class is a colour and a stripe frequency under a
+  random colour cast and noise, so that an untrained network guesses and a few epochs learn something. Returns `path`."""
   rng = np.random.default_rng(seed)
-  colours = rng.uniform(40, 215, (10, 3))
+  colours = rng.uniform(90, 165, (10, 3))
   ramp = np.arange(32, dtype=np.float64)
 
   def split(n):
     labels = np.arange(n) % 10
     rng.shuffle(labels)
-    stripes = 30 * np.sin(ramp[None, :] * (1 + labels[:, None]) * np.pi / 16)  # (n, 32): one frequency per class
-    images = colours[labels][:, None, None, :] + stripes[:, :, None, None] + rng.normal(0, 25, (n, 32, 32, 3))
+    # One stripe frequency per class, at a random phase; a random colour cast per image as large as the classes'
+    # colour differences; pixel noise. An untrained network then guesses (no class maps to a fixed wrong answer).
+    phase = rng.uniform(0, 2 * np.pi, (n, 1))
+    stripes = 30 * np.sin(ramp[None, :] * (1 + labels[:, None]) * np.pi / 16 + phase)  # (n, 32)
+    cast = rng.normal(0, 40, (n, 1, 1, 3))
+    images = colours[labels][:, None, None, :] + cast + stripes[:, :, None, None] + rng.normal(0, 40, (n, 32, 32, 3))
     return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
 
   (x_train, y_train), (x_test, y_test) = split(n_train), split(n_test)
