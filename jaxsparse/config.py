@@ -73,6 +73,11 @@ class Config:
   batch_size: int = _field(128, "global batch size (divisible by the device count)")
   learning_rate: float = _field(0.1, "peak learning rate (linear warm-up, then cosine decay to 0)")
   warmup_epochs: int = _field(5, "epochs of linear learning-rate warm-up")
+  reset_warmup_steps: int = _field(
+    0,
+    "steps over which the learning rate ramps back up from 0 after each reset to keep 1 (0: off; ours, against the "
+    "reset shock: docs/results.md)",
+  )
   momentum: float = _field(0.9, "SGD momentum")
   nesterov: bool = _field(True, "Nesterov momentum")
   weight_decay: float = _field(5e-4, "weight decay on conv/dense kernels only, not on norms or biases")
@@ -120,6 +125,10 @@ class Config:
       raise ValueError(f"Config.distill needs regimes >= 2 (a dense pass to learn from), got regimes={self.regimes}")
     if self.train_size is not None and self.train_size < self.batch_size:
       raise ValueError(f"Config.train_size ({self.train_size}) must be >= Config.batch_size ({self.batch_size})")
+    if isinstance(self.reset_warmup_steps, bool) or not isinstance(self.reset_warmup_steps, int):
+      raise ValueError(f"Config.reset_warmup_steps must be an integer >= 0, got {self.reset_warmup_steps!r}")
+    if self.reset_warmup_steps < 0:
+      raise ValueError(f"Config.reset_warmup_steps must be an integer >= 0, got {self.reset_warmup_steps}")
     if self.val_size < 0 or self.warmup_epochs < 0:
       raise ValueError(
         f"Config.val_size and Config.warmup_epochs must be >= 0, got {self.val_size}, {self.warmup_epochs}"

@@ -453,7 +453,7 @@ def train_and_evaluate(
       while int(state.step) < total_steps:
         t_epoch = time.time()
         epoch = int(state.step) // steps_per_epoch
-        state, stopped = _train_epoch(run, state, epoch, sums, should_stop=should_stop, bar=bar)
+        state, stopped = _train_epoch(run, state, epoch, sums, history, should_stop=should_stop, bar=bar)
         if stopped and int(state.step) < (epoch + 1) * steps_per_epoch:  # else finish the epoch, then stop
           run.save(state, _position(sums, wall()))
           raise Interrupted()
@@ -512,8 +512,10 @@ class _Run:
     self.steps_per_epoch, self.ckpt, self.primary, self.log = steps_per_epoch, ckpt, primary, log
     self.metrics_path = workdir / "metrics.jsonl"
     rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    step = functools.partial(train_lib.train_step, regimes=config.regimes, distill=config.distill)
-    self.train_fn = jax.jit(step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep), donate_argnums=0)
+    step = functools.partial(
+      train_lib.train_step, regimes=config.regimes, distill=config.distill, reset_warmup=config.reset_warmup_steps
+    )
+    self.train_fn = jax.jit(step, in_shardings=(rep, bat, rep, rep), out_shardings=(rep, rep), donate_argnums=0)
     self.eval_fn = make_eval_fn(mesh)
     self.update_fn = jax.jit(controller.update)
     self.lr_at = _lr_schedule(config, steps_per_epoch)
@@ -535,10 +537,21 @@ class _Run:
       self.ckpt.save(int(state.step), state, meta=meta, cycle_end=cycle_end)
 
 
-def _train_epoch(run: _Run, state, epoch: int, sums: _EpochSums, *, should_stop, bar):
+def _cycle_start(history: list[dict], cycle: int, epoch: int, steps_per_epoch: int) -> int:
+  """The step at which keep-ratio cycle `cycle` began (its first epoch's first step; `epoch` if none is recorded
+  yet); far in the past for the first cycle, which no reset began."""
+  if cycle == 0:
+    return -(2**30)
+  return steps_per_epoch * next((r["epoch"] - 1 for r in history if r["cycle"] == cycle), epoch)
+
+
+def _train_epoch(run: _Run, state, epoch: int, sums: _EpochSums, history: list[dict], *, should_stop, bar):
   """Trains the rest of `epoch` from the state's step at the controller's keep, adding each step's metrics to
   `sums`; returns (state, stopped)."""
-  keep = jax.device_put(jnp.float32(float(state.controller.keep)), parallel.replicated(run.mesh))
+  rep = parallel.replicated(run.mesh)
+  keep = jax.device_put(jnp.float32(float(state.controller.keep)), rep)
+  cycle_start = _cycle_start(history, int(state.controller.cycle), epoch, run.steps_per_epoch)
+  reset_step = jax.device_put(jnp.int32(cycle_start), rep)
   first_step = epoch * run.steps_per_epoch
   batches = data_lib.train_batches(
     run.ds.train,
@@ -553,7 +566,7 @@ def _train_epoch(run: _Run, state, epoch: int, sums: _EpochSums, *, should_stop,
     process_count=jax.process_count(),
   )
   return _run_steps(
-    run.train_fn,
+    lambda s, b, k: run.train_fn(s, b, k, reset_step),
     state,
     parallel.prefetch_to_mesh(batches, run.mesh),
     keep,

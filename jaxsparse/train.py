@@ -129,7 +129,14 @@ def regime_keeps(rng: jax.Array, min_keep, regimes: int, *, max_keep=1.0) -> jax
 
 
 def train_step(
-  state: TrainState, batch: dict, keep: jax.Array, *, regimes: int = 1, distill: bool = False
+  state: TrainState,
+  batch: dict,
+  keep: jax.Array,
+  reset_step: jax.Array | None = None,
+  *,
+  regimes: int = 1,
+  distill: bool = False,
+  reset_warmup: int = 0,
 ) -> tuple[TrainState, dict]:
   """One SGD step at keep ratio `keep` (a traced float32 scalar: one compilation serves every regime).
 
@@ -148,6 +155,10 @@ def train_step(
     keep: float32 scalar keep ratio; 1.0 is dense. The smallest keep when ``regimes >= 2``.
     regimes: keep ratios trained per step (1: just `keep`).
     distill: in-place distillation from the dense pass (needs ``regimes >= 2``).
+    reset_step: with `reset_warmup`, the step at which the current keep-ratio cycle began after a reset (an int32
+      scalar, traced; far in the past in the first cycle).
+    reset_warmup: a Python int; > 0 scales the update by ``clip((step - reset_step + 1) / reset_warmup, 0, 1)``:
+      the learning rate ramps back up over the first `reset_warmup` steps after each reset (0: off, the plain step).
 
   Returns:
     (new_state, metrics) with metrics {"loss", "accuracy", "density/<site>"...}: float32 scalars of this batch.
@@ -158,8 +169,13 @@ def train_step(
     raise ValueError(f"regimes must be an integer >= 1, got {regimes!r}")
   if distill and regimes < 2:
     raise ValueError(f"distill needs regimes >= 2 (a dense pass to learn from), got regimes={regimes}")
+  if reset_warmup < 0:
+    raise ValueError(f"reset_warmup must be >= 0, got {reset_warmup}")
+  scale = None
+  if reset_warmup:
+    scale = jnp.clip((state.step - reset_step + 1).astype(jnp.float32) / reset_warmup, 0.0, 1.0)
   if regimes > 1:
-    return _multi_regime_step(state, batch, keep, regimes, distill)
+    return _multi_regime_step(state, batch, keep, regimes, distill, scale)
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   mutable = [DENSITY, *state.model_state.keys()]
 
@@ -179,11 +195,13 @@ def train_step(
   new_vars = flax.core.unfreeze(new_vars)
   densities = site_densities(new_vars.pop(DENSITY, {}))
   metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
-  return _apply_grads(state, grads, new_vars, metrics, densities)
+  return _apply_grads(state, grads, new_vars, metrics, densities, scale)
 
 
-def _apply_grads(state: TrainState, grads, new_vars, metrics: dict, densities: dict):
+def _apply_grads(state: TrainState, grads, new_vars, metrics: dict, densities: dict, scale=None):
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  if scale is not None:  # SGD applies the learning rate last: scaling the update scales the learning rate
+    updates = jax.tree.map(lambda u: u * scale, updates)
   params = optax.apply_updates(state.params, updates)
   metrics.update({f"density/{k}": v for k, v in densities.items()})
   new_state = state.replace(
@@ -192,7 +210,7 @@ def _apply_grads(state: TrainState, grads, new_vars, metrics: dict, densities: d
   return new_state, metrics
 
 
-def _multi_regime_step(state: TrainState, batch: dict, keep: jax.Array, regimes: int, distill: bool):
+def _multi_regime_step(state: TrainState, batch: dict, keep: jax.Array, regimes: int, distill: bool, scale):
   """`train_step` with regimes >= 2: one pass per keep of `regime_keeps`, mean loss."""
   step_rng = jax.random.fold_in(state.rng, state.step)
   keeps_rng, *dropout_rngs = jax.random.split(step_rng, regimes + 1)
@@ -236,7 +254,7 @@ def _multi_regime_step(state: TrainState, batch: dict, keep: jax.Array, regimes:
     "dense_loss": dense_loss,
     "dense_accuracy": accuracy(dense_logits),
   }
-  return _apply_grads(state, grads, new_vars, metrics, site_densities(density))
+  return _apply_grads(state, grads, new_vars, metrics, site_densities(density), scale)
 
 
 def eval_step(state: TrainState, batch: dict, keep: jax.Array) -> dict:

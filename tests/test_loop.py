@@ -211,3 +211,24 @@ def test_the_first_steps_of_an_epoch_are_summed_apart_and_survive_a_mid_epoch_re
     resumed.add(m)
   assert resumed.head_means() == whole.head_means() == {"loss": 1.5, "accuracy": 0.05}
   assert resumed.means() == whole.means()
+
+
+def test_cycle_start_is_the_first_step_of_the_current_cycle():
+  history = [{"epoch": e, "cycle": c} for e, c in ((1, 0), (2, 0), (3, 1), (4, 1), (5, 2))]
+  assert loop._cycle_start(history, 0, 5, 10) < -1e9  # the first cycle: no reset began it
+  assert loop._cycle_start(history, 1, 4, 10) == 20  # epoch 3 began cycle 1 at step 20
+  assert loop._cycle_start(history, 3, 5, 10) == 50  # a cycle not yet recorded begins with this epoch
+
+
+def test_reset_warmup_changes_nothing_before_the_first_reset_and_slows_the_steps_after(cifar_npz, cache, tmp_path):
+  cyclic = dict(schedule="cyclic", controller_options={"period": 2, "min_keep": 0.2}, eval_keeps=(1.0,))
+  train_and_evaluate(_config(cifar_npz, cache, **cyclic), tmp_path / "plain", progress=False)
+  train_and_evaluate(_config(cifar_npz, cache, **cyclic, reset_warmup_steps=4), tmp_path / "warm", progress=False)
+  plain, warm = _records(tmp_path / "plain"), _records(tmp_path / "warm")
+  # Cycle 0 (epochs 1-2) trains alike (up to float rounding: the scaled update is another XLA program); after the
+  # reset, the first step sees the same parameters, then the warm-up's smaller steps make the epochs part.
+  assert plain[1]["reset_after"] and warm[1]["reset_after"]
+  for key in ("train_loss", "first_steps_loss", "val_accuracy"):
+    assert [r[key] for r in warm[:2]] == pytest.approx([r[key] for r in plain[:2]], rel=1e-4), key
+  assert warm[2]["first_steps_loss"] == pytest.approx(plain[2]["first_steps_loss"], rel=1e-4)
+  assert abs(warm[2]["train_loss"] - plain[2]["train_loss"]) > 1e-3

@@ -225,6 +225,7 @@ BAD_FLAGS = {
   "distill_one_regime": (["--distill"], 2, "--distill needs regimes >= 2"),
   "sandwich_on_dense": (["--schedule=dense", "--regimes=3"], 2, "schedule 'dense' keeps 1.0"),
   "keep_cycles": (["--keep-cycles=last:0"], 2, "--keep-cycles must be 'all', 'none', 'last:N' or 'every:K'"),
+  "reset_warmup": (["--reset-warmup-steps=-1"], 2, "--reset-warmup-steps must be an integer >= 0, got -1"),
   "init_from_missing": (["--init-from=missing"], 2, "--init-from: missing is not a run directory (no config.json)"),
 }
 

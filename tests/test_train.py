@@ -170,7 +170,7 @@ def test_sandwich_gradient_is_the_mean_of_the_per_keep_gradients(distill):
 
 
 def test_each_pass_of_a_sandwich_step_draws_its_own_dropout_mask():
-  model = _tiny(dropout=0.5)
+  model = _tiny(dropout=0.5, zero_init_residual=False)  # else conv2, which reads the dropped units, starts at zero
   state, batch = _sgd_state(model), _batch()
   new, metrics = jax.jit(functools.partial(train_lib.train_step, regimes=3))(state, batch, jnp.float32(0.3))
   keeps = _sandwich_keeps(state, 0.3, 3)
@@ -186,6 +186,22 @@ def test_each_pass_of_a_sandwich_step_draws_its_own_dropout_mask():
   np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
   # The same keep with another pass's key gives another loss: the masks differ between passes.
   assert loss(jnp.float32(keeps[0]), dropout_rngs[1]) != losses[0]
+
+
+@pytest.mark.parametrize("regimes", [1, 3])
+def test_reset_warmup_scales_the_update_from_the_reset_on(regimes):
+  state, batch, keep = _sgd_state(), _batch(), jnp.float32(0.5)
+  plain = functools.partial(train_lib.train_step, regimes=regimes)
+  warm = jax.jit(functools.partial(train_lib.train_step, regimes=regimes, reset_warmup=4))
+  ref, ref_metrics = jax.jit(plain)(state, batch, keep)
+  step = int(state.step)
+  for reset_step, scale in ((step, 0.25), (step - 1, 0.5), (step - 3, 1.0), (-(2**30), 1.0), (step + 1, 0.0)):
+    new, metrics = warm(state, batch, keep, jnp.int32(reset_step))
+    assert float(metrics["loss"]) == float(ref_metrics["loss"])  # the forward pass is the same
+    expected = jax.tree.map(lambda p, r: p + scale * (r - p), state.params, ref.params)  # SGD at lr 1
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new.params, expected)
+  with pytest.raises(ValueError, match="reset_warmup must be >= 0, got -1"):
+    train_lib.train_step(state, batch, keep, reset_warmup=-1)
 
 
 def test_distillation_targets_carry_no_gradient():
