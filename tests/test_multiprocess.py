@@ -129,7 +129,7 @@ def test_two_processes_match_one_process_and_write_once(two_process_run, cifar_n
   for r2, r1 in zip(records2, records1):
     assert r2.keys() == r1.keys()
     for key in r1:
-      if key in ("train_loss", "test_loss", "lr") or key == "density":
+      if key in ("train_loss", "first_steps_loss", "test_loss", "lr") or key == "density":
         assert r2[key] == pytest.approx(r1[key], rel=1e-5)
       else:
         assert r2[key] == r1[key], key
