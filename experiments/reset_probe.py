@@ -68,9 +68,9 @@ def probe_reset(config, state, batches, keep_before: float, steps: int, lr_at) -
   for name, keep in (("dense", 1.0), ("at_keep_before", keep_before)):
     s, rows = state, []
     for batch in batches[:steps]:
-      grad_norm = float(optax.global_norm(grad_fn(s.params, batch, jnp.float32(keep))))
+      grad_norm = float(optax.tree.norm(grad_fn(s.params, batch, jnp.float32(keep))))
       new, metrics = step_fn(s, batch, jnp.float32(keep))
-      delta = float(optax.global_norm(jax.tree.map(lambda a, b: a - b, new.params, s.params)))
+      delta = float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, new.params, s.params)))
       rows.append(
         {"loss": float(metrics["loss"]), "grad_norm": grad_norm, "update_norm": delta, "lr": float(lr_at(int(s.step)))}
       )
