@@ -55,6 +55,14 @@ def synthetic_cifar_npz(path: Path, n_train: int = 1200, n_test: int = 400, seed
   return path
 
 
+def tiny_config(data: Path, cache: Path, **overrides):
+  """The smoke preset on 128 training images (64 validation, batch 32) of `data`: the end-to-end tests' run."""
+  from jaxsparse import config as config_lib
+
+  base = dict(data=str(data), cache_dir=str(cache), train_size=128, val_size=64, batch_size=32)
+  return config_lib.preset("smoke", **{**base, **overrides})
+
+
 @pytest.fixture(scope="session")
 def cifar_npz(tmp_path_factory) -> Path:
   """The genuine CIFAR-10 subset beside the repository (../shared/data), else a generated one in its format."""

@@ -7,8 +7,7 @@ import json
 import jax
 import pytest
 
-from conftest import experiment
-from jaxsparse import config as config_lib
+from conftest import experiment, tiny_config
 from jaxsparse import loop, parallel
 from jaxsparse.loop import ConfigMismatchError, train_and_evaluate
 
@@ -16,19 +15,8 @@ run_cli = experiment("run")
 
 
 def _config(cifar_npz, tmp_cache, **kw):
-  base = dict(
-    data=str(cifar_npz),
-    cache_dir=str(tmp_cache),
-    train_size=128,
-    val_size=64,
-    batch_size=32,
-    epochs=3,
-    schedule="adaptive_a",
-    controller_options={"gamma": 0.5, "tol": 0.99},
-    eval_keeps=(1.0, 0.5),
-  )
-  base.update(kw)
-  return config_lib.preset("smoke", **base)
+  options = dict(epochs=3, schedule="adaptive_a", controller_options={"gamma": 0.5, "tol": 0.99}, eval_keeps=(1.0, 0.5))
+  return tiny_config(cifar_npz, tmp_cache, **{**options, **kw})
 
 
 def _records(workdir):

@@ -5,8 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import experiment
-from jaxsparse import config as config_lib
+from conftest import experiment, tiny_config
 from jaxsparse.loop import load_trained, train_and_evaluate
 
 jpeg_shift = experiment("jpeg_shift")
@@ -97,17 +96,7 @@ def test_check_pairs_refuses_different_pictures():
 def test_jpeg_shift_end_to_end_on_a_trained_run(cifar_npz, cache, tmp_path):
   # Trained and tested on the genuine subset, so its "JPEG versions" are the genuine images themselves: the shift
   # must be exactly zero and the accuracy must equal the run's own final test accuracy.
-  config = config_lib.preset(
-    "smoke",
-    data=str(cifar_npz),
-    cache_dir=str(cache),
-    train_size=128,
-    val_size=64,
-    batch_size=32,
-    epochs=1,
-    schedule="dense",
-    eval_keeps=(1.0, 0.3),
-  )
+  config = tiny_config(cifar_npz, cache, epochs=1, schedule="dense", eval_keeps=(1.0, 0.3))
   summary = train_and_evaluate(config, tmp_path / "run", progress=False)
   loaded_config, state, _ = load_trained(tmp_path / "run")
   assert loaded_config == config and int(state.step) == summary["steps"]
@@ -121,18 +110,8 @@ def test_jpeg_shift_end_to_end_on_a_trained_run(cifar_npz, cache, tmp_path):
 
 
 def test_reset_probe_replays_the_first_dense_step_after_a_reset_exactly(cifar_npz, cache, tmp_path):
-  config = config_lib.preset(
-    "smoke",
-    data=str(cifar_npz),
-    cache_dir=str(cache),
-    train_size=128,
-    val_size=64,
-    batch_size=32,
-    epochs=3,
-    schedule="cyclic",
-    controller_options={"period": 2, "min_keep": 0.2},
-    eval_keeps=(1.0,),
-  )
+  cyclic = {"period": 2, "min_keep": 0.2}
+  config = tiny_config(cifar_npz, cache, epochs=3, schedule="cyclic", controller_options=cyclic, eval_keeps=(1.0,))
   train_and_evaluate(config, tmp_path / "run", progress=False)
   (result,) = reset_probe.probe_run(tmp_path / "run", steps=2)
   assert (result["cycle"], result["next_epoch"], result["keep_before"]) == (0, 3, pytest.approx(0.2))
