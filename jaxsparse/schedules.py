@@ -19,6 +19,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxsparse.topk import check_keep
+
 __all__ = ["Schedule", "SHAPES", "constant", "linear", "geometric", "cosine", "compression", "cyclic", "cycle_index"]
 
 Schedule = Callable[[jax.typing.ArrayLike], jax.Array]
@@ -26,9 +28,10 @@ SHAPES = ("geometric", "linear", "cosine")
 
 
 def _keep_number(name: str, value: float) -> float:
-  """A schedule's keep parameter: a Python number in (0, 1] (`not (0 < v <= 1)` also rejects NaN)."""
-  if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
-    raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+  """A schedule's keep parameter: a Python number in (0, 1]."""
+  if not isinstance(value, (int, float)):
+    raise ValueError(f"{name} must be a keep ratio in (0, 1], got {value!r}")
+  check_keep(value, name)
   return float(value)
 
 

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.topk import GRADIENTS, SCORES, check_choice, concrete_keep, keep_in_range, nonzero_fraction, topk_mask
+from jaxsparse.topk import GRADIENTS, SCORES, check_choice, check_keep, nonzero_fraction, topk_mask
 
 DENSITY = "density"  # the Flax collection of achieved densities, one float32 scalar per top-k site
 _WILDCARDS = "*?["
@@ -39,12 +39,7 @@ def check_keep_map(keep: Mapping[str, Any], *, owner: str) -> None:
   for key, value in keep.items():
     if not isinstance(key, str) or not key:
       raise ValueError(f"{owner}: keep mapping keys must be site names or globs (non-empty strings), got {key!r}")
-    try:
-      arr = concrete_keep(value)
-    except TypeError:
-      raise ValueError(f"{owner}: keep[{key!r}] must be a keep ratio in (0, 1], got {value!r}") from None
-    if arr is not None and (arr.size == 0 or not keep_in_range(arr)):
-      raise ValueError(f"{owner}: keep[{key!r}] must be in (0, 1], got {value!r}")
+    check_keep(value, f"{owner}: keep[{key!r}]")
 
 
 def _literal_chars(pattern: str) -> int:
@@ -221,12 +216,7 @@ def as_keep(keep, *, owner: str = "sparse_apply"):
   if is_keep_map(keep):
     check_keep_map(keep, owner=owner)
     return {k: jnp.asarray(v, jnp.float32) for k, v in keep.items()}
-  try:
-    arr = concrete_keep(keep)
-  except TypeError:
-    raise TypeError(f"{owner}: keep must be a keep ratio in (0, 1] or a mapping {{site: keep}}, got {keep!r}") from None
-  if arr is not None and (arr.size == 0 or not keep_in_range(arr)):
-    raise ValueError(f"{owner}: keep must be in (0, 1], got {keep!r}")
+  check_keep(keep, f"{owner}: keep")
   return jnp.asarray(keep, jnp.float32)
 
 

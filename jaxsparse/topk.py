@@ -80,17 +80,20 @@ def concrete_keep(keep) -> np.ndarray | None:
     raise TypeError(f"keep must be a float or float array, got {keep!r}") from None
 
 
-def keep_in_range(arr: np.ndarray) -> bool:
-  """Whether every value of a concrete keep lies in (0, 1] (NaN does not)."""
-  return not (np.isnan(arr).any() or (arr <= 0).any() or (arr > 1).any())
+def is_keep(keep) -> bool:
+  """The one keep-range check: whether a concrete keep (a number or an array of them, not a bool) is numeric,
+  non-empty and has every value in (0, 1] (NaN does not)."""
+  try:
+    arr = np.asarray(keep, dtype=np.float64)
+  except (TypeError, ValueError):
+    return False
+  return not isinstance(keep, bool) and arr.size > 0 and bool(np.all((arr > 0) & (arr <= 1)))
 
 
 def check_keep(keep, name: str = "keep") -> None:
-  """Raises ValueError naming `name` when a concrete keep (scalar or array) has a value outside (0, 1], NaN or none
-  at all; traced values pass (they are data: clipped where used)."""
-  arr = concrete_keep(keep)
-  if arr is not None and (arr.size == 0 or not keep_in_range(arr)):
-    raise ValueError(f"{name} must be in (0, 1] (and not NaN), got {keep!r}")
+  """Raises ValueError naming `name` unless `keep` is traced (data: clipped where used) or `is_keep`."""
+  if not isinstance(keep, jax.core.Tracer) and not is_keep(keep):
+    raise ValueError(f"{name} must be a keep ratio in (0, 1], got {keep!r}")
 
 
 def _check_relative(relative) -> None:

@@ -240,7 +240,7 @@ def test_bad_inputs_raise_clear_errors():
     jaxsparse.sparse_apply({"w": 1}, x, keep=0.5)
   with pytest.raises(TypeError, match=r"got the class MLP \(pass an instance\)"):
     jaxsparse.sparse_apply(MLP, x, keep=0.5)
-  with pytest.raises(ValueError, match=r"keep must be in \(0, 1\]"):
+  with pytest.raises(ValueError, match=r"keep must be a keep ratio in \(0, 1\]"):
     jaxsparse.sparse_apply(model, x, keep=1.5)
   with pytest.raises(TypeError, match="is not a flax.nnx.Module"):
     jaxsparse.sparse_apply(model, x, keep=0.5, where=int)

@@ -272,8 +272,8 @@ def test_interception_is_scoped_to_the_call(mlp, mlp_run):
       "sparse_apply: keep key 'Dense_9' matches no top-k site; the sites are: Dense_1, Dense_2",
     ),
     (dict(keep={"Dense_0": 0.5}), ValueError, "keep key 'Dense_0' matches no"),  # the input layer is no site
-    (dict(keep={"Dense_1": 2.0}), ValueError, r"keep\['Dense_1'\] must be in \(0, 1\], got 2.0"),
-    (dict(keep={"Dense_*": -0.1}), ValueError, r"keep\['Dense_\*'\] must be in \(0, 1\]"),
+    (dict(keep={"Dense_1": 2.0}), ValueError, r"keep\['Dense_1'\] must be a keep ratio in \(0, 1\], got 2.0"),
+    (dict(keep={"Dense_*": -0.1}), ValueError, r"keep\['Dense_\*'\] must be a keep ratio in \(0, 1\]"),
     (dict(keep={None: 0.5}), ValueError, "keys must be site names or globs"),
   ],
 )

@@ -231,9 +231,9 @@ def test_traced_keep_is_clipped():
 @pytest.mark.parametrize("keep", [0.0, -0.5, 1.5, float("nan"), np.array([0.5, 0.0])])
 def test_concrete_invalid_keep_raises(keep):
   x = jnp.ones((2, 4))
-  with pytest.raises(ValueError, match="keep must be in"):
+  with pytest.raises(ValueError, match="keep must be a keep ratio in"):
     topk_mask(x, keep)
-  with pytest.raises(ValueError, match="keep must be in"):
+  with pytest.raises(ValueError, match="keep must be a keep ratio in"):
     topk_threshold(x, keep)
 
 

@@ -264,8 +264,8 @@ def test_per_site_keep_is_traced_and_compiles_once():
   [
     ({"group9_*": 0.5}, ValueError, r"WideResNet: keep key 'group9_\*' matches no top-k site"),
     ({"final": 0.5}, ValueError, "keep key 'final' matches no top-k site; the sites are: group0_block0/act1"),
-    ({"final_act": 1.5}, ValueError, r"keep\['final_act'\] must be in \(0, 1\], got 1.5"),
-    ({"final_act": 0.0}, ValueError, r"keep\['final_act'\] must be in \(0, 1\], got 0.0"),
+    ({"final_act": 1.5}, ValueError, r"keep\['final_act'\] must be a keep ratio in \(0, 1\], got 1.5"),
+    ({"final_act": 0.0}, ValueError, r"keep\['final_act'\] must be a keep ratio in \(0, 1\], got 0.0"),
     ({"final_act": "half"}, ValueError, r"keep\['final_act'\] must be a keep ratio"),
     ({3: 0.5}, ValueError, "keys must be site names or globs .*got 3"),
     ({}, ValueError, "keep mapping is empty"),
