@@ -2,7 +2,7 @@
 
 `provenance()` gathers them in one dict for summary.json, provenance.jsonl and the benchmark JSON: a few small file
 reads and subprocess calls with short timeouts, once per run (never per step). What it cannot find is recorded as
-"unknown"; it never raises.
+"unknown"; it never raises. `machine_label` names such a record in a few words.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import jax
 
@@ -61,6 +61,9 @@ VECTOR_EXTENSIONS = (
   "i8mm",
   "sme",
 )
+# The widest vector units a CPU may have below AVX-512, widest first, as `vector_units` names them.
+VECTOR_UNITS = (("avx2", "AVX2"), ("avx", "AVX"), ("sve2", "SVE2"), ("sve", "SVE"), ("asimd", "NEON"))
+UNRECORDED = "unrecorded machine"
 
 
 def provenance(code_dir: str | os.PathLike | None = None) -> dict:
@@ -203,3 +206,47 @@ def _run(argv: list[str]) -> str | None:
   except (OSError, subprocess.SubprocessError):
     return None
   return done.stdout if done.returncode == 0 else None
+
+
+def vector_units(extensions) -> str:
+  """The widest vector units among a CPU's `vector_extensions`, e.g. "AVX-512+bf16+AMX", "AVX2", "SVE"; "" if
+  unknown."""
+  if not isinstance(extensions, list):
+    return ""
+  have = set(extensions)
+  if "avx512f" in have:
+    units = "AVX-512" + "".join(f"+{x}" for x in ("bf16", "fp16") if f"avx512_{x}" in have)
+  else:
+    units = next((name for flag, name in VECTOR_UNITS if flag in have), "")
+  return units + ("+AMX" if any(x.startswith("amx") for x in have) else "")
+
+
+def hardware_label(record: Mapping | None) -> str:
+  """The hardware of a `provenance()` record in a few words: the accelerators, if any, on the CPU model with its
+  widest vector units, e.g. ``2 x NVIDIA H100 on AMD EPYC 9R14 (AVX-512+bf16)``; `UNRECORDED` without a record."""
+  if not record:
+    return UNRECORDED
+  cpu_ = record.get("cpu") if isinstance(record.get("cpu"), Mapping) else {}
+  vector = vector_units(cpu_.get("vector_extensions"))
+  label = str(cpu_.get("model", UNKNOWN)) + (f" ({vector})" if vector else "")
+  devices = record.get("devices")
+  accelerators = [d for d in devices if d.get("platform") != "cpu"] if isinstance(devices, list) else []
+  if accelerators:
+    label = ", ".join(f"{d.get('count', '?')} x {d.get('kind', UNKNOWN)}" for d in accelerators) + " on " + label
+  return label
+
+
+def commit_label(record: Mapping | None) -> str:
+  """The short git commit of a `provenance()` record, with ``+dirty`` for uncommitted changes; "unknown" if not
+  recorded."""
+  git = (record or {}).get("git")
+  commit = git.get("commit") if isinstance(git, Mapping) else None
+  if not isinstance(commit, str) or commit == UNKNOWN:
+    return UNKNOWN
+  return commit[:7] + ("+dirty" if git.get("dirty") is True else "")
+
+
+def machine_label(record: Mapping | None) -> str:
+  """Hardware and commit of a `provenance()` record, e.g. ``AMD EPYC 9R14 (AVX-512+bf16), commit a63eee8``;
+  `UNRECORDED` without a record."""
+  return f"{hardware_label(record)}, commit {commit_label(record)}" if record else UNRECORDED

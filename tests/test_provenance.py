@@ -60,6 +60,23 @@ def test_cpu_model_and_vector_extensions_from_cpuinfo_text():
   assert arm["vector_extensions"] == ["asimd", "asimddp", "sve", "bf16", "i8mm"]
 
 
+def test_labels_name_the_accelerators_cpu_vector_units_and_commit():
+  record = {
+    "cpu": provenance_lib.cpu(X86),
+    "devices": [{"platform": "cpu", "kind": "cpu", "count": 1}, {"platform": "gpu", "kind": "NVIDIA H100", "count": 8}],
+    "git": {"commit": "a63eee8851026053e8f910bead15d82a8c9c0894", "dirty": True},
+  }
+  assert provenance_lib.machine_label(record) == (
+    "8 x NVIDIA H100 on AMD EPYC 9R14 96-Core Processor (AVX-512+bf16+AMX), commit a63eee8+dirty"
+  )
+  arm = {"cpu": provenance_lib.cpu(ARM), "devices": [{"platform": "cpu", "kind": "cpu", "count": 1}]}
+  assert provenance_lib.hardware_label(arm) == "Arm implementer 0x41 part 0xd40 (SVE)"
+  assert provenance_lib.vector_units(["sse4_2", "avx", "avx2", "fma"]) == "AVX2"
+  unknown = {"cpu": {"model": "unknown", "vector_extensions": "unknown"}, "devices": "unknown", "git": "unknown"}
+  assert provenance_lib.machine_label(unknown) == "unknown, commit unknown"
+  assert provenance_lib.machine_label(None) == provenance_lib.machine_label({}) == "unrecorded machine"
+
+
 def test_cpu_ranges():
   assert provenance_lib.cpu_ranges([5, 0, 1, 2]) == "0-2,5"
   assert provenance_lib.cpu_ranges([3]) == "3" and provenance_lib.cpu_ranges([]) == ""

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxsparse import report
+from jaxsparse import plots, report
 
 
 def _fake_run(root, schedule, seed, final, keeps=(1.0, 0.5), config=None, provenance=None):
@@ -199,39 +199,6 @@ def test_only_a_commit_difference_is_warned_about_too(tmp_path):
   assert report.mixed_machines_warning(runs[:1]) is None
 
 
-def test_hardware_label_names_accelerators_and_tolerates_unknowns():
-  gpu = _provenance(
-    devices=[{"platform": "gpu", "kind": "NVIDIA H100 80GB HBM3", "count": 8}],
-    extensions=("avx2", "avx512f", "amx_tile"),
-  )
-  assert report.hardware_label(gpu) == "8 x NVIDIA H100 80GB HBM3 on AMD EPYC 9R14 96-Core Processor (AVX-512+AMX)"
-  unknown = {
-    "cpu": {"model": "unknown", "vector_extensions": "unknown"},
-    "devices": "unknown",
-    "git": {"commit": "unknown", "dirty": "unknown"},
-  }
-  assert report.machine_label({"provenance": unknown}) == "unknown, commit unknown"
-  assert report.machine_label({}) == "unrecorded machine"
-
-
-def test_seeds_needed_meets_its_definitions():
-  from scipy import stats
-
-  half = lambda n: stats.t.ppf(0.975, n - 1) * 0.0236 / math.sqrt(n)  # noqa: E731
-  n = report.seeds_needed(0.0236, delta=0.01)
-  assert n == 24 and half(n) <= 0.01 < half(n - 1)
-  n80 = report.seeds_needed(0.0236, delta=0.01, power=0.8)
-  normal = math.ceil(((1.959964 + 0.841621) * 0.0236 / 0.01) ** 2)  # the normal approximation: 44
-  assert n80 == 46 and normal < n80 <= normal + 3
-  # Simulated paired studies of n80 seeds with a true 1-point difference: ~80% of t-tests reject at 5%.
-  d = np.random.default_rng(0).normal(0.01, 0.0236, (20000, n80))
-  t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(n80))
-  assert np.mean(np.abs(t) > stats.t.ppf(0.975, n80 - 1)) == pytest.approx(0.8, abs=0.015)
-  assert report.seeds_needed(0.0, delta=0.01) == 2
-  with pytest.raises(ValueError, match="delta > 0"):
-    report.seeds_needed(0.01, delta=0)
-
-
 def test_sparsity_stats_count_only_epochs_where_the_keep_cut():
   history = [
     {"keep": 1.0, "density": {"a": 0.45, "b": 0.40}},
@@ -372,13 +339,7 @@ def test_the_fit_table_lists_every_schedule(tmp_path):
   assert "| dense | 1 | 0.2000 | 0.5000 | 0.4000 | +0.1000 |" in md
 
 
-def test_comparison_series_have_distinct_colours_and_a_line_style_per_approach():
-  colours = [report._series_style(i, "adaptive_b")["color"] for i in range(20)]
-  assert len(set(colours)) == 20
-  assert report._series_style(0, "dense") == {"color": "black", "ls": "-"}
-  assert report._series_style(1, "dense+dropout0.3") == {"color": "dimgray", "ls": "--"}
-  assert report._series_style(2, "constant(keep=0.1)")["ls"] == "--"
-  assert report._series_style(3, "constant(keep=0.1)+finetuned")["ls"] == ":"
+def test_approach_names_the_kind_of_each_group():
   kinds = {
     "dense": "baseline",
     "dense+dropout0.3": "baseline",
@@ -432,7 +393,7 @@ def test_frontier_table_prices_each_keep_and_pairs_joint_networks_with_per_keep_
   assert "All per-keep networks together: 20; all fine-tunes together: 2" in md
   paths = report.plot_comparison(runs, tmp_path / "out")
   assert (tmp_path / "out" / "pareto.png") in paths and (tmp_path / "out" / "pareto.png").stat().st_size > 1000
-  assert report.macs_curve(runs[:1])[1] == {
+  assert plots.macs_curve(runs[:1])[1] == {
     "keep": 0.1,
     "accuracy": 0.40,
     "density": 0.05,
