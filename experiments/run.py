@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import re
 import signal
 import sys
 import typing
@@ -51,22 +50,16 @@ def _controller_flags() -> dict[str, dict[str, object]]:
   return flags
 
 
-def flag(field: str) -> str:
-  """The command-line flag of a Config field: ``train_size`` -> ``--train-size``."""
-  return "--" + field.replace("_", "-")
+def flag(option: str) -> str:
+  """The command-line flag of a Config field or train_and_evaluate argument: ``train_size`` -> ``--train-size``."""
+  return "--" + option.replace("_", "-")
 
 
-def cli_message(text: str) -> str:
-  """A library error in the command line's words: ``Config.val_size`` -> ``--val-size``, ``fresh=True`` ->
-  ``--fresh``, ``workdir`` -> ``--workdir``."""
-  text = re.sub(r"\bConfig\.(\w+)", lambda m: flag(m.group(1)), text)
-  for words, flags in (
-    ("fresh=True", "--fresh"),
-    ("another workdir", "another --workdir"),
-    ("a writable workdir", "a writable --workdir"),
-  ):
-    text = text.replace(words, flags)
-  return text
+def in_flags(error: Exception) -> str:
+  """An error's message, naming options by their flags where it names them structurally (``explain``: the
+  library's OptionError and WorkdirError)."""
+  explain = getattr(error, "explain", None)
+  return explain(flag) if explain else str(error)
 
 
 _ALIASES = {"learning_rate": ["--lr"]}
@@ -104,8 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     "--preset",
     default="paper",
     choices=sorted(config_lib.PRESETS),
-    help="paper: WRN-28-4, full data, 200 epochs (GPU); cpu: ~8 min on 2 CPU cores; study: ~5 min and "
-    "overfit: ~20 min on one core (README, Presets); smoke: seconds (default: %(default)s)",
+    help="paper: WRN-28-4, all data, 200 epochs (GPU); cpu, study, overfit: CPU-sized (README, Presets); "
+    "smoke: seconds (default: %(default)s)",
   )
   p.add_argument("--workdir", help="run directory (default: runs/<preset>_<schedule>_s<seed>)")
   p.add_argument("--fresh", action="store_true", help="delete this run's previous outputs and start over")
@@ -113,30 +106,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument(
     "--distributed",
     action="store_true",
-    help="several processes, one run: call jax.distributed.initialize() first. With no coordinator "
-    "flags or variables, JAX detects the cluster (SLURM, Open MPI, TPU pods, GKE)",
+    help="several processes, one run: call jax.distributed.initialize() first (no coordinator flags or "
+    "variables: JAX detects the cluster: SLURM, Open MPI, TPU pods, GKE)",
   )
-  p.add_argument(
-    "--coordinator-address",
-    help="with --distributed: host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS, else detected)",
-  )
-  p.add_argument(
-    "--num-processes",
-    type=int,
-    help="with --distributed: how many processes (default: $JAX_NUM_PROCESSES, else detected)",
-  )
-  p.add_argument(
-    "--process-id",
-    type=int,
-    help="with --distributed: this process's index in [0, num-processes) (default: $JAX_PROCESS_ID, else detected)",
-  )
-  p.add_argument(
-    "--heartbeat-timeout",
-    type=int,
-    metavar="SECONDS",
-    help="with --distributed: a process silent this long counts as dead and every other process "
-    "stops with an error naming it (default: JAX's, 100)",
-  )
+  for name, kind, what in (
+    ("coordinator-address", str, "host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS, else detected)"),
+    ("num-processes", int, "how many processes (default: $JAX_NUM_PROCESSES, else detected)"),
+    ("process-id", int, "this process's index in [0, num-processes) (default: $JAX_PROCESS_ID, else detected)"),
+    ("heartbeat-timeout", int, "seconds after which a silent process counts as dead (default: JAX's, 100)"),
+  ):
+    p.add_argument(f"--{name}", type=kind, help=f"with --distributed: {what}")
   _add_config_flags(p)
   group = p.add_argument_group("controller options (each applies to the schedules named)")
   for opt, defaults in _controller_flags().items():
@@ -146,7 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> config_lib.Config:
-  """The preset, with every flag given overriding its field; raises ValueError in the command line's words."""
+  """The preset, with every flag given overriding its field; raises ValueError (`in_flags` words it)."""
   overrides = {
     f.name: getattr(args, f.name)
     for f in dataclasses.fields(config_lib.Config)
@@ -163,13 +142,10 @@ def config_from_args(args: argparse.Namespace) -> config_lib.Config:
       f"{flag(wrong[0])} does not apply to --schedule={schedule}; its options "
       f"are: {', '.join(flag(o) for o in accepted) or 'none'}"
     )
-  try:
-    config = config_lib.preset(args.preset, controller_options=options, **overrides)
-    from jaxsparse.loop import check_config
+  config = config_lib.preset(args.preset, controller_options=options, **overrides)
+  from jaxsparse.loop import check_config
 
-    check_config(config)
-  except ValueError as e:
-    raise ValueError(cli_message(str(e))) from e
+  check_config(config)
   return config
 
 
@@ -179,38 +155,27 @@ def distributed_args(args: argparse.Namespace) -> dict:
   heartbeat_timeout_seconds from --heartbeat-timeout."""
   import os
 
-  given = {
-    "coordinator_address": args.coordinator_address,
-    "num_processes": args.num_processes,
-    "process_id": args.process_id,
-    "heartbeat_timeout_seconds": args.heartbeat_timeout,
-  }
+  keys = ("coordinator_address", "num_processes", "process_id", "heartbeat_timeout_seconds")
+  given = {k: getattr(args, k.replace("_seconds", "")) for k in keys}
+  named = [k for k, v in given.items() if v is not None]
   if not args.distributed:
-    named = [k for k, v in given.items() if v is not None]
     if named:
-      flag = "heartbeat-timeout" if named[0] == "heartbeat_timeout_seconds" else named[0].replace("_", "-")
-      raise ValueError(f"--{flag} needs --distributed")
+      raise ValueError(f"{flag(named[0].replace('_seconds', ''))} needs --distributed")
     return {}
-  for key, var, cast in (
-    ("coordinator_address", "JAX_COORDINATOR_ADDRESS", str),
-    ("num_processes", "JAX_NUM_PROCESSES", int),
-    ("process_id", "JAX_PROCESS_ID", int),
-  ):
+  for key, cast in (("coordinator_address", str), ("num_processes", int), ("process_id", int)):
+    var = f"JAX_{key.upper()}"
     if given[key] is None and os.environ.get(var):
       try:
         given[key] = cast(os.environ[var])
       except ValueError:
         raise ValueError(f"{var}={os.environ[var]!r} is not an integer") from None
-  if given["heartbeat_timeout_seconds"] is not None and given["heartbeat_timeout_seconds"] < 1:
-    raise ValueError(f"--heartbeat-timeout must be >= 1 second, got {given['heartbeat_timeout_seconds']}")
-  if given["num_processes"] is not None and given["num_processes"] < 1:
-    raise ValueError(f"--num-processes must be >= 1, got {given['num_processes']}")
-  if (
-    given["process_id"] is not None
-    and given["num_processes"] is not None
-    and not 0 <= given["process_id"] < given["num_processes"]
-  ):
-    raise ValueError(f"--process-id must be in [0, {given['num_processes']}), got {given['process_id']}")
+  timeout, n, i = given["heartbeat_timeout_seconds"], given["num_processes"], given["process_id"]
+  if timeout is not None and timeout < 1:
+    raise ValueError(f"--heartbeat-timeout must be >= 1 second, got {timeout}")
+  if n is not None and n < 1:
+    raise ValueError(f"--num-processes must be >= 1, got {n}")
+  if i is not None and n is not None and not 0 <= i < n:
+    raise ValueError(f"--process-id must be in [0, {n}), got {i}")
   return {k: v for k, v in given.items() if v is not None}
 
 
@@ -258,14 +223,9 @@ class _StopRequest:
 def main(argv=None) -> int:
   args = parse_args(argv)
   try:
-    config = config_from_args(args)
+    config, coordination = config_from_args(args), distributed_args(args)
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  try:
-    coordination = distributed_args(args)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {in_flags(e)}", file=sys.stderr)
     return 2
   if args.distributed:
     import jax
@@ -284,7 +244,7 @@ def main(argv=None) -> int:
   try:
     train_and_evaluate(config, workdir, fresh=args.fresh, progress=not args.no_progress, should_stop=stop)
   except (ValueError, data_lib.DataError, FloatingPointError, WorkdirError) as e:
-    print(f"error: {cli_message(str(e))}", file=sys.stderr)
+    print(f"error: {in_flags(e)}", file=sys.stderr)
     return 1
   except OSError as e:  # e.g. an unreadable --data or --cache-dir
     print(f"error: {e}; check the path, its permissions and the free disk space", file=sys.stderr)

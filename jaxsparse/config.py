@@ -1,21 +1,19 @@
 """Frozen run configurations and named presets (paper, cpu, study, overfit, smoke).
 
-`Config` is the one list of run options (with each option's help and allowed values); the choices themselves
-belong to the modules that own the concepts (models.wrn: MODELS, NORMS, CONVS; topk: GRADIENTS, SCORES;
-controllers: the schedules). The config stops at one boundary: only `jaxsparse.loop.train_and_evaluate` reads a whole `Config`; every other
-module takes explicit keyword arguments. Values marked "ours" are this project's choices, since the paper does
-not publish them (see README, "What is ours").
+`Config` is the one list of run options, each with its help and allowed values (the choices belong to the modules
+that own the concepts). Only `jaxsparse.loop` reads a whole Config; every other module takes keyword arguments.
+Values marked "ours" are this project's choices where the paper publishes none (README, "What is ours").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from jaxsparse import controllers
 from jaxsparse.models.wrn import CONVS, MODELS, NORMS
-from jaxsparse.topk import GRADIENTS, SCORES
+from jaxsparse.topk import GRADIENTS, SCORES, is_keep
 
 PAPER_KEEPS = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05)
 
@@ -31,11 +29,8 @@ def _field(default, help: str, *, choices=None, factory=None, flag: bool = True)
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Everything one training run depends on. Saved as config.json beside the run.
-
-  The single list of run options: each field carries its help text and its allowed values, which the command line
-  (experiments/run.py) turns into one flag per field (``train_size`` -> ``--train-size``).
-  """
+  """Everything one training run depends on, saved as config.json beside the run; experiments/run.py makes one
+  flag per field (``train_size`` -> ``--train-size``)."""
 
   # Data.
   data: str = _field(
@@ -112,43 +107,35 @@ class Config:
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
-      if f.metadata.get("choices") is not None:
-        _check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
-    for name in ("epochs", "batch_size", "keep_checkpoints", "eval_every"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"Config.{name} must be >= 1, got {getattr(self, name)}")
-    if isinstance(self.regimes, bool) or not isinstance(self.regimes, int) or self.regimes < 1:
-      raise ValueError(f"Config.regimes must be an integer >= 1, got {self.regimes!r}")
+      if f.metadata.get("choices") is not None and getattr(self, f.name) not in f.metadata["choices"]:
+        _fail(f.name, f"must be one of {list(f.metadata['choices'])}, got {getattr(self, f.name)!r}")
+    for name, low in (("epochs", 1), ("batch_size", 1), ("keep_checkpoints", 1), ("eval_every", 1), ("regimes", 1),
+                      ("reset_warmup_steps", 0), ("val_size", 0), ("warmup_epochs", 0)):  # fmt: skip
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        _fail(name, f"must be an integer >= {low}, got {value!r}")
     if not isinstance(self.distill, bool):
-      raise ValueError(f"Config.distill must be a bool, got {self.distill!r}")
+      _fail("distill", f"must be a bool, got {self.distill!r}")
     if self.distill and self.regimes < 2:
-      raise ValueError(f"Config.distill needs regimes >= 2 (a dense pass to learn from), got regimes={self.regimes}")
+      _fail("distill", f"needs regimes >= 2 (a dense pass to learn from), got regimes={self.regimes}")
     if self.train_size is not None and self.train_size < self.batch_size:
-      raise ValueError(f"Config.train_size ({self.train_size}) must be >= Config.batch_size ({self.batch_size})")
-    if isinstance(self.reset_warmup_steps, bool) or not isinstance(self.reset_warmup_steps, int):
-      raise ValueError(f"Config.reset_warmup_steps must be an integer >= 0, got {self.reset_warmup_steps!r}")
-    if self.reset_warmup_steps < 0:
-      raise ValueError(f"Config.reset_warmup_steps must be an integer >= 0, got {self.reset_warmup_steps}")
-    if self.val_size < 0 or self.warmup_epochs < 0:
-      raise ValueError(
-        f"Config.val_size and Config.warmup_epochs must be >= 0, got {self.val_size}, {self.warmup_epochs}"
+      raise OptionError(
+        lambda n: f"{n('train_size')} ({self.train_size}) must be >= {n('batch_size')} ({self.batch_size})"
       )
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"Config.dropout must be in [0, 1), got {self.dropout}")
-    if not self.learning_rate > 0 or self.weight_decay < 0:
-      raise ValueError(
-        f"need Config.learning_rate > 0 and Config.weight_decay >= 0, got {self.learning_rate}, {self.weight_decay}"
-      )
-    bad = [k for k in self.eval_keeps if not 0.0 < k <= 1.0]
-    if bad or not self.eval_keeps:
-      raise ValueError(f"Config.eval_keeps must be a non-empty list of values in (0, 1], got {self.eval_keeps}")
+    for name, ok, rule in (
+      ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+      ("learning_rate", self.learning_rate > 0, "> 0"),
+      ("weight_decay", self.weight_decay >= 0, ">= 0"),
+    ):
+      if not ok:
+        _fail(name, f"must be {rule}, got {getattr(self, name)}")
+    if not is_keep(list(self.eval_keeps)):
+      _fail("eval_keeps", f"must be keep ratios in (0, 1], got {self.eval_keeps}")
     object.__setattr__(self, "eval_keeps", tuple(float(k) for k in self.eval_keeps))
     object.__setattr__(self, "controller_options", dict(self.controller_options))
 
   def replace(self, **changes) -> "Config":
-    unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-    if unknown:
-      raise ValueError(f"unknown config fields: {sorted(unknown)}")
+    _check_known(changes)
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict[str, Any]:
@@ -161,31 +148,46 @@ class Config:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "Config":
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"unknown config fields: {sorted(unknown)}")
-    d = dict(d)
-    if "eval_keeps" in d:
-      d["eval_keeps"] = tuple(d["eval_keeps"])
+    _check_known(d)
     return cls(**d)
 
 
-def _check_choice(name, value, choices):
-  if value not in choices:
-    raise ValueError(f"Config.{name} must be one of {list(choices)}, got {value!r}")
+def _check_known(fields) -> None:
+  unknown = set(fields) - {f.name for f in dataclasses.fields(Config)}
+  if unknown:
+    raise ValueError(f"unknown config fields: {sorted(unknown)}")
+
+
+def library_name(option: str) -> str:
+  """How library errors name an option: a Config field as ``Config.<field>``; `train_and_evaluate`'s `fresh` as
+  ``fresh=True`` and `workdir` as itself."""
+  return {"fresh": "fresh=True", "workdir": "workdir"}.get(option, f"Config.{option}")
+
+
+class Explained:
+  """An error whose message is ``explain(name)``, where `name` spells each option it mentions (`library_name` in
+  the library); a front end spells them its own way, e.g. as flags: ``e.explain(flag)``."""
+
+  def __init__(self, explain: Callable[[Callable[[str], str]], str]):
+    self.explain = explain
+    super().__init__(explain(library_name))
+
+
+class OptionError(Explained, ValueError):
+  """A bad run option (see `Explained`)."""
+
+
+def _fail(field: str, problem: str):
+  raise OptionError(lambda n: f"{n(field)} {problem}")
 
 
 # Named presets. Each is the full Config; flags override fields one by one.
 PRESETS: dict[str, Config] = {
   # The paper's setting: WRN-28-4, RMSNorm, CIFAR-10 without augmentation, 200 epochs (ours).
   "paper": Config(),
-  # Fits a 2-core CPU in under 20 minutes: a small WRN on a stratified 5k-image subset, where training
-  # without augmentation overfits within the run.
-  # Dense test accuracy every 5 epochs (and at the last): 10k test images cost ~0.6 of a 5k-image training epoch.
+  # The README's CPU run: a small WRN on a stratified 5k-image subset (timings: docs/performance.md).
   "cpu": Config(model="wrn16_1", train_size=5000, val_size=1000, epochs=20, warmup_epochs=1, eval_every=5),
-  # The CPU study (docs/results.md): 15 runs (5 variants x 3 seeds) in ~1.5 h on 2 cores, two runs at a time.
-  # 4k training images without augmentation, 12 epochs of 63 steps; batch 64 for twice the updates per epoch.
-  # Dense test accuracy at epochs 4, 8 and 12 (the controllers read validation accuracy, every epoch).
+  # The first CPU study's recipe (docs/results.md): 4k images, batch 64, 12 epochs.
   "study": Config(
     model="wrn16_1",
     train_size=4000,
@@ -197,10 +199,8 @@ PRESETS: dict[str, Config] = {
     eval_keeps=(1.0, 0.5, 0.3, 0.2, 0.1, 0.05),
     eval_every=4,
   ),
-  # A CPU proxy of the paper's regime (a model that memorises its training set), chosen by a measured pilot
-  # (docs/results.md, "Evidence study"): the study recipe with a WRN-16-2 on 2k images for 40 epochs. Dense
-  # training reaches train accuracy 1.0 by epoch 27 and its test accuracy is flat from there; ~20 min per run on
-  # one core of the 2-core Xeon. Dense test accuracy every 5 epochs (validation: every epoch).
+  # A CPU proxy of the paper's regime, a model that memorises its training set (docs/results.md, "Evidence
+  # study"): the study recipe with a WRN-16-2 on 2k images for 40 epochs.
   "overfit": Config(
     model="wrn16_2",
     train_size=2000,

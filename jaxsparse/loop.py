@@ -1,18 +1,14 @@
 """train_and_evaluate(config, workdir): the training loop, and the only reader of a whole Config.
 
 Side effects live here (files, logs, checkpoints, device transfers); the steps and controllers it drives are pure.
-Run directory layout:
-  workdir/config.json  metrics.jsonl  summary.json  provenance.jsonl  checkpoints/  plots/*.png
+Run directory: config.json  metrics.jsonl  summary.json  provenance.jsonl  checkpoints/  plots/*.png
 
 Interruptions lose nothing. Checkpoints are keyed by the global optimizer step: every epoch end is saved, and a
-stop request (`should_stop`, or a KeyboardInterrupt during the train steps) saves the current step with the data
-position and the partial epoch's metric sums in its meta, so the resumed run continues mid-epoch and ends bitwise
-identical to an uninterrupted one. A checkpoint that fails to load is skipped, logged and moved aside. Every
-failure to write the run directory (read-only, disk full) is a `WorkdirError` naming the file and the fix.
-
-Several processes (after `jax.distributed.initialize()`): every process trains on its slice of each batch, saves and
-restores the checkpoints with the others, and combines its stop flag with theirs after every step; process 0 alone
-writes the run's files and logs the epochs.
+stop request (`should_stop`, or a KeyboardInterrupt during the train steps) saves the current step with the
+partial epoch's metric sums in its meta, so the resumed run continues mid-epoch and ends bitwise identical to an
+uninterrupted one. With several processes (after `jax.distributed.initialize()`) every process trains on its slice
+of each batch, checkpoints with the others and combines its stop flag with theirs after every step; process 0
+alone writes the run's files and logs.
 """
 
 from __future__ import annotations
@@ -35,10 +31,10 @@ from jaxsparse import checkpoint as checkpoint_lib
 from jaxsparse import controllers as controllers_lib
 from jaxsparse import data as data_lib
 from jaxsparse import macs as macs_lib
-from jaxsparse import parallel, provenance, report
+from jaxsparse import parallel, plots, provenance, report
 from jaxsparse import train as train_lib
 from jaxsparse import workdir as workdir_lib
-from jaxsparse.config import Config
+from jaxsparse.config import Config, OptionError
 from jaxsparse.models import WideResNet, resolve_conv
 from jaxsparse.models.wrn import MODELS
 from jaxsparse.workdir import ConfigMismatchError, WorkdirError  # noqa: F401  (re-exported)
@@ -48,11 +44,7 @@ _logger = logging.getLogger("jaxsparse")
 
 class Interrupted(KeyboardInterrupt):
   """The run stopped on request (`should_stop`, Ctrl-C); its message says what was saved and how to resume.
-
-  Attributes:
-    checkpoint: directory of the checkpoint to resume from; None if none was saved yet.
-    step: the global optimizer step of that checkpoint (0 if none).
-  """
+  `checkpoint` is the directory to resume from (None if none was saved yet), `step` its optimizer step."""
 
   def __init__(self, message: str = "interrupted", *, checkpoint: str | None = None, step: int = 0):
     super().__init__(message)
@@ -80,22 +72,26 @@ def build_controller(config: Config) -> controllers_lib.Controller:
 
 
 def check_config(config: Config) -> controllers_lib.Controller:
-  """Checks what a Config cannot check alone (the controller and its options); returns the controller.
-
-  Raises:
-    ValueError: naming the bad option and the fix, e.g. for `preset("smoke", schedule="adaptive_b", val_size=0)`:
-      "schedule 'adaptive_b' needs a validation split: set Config.val_size > 0".
+  """Checks what a Config cannot check alone (the controller and its options, the retention, the run to start
+  from); returns the controller. Raises OptionError (or the controller's ValueError) naming the option and the fix.
   """
   controller = build_controller(config)
-  checkpoint_lib.cycle_retention(config.keep_cycles, name="Config.keep_cycles")
+  try:
+    checkpoint_lib.cycle_retention(config.keep_cycles)
+  except ValueError:
+    raise OptionError(
+      lambda n: f"{n('keep_cycles')} must be {checkpoint_lib.RETENTION}, got {config.keep_cycles!r}"
+    ) from None
   check_source(config)
   if controller.needs_validation and config.val_size < 1:
-    raise ValueError(f"schedule {config.schedule!r} needs a validation split: set Config.val_size > 0")
+    raise OptionError(lambda n: f"schedule {config.schedule!r} needs a validation split: set {n('val_size')} > 0")
   if config.regimes > 1 and config.schedule == "dense":
-    raise ValueError(
-      f"regimes={config.regimes} trains keeps from the controller's keep up to 1.0, and schedule "
-      "'dense' keeps 1.0: every pass would be dense. For a fixed smallest keep use schedule "
-      "'constant' with controller_options {'keep': k}"
+    raise OptionError(
+      lambda n: (
+        f"{n('regimes')}={config.regimes} trains keeps from the controller's keep up to 1.0, and schedule "
+        f"'dense' keeps 1.0: every pass would be dense. For a fixed smallest keep use {n('schedule')} 'constant' with "
+        "its keep option"
+      )
     )
   return controller
 
@@ -125,11 +121,8 @@ def initial_state(config: Config, steps_per_epoch: int, mesh, controller=None) -
 
 
 def load_trained(workdir: str | os.PathLike, *, mesh=None) -> tuple[Config, train_lib.TrainState, data_lib.Dataset]:
-  """(config, state, data) of the run in `workdir`: its saved config, its newest checkpoint and its dataset.
-
-  For evaluating a trained run on other data (normalise with ``data.mean`` / ``data.std``, as in training).
-  Raises FileNotFoundError when `workdir` has no config.json or no checkpoint.
-  """
+  """(config, state, data) of the run in `workdir`: its saved config, newest checkpoint and dataset (normalise other
+  data with its ``mean`` / ``std``). Raises FileNotFoundError when `workdir` has no config.json or no checkpoint."""
   workdir = Path(workdir)
   config_path = workdir / "config.json"
   if not config_path.exists():
@@ -146,65 +139,54 @@ def load_trained(workdir: str | os.PathLike, *, mesh=None) -> tuple[Config, trai
 
 
 def check_source(config: Config) -> tuple[Config, dict] | None:
-  """(config, summary) of the run ``config.init_from`` names (None without one), checked before any work.
-
-  Raises:
-    ValueError: naming ``Config.init_from`` and the path when it is not a run directory, holds no finished run
-      (no summary.json) or trained another model (``model`` or ``norm`` differ: the parameters would not fit).
-  """
+  """(config, summary) of the run ``config.init_from`` names (None without one). Raises OptionError naming the
+  field and the path when it is not a run directory, holds no finished run or trained another model or norm."""
   if config.init_from is None:
     return None
   source = Path(config.init_from)
-  where = f"Config.init_from: {source}"
+
+  def fail(problem: str):
+    raise OptionError(lambda n: f"{n('init_from')}: {source} {problem}")
+
   if not (source / "config.json").is_file():
-    raise ValueError(f"{where} is not a run directory (no config.json)")
+    fail("is not a run directory (no config.json)")
   if not (source / "summary.json").is_file():
-    raise ValueError(f"{where} holds no finished run (no summary.json): finish it or choose another run")
+    fail("holds no finished run (no summary.json): finish it or choose another run")
   source_config = Config.from_dict(json.loads((source / "config.json").read_text()))
   theirs, ours = ((c.model, c.norm) for c in (source_config, config))
   if theirs != ours:
-    raise ValueError(f"{where} holds a {theirs[0]} model (norm {theirs[1]}), not this config's {ours[0]} ({ours[1]})")
+    fail(f"holds a {theirs[0]} model (norm {theirs[1]}), not this config's {ours[0]} ({ours[1]})")
   return source_config, json.loads((source / "summary.json").read_text())
 
 
 def init_from(config: Config, state: train_lib.TrainState, mesh) -> tuple[train_lib.TrainState, dict]:
-  """`state` with the final parameters and model state of the finished run in ``config.init_from``, and where
-  they came from ({"run", "step", "test_accuracy"}); the optimiser, step and controller stay `state`'s.
-
-  Raises:
-    ValueError: as `check_source`, or when the source has no checkpoint of its final step.
-  """
+  """`state` with the final parameters and model state of the finished run in ``config.init_from`` (the optimiser,
+  step and controller stay `state`'s), and their origin {"run", "step", "test_accuracy"}. Raises OptionError as
+  `check_source`, or when the source has no checkpoint of its final step."""
   source_config, summary = check_source(config)
   source = Path(config.init_from)
   template = initial_state(source_config, 1, mesh)  # the source's own structure, so restoring never fails on it
   with checkpoint_lib.Checkpointer(source / "checkpoints") as ckpt:
     if summary["steps"] not in ckpt.all_steps():
-      raise ValueError(f"Config.init_from: {source} has no checkpoint of its final step {summary['steps']}")
+      raise OptionError(lambda n: f"{n('init_from')}: {source} has no checkpoint of its final step {summary['steps']}")
     restored, _ = ckpt.restore(summary["steps"], template)
   origin = {"run": str(source.resolve()), "step": summary["steps"], "test_accuracy": summary["test_accuracy"]}
   return state.replace(params=restored.params, model_state=restored.model_state), origin
 
 
 def _load_data(config: Config, *, progress: bool) -> data_lib.Dataset:
-  bar = None
+  bars = []  # the download's bar, made when a download starts
 
   def on_download(done: int, total: int):
-    nonlocal bar
-    if bar is None:
-      bar = tqdm(total=total, unit="B", unit_scale=True, desc="download CIFAR-10", disable=not progress)
-    bar.update(done - bar.n)
+    if not bars:
+      bars.append(tqdm(total=total, unit="B", unit_scale=True, desc="download CIFAR-10", disable=not progress))
+    bars[0].update(done - bars[0].n)
 
   try:
-    return data_lib.load(
-      config.data,
-      cache_dir=config.cache_dir,
-      val_size=config.val_size,
-      train_size=config.train_size,
-      seed=config.seed,
-      progress=on_download,
-    )
+    kwargs = dict(val_size=config.val_size, train_size=config.train_size, seed=config.seed, progress=on_download)
+    return data_lib.load(config.data, cache_dir=config.cache_dir, **kwargs)
   finally:
-    if bar is not None:
+    for bar in bars:
       bar.close()
 
 
@@ -233,12 +215,9 @@ def evaluate(eval_fn, state, split, *, keep: float, batch_size: int, mean, std, 
 
 
 def keep_curve(evaluate_at: Callable[[float], dict], model: WideResNet, params_and_state, keeps) -> tuple[dict, float]:
-  """({keep: {"accuracy", "density", "macs", "macs_fraction"}}, dense MACs per example) of a trained model.
-
-  `evaluate_at(keep)` evaluates at one keep (`evaluate`'s result); "density" is the mean achieved density over
-  the sites, "macs" the effective MACs per example (`jaxsparse.macs.effective_macs` over every conv and the
-  classifier, the stem counted dense) and "macs_fraction" their share of the dense MACs.
-  """
+  """({keep: {"accuracy", "density", "macs", "macs_fraction"}}, dense MACs per example) of a trained model, from
+  `evaluate_at(keep)` (`evaluate`'s result): the mean achieved density over the sites, the effective MACs per
+  example (`jaxsparse.macs.effective_macs`: every conv and the classifier, the stem dense) and their share of dense."""
   layer = macs_lib.layer_macs(model, params_and_state, jnp.zeros((1, 32, 32, 3), jnp.float32))
   dense = float(sum(layer.values()))
   curve = {}
@@ -254,26 +233,15 @@ def keep_curve(evaluate_at: Callable[[float], dict], model: WideResNet, params_a
   return curve, dense
 
 
-def _device_summary() -> str:
-  d = jax.devices()
-  return f"{len(d)} x {d[0].device_kind} ({d[0].platform})"
-
-
-def _conv_summary(config: Config) -> str:
-  if config.conv != "auto":
-    return config.conv
-  resolved = resolve_conv(config.conv)
-  return "auto -> per layer (xla or wgrad_matmul by shape)" if resolved == "auto" else f"auto -> {resolved}"
-
-
 class _EpochSums:
-  """Per-step metrics of one epoch summed in step order in float64: exact through JSON, so an epoch resumed from
-  a mid-epoch checkpoint averages to the same bits as an uninterrupted one. The loss and accuracy of the epoch's
+  """Per-step metrics of one epoch summed in step order in float64: exact through a checkpoint's JSON meta, so an
+  epoch resumed mid-way averages to the same bits as an uninterrupted one. The loss and accuracy of the epoch's
   first `head_steps` steps are also summed apart (`head_means`): what a reset's first dense steps cost."""
 
-  def __init__(self, sums: dict[str, float] | None = None, count: int = 0, head: dict | None = None, head_steps=1):
-    self.sums, self.count = dict(sums or {}), int(count)
-    self.head, self.head_steps = dict(head or {}), head_steps
+  def __init__(self, head_steps: int, meta: dict | None = None):
+    meta = meta or {}
+    self.sums, self.count = dict(meta.get("partial_sums", {})), int(meta.get("partial_count", 0))
+    self.head, self.head_steps = dict(meta.get("partial_head", {})), head_steps
 
   def add(self, metrics: dict) -> None:
     for k, v in metrics.items():
@@ -288,85 +256,38 @@ class _EpochSums:
   def head_means(self) -> dict[str, float]:
     return {k: v / min(self.count, self.head_steps) for k, v in self.head.items()}
 
+  def meta(self, wall_time_s: float) -> dict:
+    """A checkpoint's meta: these sums and the run's wall time (where the run stands is the state's own)."""
+    return {
+      "partial_sums": self.sums,
+      "partial_count": self.count,
+      "partial_head": self.head,
+      "wall_time_s": wall_time_s,
+    }
 
-def _position(sums: _EpochSums, wall_time_s: float) -> dict:
-  """A checkpoint's meta: the metric sums of the current epoch's finished steps and the run's wall time. Where the
-  run stands (epoch, step in the epoch, cycle) is the train state's own: its step and its controller state."""
-  return {"partial_sums": sums.sums, "partial_count": sums.count, "partial_head": sums.head, "wall_time_s": wall_time_s}
+
+def _where(step: int, steps_per_epoch: int) -> str:
+  epoch, in_epoch = divmod(step, steps_per_epoch)
+  return f"epoch {epoch + 1}, step {in_epoch} of {steps_per_epoch}" if in_epoch else f"end of epoch {epoch}"
 
 
-def _restore(ckpt: checkpoint_lib.Checkpointer, state, steps_per_epoch: int, log: Callable[[str], None]):
+def _restore(ckpt: checkpoint_lib.Checkpointer, state, steps_per_epoch: int):
   """(state, meta) of the newest checkpoint that loads; the fresh state and an empty meta if none."""
   try:
     restored = ckpt.restore_latest(state)
   except RuntimeError as e:
     raise ConfigMismatchError(
-      f"no checkpoint in {ckpt.directory} fits this config's model (see the log above); pass fresh=True to start "
-      f"over, or choose another workdir"
+      lambda n: (
+        f"no checkpoint in {ckpt.directory} fits this config's model; pass {n('fresh')} to start over, or "
+        f"choose another {n('workdir')}"
+      )
     ) from e
   if restored is None:
-    return state, _position(_EpochSums(), 0.0)
-  if restored.skipped:
-    log(
-      f"resuming from an older checkpoint: the newer one(s) at step(s) {[s for s, _ in restored.skipped]} "
-      f"could not be read (moved aside as <step>.corrupt; their steps will be redone)"
-    )
-  epoch, in_epoch = divmod(int(restored.state.step), steps_per_epoch)
-  log(
-    f"resumed from {ckpt.path(restored.step)}: step {restored.step} "
-    + (f"(epoch {epoch + 1}, step {in_epoch} of {steps_per_epoch})" if in_epoch else f"(end of epoch {epoch})")
+    return state, {}
+  _logger.info(
+    f"resumed from {ckpt.path(restored.step)}: step {restored.step} ({_where(restored.step, steps_per_epoch)})"
   )
-  meta = {k: restored.meta[k] for k in _position(_EpochSums(), 0.0) if k in restored.meta}  # older metas had more
-  return restored.state, {**_position(_EpochSums(), 0.0), **meta}
-
-
-def _is_alive(state) -> bool:
-  return not any(leaf.is_deleted() for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array))
-
-
-def _run_steps(train_fn, state, batches, keep, sums: _EpochSums, *, first_step: int, check, should_stop, bar):
-  """Runs train steps over `batches`, adding each step's metrics to `sums`; returns (state, stopped).
-
-  The metrics of step t are read after step t+1 is dispatched (no pipeline stall). Stops early, with every
-  finished step counted in `sums`, when `should_stop()` or on a KeyboardInterrupt. If the interrupt hit where the
-  state and `sums` disagree (e.g. inside the donated step call), raises a bare `Interrupted` instead.
-  """
-  pending, stopped = None, False
-  try:
-    for batch in batches:
-      state, metrics = train_fn(state, batch, keep)
-      if pending is not None:
-        sums.add(check(jax.device_get(pending), int(state.step) - 1))
-      pending = metrics
-      bar.update(1)
-      if should_stop():
-        stopped = True
-        break
-  except KeyboardInterrupt:
-    stopped = True
-    consistent = _is_alive(state) and sums.count + (pending is not None) == int(state.step) - first_step
-    if not consistent:
-      raise Interrupted() from None
-  if pending is not None:
-    sums.add(check(jax.device_get(pending), int(state.step)))
-  return state, stopped
-
-
-def _interrupted(ckpt: checkpoint_lib.Checkpointer, steps_per_epoch: int) -> Interrupted:
-  """The Interrupted error naming the newest checkpoint and how to resume."""
-  with workdir_lib.writing(ckpt.directory):
-    steps = ckpt.all_steps()
-  if not steps:
-    return Interrupted("interrupted before the first checkpoint; run the same command again to start over")
-  step = steps[-1]
-  epoch, in_epoch = divmod(step, steps_per_epoch)
-  where = f"epoch {epoch + 1}, step {in_epoch} of {steps_per_epoch}" if in_epoch else f"end of epoch {epoch}"
-  return Interrupted(
-    f"interrupted; checkpoint {ckpt.path(step)} holds step {step} ({where}); run the same "
-    f"command again (or train_and_evaluate with the same config and workdir) to resume",
-    checkpoint=ckpt.path(step),
-    step=step,
-  )
+  return restored.state, restored.meta
 
 
 def train_and_evaluate(
@@ -375,78 +296,59 @@ def train_and_evaluate(
   *,
   fresh: bool = False,
   progress: bool = True,
-  log: Callable[[str], None] | None = None,
   should_stop: Callable[[], bool] | None = None,
 ) -> dict:
-  """Trains `config` in `workdir`, resuming from its checkpoints if any, and returns the summary dict.
+  """Trains `config` in `workdir` and returns the summary (also workdir/summary.json: final dense test_accuracy,
+  keep_curve, keep_macs, cycles, wall_time_s, provenance, ...). Epochs, resumes and fallbacks go to the "jaxsparse"
+  logger.
 
-  Args:
-    config: the run's config (see `jaxsparse.config`).
-    workdir: run directory; created if missing. If it holds checkpoints of the same config the run resumes,
-      mid-epoch if it was stopped mid-epoch, and ends exactly as an uninterrupted run would.
-    fresh: delete this run's previous outputs in `workdir` first.
-    progress: show a progress bar (tqdm, on stderr).
-    log: receives one human-readable line per epoch, resume, checkpoint fallback and at the end (default: the
-      "jaxsparse" logger).
-    should_stop: polled after every train step (e.g. a signal handler's flag); when it returns True the current
-      step is checkpointed and `Interrupted` is raised.
+  If `workdir` holds checkpoints of the same config the run resumes, mid-epoch if it stopped mid-epoch, and ends
+  exactly as an uninterrupted run would; `fresh` deletes its previous outputs first. `progress` shows a tqdm bar.
+  `should_stop` is polled after every step (e.g. a signal handler's flag): True checkpoints the current step and
+  raises `Interrupted`, as Ctrl-C does; its message names the checkpoint to resume from.
 
-  Returns:
-    The summary (also written to workdir/summary.json): test_accuracy (final, dense), best_test_accuracy,
-    keep_curve {keep: test accuracy}, cycles, epochs, wall_time_s, device, data_source, ...
-
-  Raises:
-    Interrupted: on `should_stop()` or Ctrl-C (a KeyboardInterrupt); the message names the checkpoint to resume
-      from. ConfigMismatchError: `workdir` holds another config's run. WorkdirError: `workdir` cannot be written.
-    FloatingPointError: a non-finite training loss (names the step and the last good checkpoint). ValueError,
-    data.DataError: a bad option or data source.
-
-  Example:
-    >>> summary = train_and_evaluate(preset("smoke", data="cifar10.npz"), "runs/smoke")
-    >>> summary["test_accuracy"]
+  Raises ConfigMismatchError (`workdir` holds another config's run), WorkdirError (it cannot be written),
+  FloatingPointError (a non-finite training loss), OptionError, ValueError or data.DataError (bad options or data).
   """
-  ckpt_log = log or _logger.warning  # checkpoint fallbacks must be seen even with the default logger
-  # Multi-process runs: every process computes; process 0 alone writes the run's files and logs epochs.
   primary = parallel.is_primary()
-  log = (log or _logger.info) if primary else (lambda _: None)
+  log = _logger.info if primary else (lambda _: None)
   user_stop = should_stop or (lambda: False)
   should_stop = (lambda: parallel.any_process(user_stop())) if jax.process_count() > 1 else user_stop
   workdir = Path(workdir)
   controller = check_config(config)  # validates the schedule and its options before any work
-  origin = _open_workdir(config, workdir, fresh=fresh, primary=primary)
+  workdir_lib.prepare_workdir(config, workdir, fresh=fresh, write=primary)
+  origin = provenance.provenance()  # where this process runs, taken at its start (the tree may change meanwhile)
+  if primary:  # one line per (re)start: where each part ran
+    started = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "process_count": jax.process_count()}
+    workdir_lib.append_line(workdir / "provenance.jsonl", json.dumps({**started, **origin}))
+  parallel.sync("jaxsparse:workdir")  # the run directory is ready (and, with fresh, emptied) for every process
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   ds = _load_data(config, progress=progress and primary)
   steps_per_epoch = data_lib.steps_per_epoch(len(ds.train.labels), config.batch_size)
+  total_steps = steps_per_epoch * config.epochs
   state = initial_state(config, steps_per_epoch, mesh, controller)
   with workdir_lib.writing(workdir / "checkpoints"):
     ckpt = checkpoint_lib.Checkpointer(
-      workdir / "checkpoints", keep_latest=config.keep_checkpoints, keep_cycles=config.keep_cycles, log=ckpt_log
+      workdir / "checkpoints", keep_latest=config.keep_checkpoints, keep_cycles=config.keep_cycles
     )
-  with ckpt:
-    run = _Run(config, workdir, ds, mesh, steps_per_epoch, ckpt, primary, log, controller)
-    state, meta = _restore(ckpt, state, steps_per_epoch, log)
+  with ckpt, workdir_lib.writing(f"the run directory {workdir}"):
+    run = _Run(config, workdir, ds, mesh, steps_per_epoch, ckpt, primary, controller)
+    state, meta = _restore(ckpt, state, steps_per_epoch)
     source = None
     if config.init_from is not None:
       fresh_state, source = init_from(config, state, mesh)
       if int(state.step) == 0:  # else resumed from this run's own checkpoint
         state = fresh_state
         log(f"initialised from {source['run']} (step {source['step']}, test accuracy {source['test_accuracy']:.4f})")
-    history = workdir_lib.read_history(run.metrics_path, int(state.step) // steps_per_epoch, log, write=primary)
+    history = workdir_lib.read_history(run.metrics_path, int(state.step) // steps_per_epoch, write=primary)
     t_start = time.time()
-    wall = lambda: float(meta["wall_time_s"]) + time.time() - t_start  # noqa: E731
-    total_steps = steps_per_epoch * config.epochs
+    wall = lambda: float(meta.get("wall_time_s", 0.0)) + time.time() - t_start  # noqa: E731
     bar = tqdm(
-      total=total_steps,
-      initial=int(state.step),
-      disable=not (progress and primary),
-      unit="step",
-      dynamic_ncols=True,
-      desc="train",
+      total=total_steps, initial=int(state.step), disable=not (progress and primary), unit="step", desc="train"
     )
-    # Steps already done in the current epoch; the first tenth of an epoch's steps are also summed apart.
-    new_sums = functools.partial(_EpochSums, head_steps=max(1, steps_per_epoch // 10))
-    sums = new_sums(meta["partial_sums"], meta["partial_count"], meta["partial_head"])
+    new_sums = functools.partial(_EpochSums, max(1, steps_per_epoch // 10))  # the first tenth of an epoch apart
+    sums = new_sums(meta)
     try:
       if should_stop():
         raise Interrupted()
@@ -455,7 +357,7 @@ def train_and_evaluate(
         epoch = int(state.step) // steps_per_epoch
         state, stopped = _train_epoch(run, state, epoch, sums, history, should_stop=should_stop, bar=bar)
         if stopped and int(state.step) < (epoch + 1) * steps_per_epoch:  # else finish the epoch, then stop
-          run.save(state, _position(sums, wall()))
+          run.save(state, sums.meta(wall()))
           raise Interrupted()
         state, record = _end_epoch(run, state, epoch, sums, t_epoch=t_epoch, wall=wall)
         history.append(record)
@@ -471,46 +373,12 @@ def train_and_evaluate(
   return summary
 
 
-def _open_workdir(config: Config, workdir: Path, *, fresh: bool, primary: bool) -> dict:
-  """Prepares the run directory (process 0 writes, the others check) and records where this process runs, taken at
-  its start (the tree may change while it runs); returns that provenance."""
-  with workdir_lib.writing(f"the run directory {workdir}"):
-    workdir_lib.prepare_workdir(config, workdir, fresh=fresh, write=primary)
-  origin = provenance.provenance()
-  if primary:
-    with workdir_lib.writing(workdir / "provenance.jsonl"):  # one line per (re)start: where each part ran
-      workdir_lib.append_line(
-        workdir / "provenance.jsonl",
-        json.dumps(
-          {
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "process_count": jax.process_count(),
-            **origin,
-          }
-        ),
-      )
-  parallel.sync("jaxsparse:workdir")  # the run directory is ready (and, with fresh, emptied) for every process
-  return origin
-
-
 class _Run:
-  """What the parts of one run share: its config, data, mesh, compiled steps, checkpoints and log."""
+  """What the parts of one run share: its config, data, mesh, compiled steps and checkpoints."""
 
-  def __init__(
-    self,
-    config: Config,
-    workdir: Path,
-    ds: data_lib.Dataset,
-    mesh,
-    steps_per_epoch: int,
-    ckpt: checkpoint_lib.Checkpointer,
-    primary: bool,
-    log: Callable[[str], None],
-    controller,
-  ):
-    self.config, self.workdir, self.ds, self.mesh = config, workdir, ds, mesh
-    self.steps_per_epoch, self.ckpt, self.primary, self.log = steps_per_epoch, ckpt, primary, log
-    self.metrics_path = workdir / "metrics.jsonl"
+  def __init__(self, config: Config, workdir: Path, ds, mesh, steps_per_epoch: int, ckpt, primary: bool, controller):
+    self.config, self.workdir, self.ds, self.mesh, self.ckpt = config, workdir, ds, mesh, ckpt
+    self.steps_per_epoch, self.primary, self.metrics_path = steps_per_epoch, primary, workdir / "metrics.jsonl"
     rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     step = functools.partial(
       train_lib.train_step, regimes=config.regimes, distill=config.distill, reset_warmup=config.reset_warmup_steps
@@ -521,20 +389,14 @@ class _Run:
     self.lr_at = _lr_schedule(config, steps_per_epoch)
 
   def evaluate(self, state, split, keep: float) -> dict:
+    ds = self.ds
+    batch_size = 2 * self.config.batch_size
     return evaluate(
-      self.eval_fn,
-      state,
-      split,
-      keep=keep,
-      batch_size=2 * self.config.batch_size,
-      mean=self.ds.mean,
-      std=self.ds.std,
-      mesh=self.mesh,
+      self.eval_fn, state, split, keep=keep, batch_size=batch_size, mean=ds.mean, std=ds.std, mesh=self.mesh
     )
 
   def save(self, state, meta: dict, cycle_end: int | None = None) -> None:
-    with workdir_lib.writing(f"checkpoint {self.ckpt.path(int(state.step))}"):
-      self.ckpt.save(int(state.step), state, meta=meta, cycle_end=cycle_end)
+    self.ckpt.save(int(state.step), state, meta=meta, cycle_end=cycle_end)
 
 
 def _cycle_start(history: list[dict], cycle: int, epoch: int, steps_per_epoch: int) -> int:
@@ -545,13 +407,23 @@ def _cycle_start(history: list[dict], cycle: int, epoch: int, steps_per_epoch: i
   return steps_per_epoch * next((r["epoch"] - 1 for r in history if r["cycle"] == cycle), epoch)
 
 
+def _is_alive(state) -> bool:
+  return not any(leaf.is_deleted() for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array))
+
+
 def _train_epoch(run: _Run, state, epoch: int, sums: _EpochSums, history: list[dict], *, should_stop, bar):
   """Trains the rest of `epoch` from the state's step at the controller's keep, adding each step's metrics to
-  `sums`; returns (state, stopped)."""
+  `sums`; returns (state, stopped).
+
+  The metrics of step t are read after step t+1 is dispatched (no pipeline stall). Stops early, with every
+  finished step counted in `sums`, when `should_stop()` or on a KeyboardInterrupt; if the interrupt hit where the
+  state and `sums` disagree (e.g. inside the donated step call), raises a bare `Interrupted` instead.
+  """
   rep = parallel.replicated(run.mesh)
   keep = jax.device_put(jnp.float32(float(state.controller.keep)), rep)
-  cycle_start = _cycle_start(history, int(state.controller.cycle), epoch, run.steps_per_epoch)
-  reset_step = jax.device_put(jnp.int32(cycle_start), rep)
+  reset_step = jax.device_put(
+    jnp.int32(_cycle_start(history, int(state.controller.cycle), epoch, run.steps_per_epoch)), rep
+  )
   first_step = epoch * run.steps_per_epoch
   batches = data_lib.train_batches(
     run.ds.train,
@@ -565,16 +437,38 @@ def _train_epoch(run: _Run, state, epoch: int, sums: _EpochSums, history: list[d
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  return _run_steps(
-    lambda s, b, k: run.train_fn(s, b, k, reset_step),
-    state,
-    parallel.prefetch_to_mesh(batches, run.mesh),
-    keep,
-    sums,
-    first_step=first_step,
-    should_stop=should_stop,
-    bar=bar,
-    check=lambda m, step: _check_finite(m, step, epoch, run.ckpt),
+  check = lambda m, step: sums.add(_check_finite(jax.device_get(m), step, epoch, run.ckpt))  # noqa: E731
+  pending, stopped = None, False
+  try:
+    for batch in parallel.prefetch_to_mesh(batches, run.mesh):
+      state, metrics = run.train_fn(state, batch, keep, reset_step)
+      if pending is not None:
+        check(pending, int(state.step) - 1)
+      pending = metrics
+      bar.update(1)
+      if should_stop():
+        stopped = True
+        break
+  except KeyboardInterrupt:
+    stopped = True
+    if not (_is_alive(state) and sums.count + (pending is not None) == int(state.step) - first_step):
+      raise Interrupted() from None
+  if pending is not None:
+    check(pending, int(state.step))
+  return state, stopped
+
+
+def _interrupted(ckpt: checkpoint_lib.Checkpointer, steps_per_epoch: int) -> Interrupted:
+  """The Interrupted error naming the newest checkpoint and how to resume."""
+  steps = ckpt.all_steps()
+  if not steps:
+    return Interrupted("interrupted before the first checkpoint; run the same command again to start over")
+  step = steps[-1]
+  return Interrupted(
+    f"interrupted; checkpoint {ckpt.path(step)} holds step {step} ({_where(step, steps_per_epoch)}); run the same "
+    f"command again (or train_and_evaluate with the same config and workdir) to resume",
+    checkpoint=ckpt.path(step),
+    step=step,
   )
 
 
@@ -619,10 +513,10 @@ def _end_epoch(run: _Run, state, epoch: int, sums: _EpochSums, *, t_epoch: float
     "wall_time_s": wall(),
   }
   if run.primary:
-    with workdir_lib.writing(run.metrics_path):
-      workdir_lib.append_line(run.metrics_path, json.dumps(record))
-  run.save(state, _position(_EpochSums(), record["wall_time_s"]), cycle_end=cycle_end)
-  run.log(_epoch_line(record, config.epochs))
+    workdir_lib.append_line(run.metrics_path, json.dumps(record))
+  run.save(state, _EpochSums(0).meta(record["wall_time_s"]), cycle_end=cycle_end)
+  if run.primary:
+    _logger.info(_epoch_line(record, config.epochs))
   return state, record
 
 
@@ -648,38 +542,33 @@ def _finish(run: _Run, state, history: list[dict], origin: dict, source: dict | 
   summary = report.summarize(
     history,
     keep_curve=keep_curve_acc,
-    device=_device_summary(),
+    device=f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform})",
     data_source=run.ds.source,
     config=run.config.to_dict(),
     keep_macs=keep_macs,
     dense_macs=dense_macs,
   )
-  summary["conv"] = _conv_summary(run.config)  # what "auto" meant on this backend
+  conv = resolve_conv(run.config.conv)  # what "auto" meant on this backend
+  conv = "per layer (xla or wgrad_matmul by shape)" if conv == "auto" else conv
+  summary["conv"] = run.config.conv if run.config.conv != "auto" else f"auto -> {conv}"
   summary["passes_per_step"] = run.config.regimes  # forward/backward passes of the model per train step
   summary["provenance"] = origin
   if source is not None:
     summary["init_from"] = source  # the run fine-tuned, its step and its dense test accuracy
   summary["process_count"] = jax.process_count()
   if run.primary:
-    with workdir_lib.writing(run.workdir / "summary.json"):
-      workdir_lib.atomic_write(run.workdir / "summary.json", json.dumps(summary, indent=2))
-    with workdir_lib.writing(run.workdir / "plots"):
-      report.plot_run(history, keep_curve_acc, run.workdir / "plots")
-  with workdir_lib.writing(run.ckpt.directory):
-    run.ckpt.wait()
+    workdir_lib.atomic_write(run.workdir / "summary.json", json.dumps(summary, indent=2))
+    plots.plot_run(history, keep_curve_acc, run.workdir / "plots")
+  run.ckpt.wait()
   return summary
 
 
 def _check_finite(metrics: dict, step: int, epoch: int, ckpt: checkpoint_lib.Checkpointer) -> dict:
   if not np.isfinite(metrics["loss"]):
     steps = ckpt.all_steps()
-    where = (
-      f"the last good checkpoint is {ckpt.path(steps[-1])} (step {steps[-1]})"
-      if steps
-      else "no checkpoint was saved yet"
-    )
+    where = f"the last good checkpoint is {ckpt.path(steps[-1])} (step {steps[-1]})" if steps else "no checkpoint yet"
     raise FloatingPointError(
       f"non-finite training loss ({metrics['loss']}) at step {step} (epoch {epoch + 1}); stopping. {where}; "
-      f"lower the learning rate (with fresh=True or another workdir) or check the data"
+      "start over with a lower learning rate, or check the data"
     )
   return metrics

@@ -1,6 +1,7 @@
 """Shared test fixtures and process-wide test settings."""
 
 import importlib.util
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -55,6 +56,19 @@ def synthetic_cifar_npz(path: Path, n_train: int = 1200, n_test: int = 400, seed
   return path
 
 
+# The command-line form of the end-to-end tests' run (`tiny_config`, 2 epochs): 4 steps per epoch.
+TINY_FLAGS = [
+  "--preset=smoke",
+  "--epochs=2",
+  "--train-size=128",
+  "--val-size=64",
+  "--batch-size=32",
+  "--eval-keeps=1,0.5",
+  "--no-progress",
+]
+TIMES = ("epoch_time_s", "eval_time_s", "wall_time_s")  # what differs between two runs of one config
+
+
 def tiny_config(data: Path, cache: Path, **overrides):
   """The smoke preset on 128 training images (64 validation, batch 32) of `data`: the end-to-end tests' run."""
   from jaxsparse import config as config_lib
@@ -75,3 +89,17 @@ def cifar_npz(tmp_path_factory) -> Path:
 def cache(tmp_path_factory) -> Path:
   """A decoded-data cache shared by the end-to-end tests (the first load decodes, later ones hit)."""
   return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture
+def log_lines():
+  """The messages the "jaxsparse" loggers emit during a test (whatever the handlers or propagation)."""
+  lines: list[str] = []
+  handler = logging.Handler()
+  handler.emit = lambda record: lines.append(record.getMessage())
+  logger = logging.getLogger("jaxsparse")
+  logger.addHandler(handler)
+  level, logger.level = logger.level, logging.INFO
+  yield lines
+  logger.removeHandler(handler)
+  logger.setLevel(level)

@@ -151,7 +151,7 @@ def test_cycle_retention_holds_across_reopening_and_keeps_a_fallback(tmp_path, k
     save_epochs(ckpt, range(8, 11), cycle_ends=(9,), first_cycle=3)
     assert ckpt.all_steps() == sorted(set(kept_after) | {9, 10})
   _flip_array_byte(str(tmp_path / "10"))  # the corrupt-checkpoint fallback works under every choice
-  with Checkpointer(tmp_path, keep_latest=2, keep_cycles=keep_cycles, log=lambda _: None) as ckpt:
+  with Checkpointer(tmp_path, keep_latest=2, keep_cycles=keep_cycles) as ckpt:
     restored = ckpt.restore_latest(abstract(make_state(0)))
   assert restored.step == 9
   assert_bitwise_equal(restored.state, make_state(9))
@@ -212,17 +212,16 @@ CORRUPTIONS = {
 # A failed tensorstore read leaves an asyncio callback that reports "Event loop is closed".
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
-def test_corrupted_latest_falls_back_and_can_be_saved_again(tmp_path, corrupt):
-  messages = []
-  with Checkpointer(tmp_path, keep_latest=3, log=messages.append) as ckpt:
+def test_corrupted_latest_falls_back_and_can_be_saved_again(tmp_path, corrupt, log_lines):
+  with Checkpointer(tmp_path, keep_latest=3) as ckpt:
     save_epochs(ckpt, [1, 2, 3], cycle_ends=(3,))
   corrupt(str(tmp_path / "3"))
-  with Checkpointer(tmp_path, keep_latest=3, log=messages.append) as ckpt:
+  with Checkpointer(tmp_path, keep_latest=3) as ckpt:
     restored = ckpt.restore_latest(abstract(make_state(0)))
     assert isinstance(restored, Restored)
     assert restored.step == 2 and [e for e, _ in restored.skipped] == [3]
     assert_bitwise_equal(restored.state, make_state(2))
-    assert any("3 failed to load" in m for m in messages)
+    assert len(log_lines) == 1 and f"{tmp_path / '3'}: " in log_lines[0] and "failed to load" in log_lines[0]
     assert (tmp_path / "3.corrupt").is_dir()
     assert ckpt.all_steps() == [1, 2] and ckpt.cycle_checkpoints() == {}
     assert ckpt.save(3, make_state(33), meta={"epoch": 3})
@@ -231,7 +230,7 @@ def test_corrupted_latest_falls_back_and_can_be_saved_again(tmp_path, corrupt):
   assert_bitwise_equal(again.state, make_state(33))
 
 
-def test_interrupted_save_is_ignored_and_cleaned_up(tmp_path):
+def test_interrupted_save_is_ignored_and_cleaned_up(tmp_path, log_lines):
   with Checkpointer(tmp_path) as ckpt:
     save_epochs(ckpt, [1, 2])
   # What a process killed mid-save leaves (observed with os._exit right after an async save):
@@ -240,13 +239,12 @@ def test_interrupted_save_is_ignored_and_cleaned_up(tmp_path):
   shutil.copytree(tmp_path / "2", partial)
   os.remove(partial / "commit_success.txt")
   shutil.rmtree(partial / "state" / "d")
-  messages = []
-  with Checkpointer(tmp_path, log=messages.append) as ckpt:
+  with Checkpointer(tmp_path) as ckpt:
     restored = ckpt.restore_latest(abstract(make_state(0)))
     assert (restored.step, restored.skipped) == (2, ())
     assert ckpt.save(3, make_state(3), meta={"epoch": 3})
     assert ckpt.all_steps() == [2, 3]
-  assert not messages
+  assert not log_lines
   assert sorted(os.listdir(tmp_path)) == ["2", "3"]
 
 
@@ -260,13 +258,12 @@ def test_template_mismatch_raises_and_renames_nothing(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["1", "2"]
 
 
-def test_save_rejects_old_epochs_and_non_json_meta(tmp_path):
-  messages = []
-  with Checkpointer(tmp_path, log=messages.append) as ckpt:
+def test_save_rejects_old_epochs_and_non_json_meta(tmp_path, log_lines):
+  with Checkpointer(tmp_path) as ckpt:
     assert ckpt.save(4, make_state(4), meta={"epoch": 4})
     assert not ckpt.save(4, make_state(5), meta={"epoch": 4}, cycle_end=0)
     assert not ckpt.save(3, make_state(3), meta={"epoch": 3})
-    assert len(messages) == 2 and "step 4 is already saved" in messages[0]
+    assert len(log_lines) == 2 and "step 4 is already saved" in log_lines[0]
     with pytest.raises(TypeError):
       ckpt.save(5, make_state(5), meta={"array": np.zeros(2)})
     assert ckpt.all_steps() == [4] and ckpt.cycle_checkpoints() == {}

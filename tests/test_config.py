@@ -44,7 +44,7 @@ def test_json_round_trip():
   [
     (dict(model="wrn99"), "model must be one of"),
     (dict(norm="layernorm"), "norm must be one of"),
-    (dict(epochs=0), "epochs must be >= 1"),
+    (dict(epochs=0), "epochs must be an integer >= 1"),
     (dict(eval_keeps=(1.0, 0.0)), "eval_keeps"),
     (dict(eval_keeps=(1.5,)), "eval_keeps"),
     (dict(dropout=1.0), "dropout"),

@@ -15,21 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TIMES, TINY_FLAGS
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "experiments" / "run.py"
-# 128 training images in batches of 32 (8 per device): 4 steps per epoch, 2 epochs, a reset after epoch 2.
-FLAGS = [
-  "--preset=smoke",
-  "--epochs=2",
-  "--train-size=128",
-  "--val-size=64",
-  "--batch-size=32",
-  "--eval-keeps=1,0.5",
-  "--no-progress",
-  "--schedule=cyclic",
-  "--period=2",
-]
-TIMES = ("epoch_time_s", "eval_time_s", "wall_time_s")
+# 4 steps per epoch of 32 images (8 per device), 2 epochs, a reset after epoch 2.
+FLAGS = [*TINY_FLAGS, "--schedule=cyclic", "--period=2"]
 LAUNCH_TIMEOUT_S = 600
 
 

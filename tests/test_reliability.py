@@ -15,27 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import experiment
+from conftest import TIMES, TINY_FLAGS, experiment
 from jaxsparse import config as config_lib
 from jaxsparse import data as data_lib
 from jaxsparse import loop
-from jaxsparse import workdir as workdir_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 run_cli = experiment("run")
 
-# 128 training images in batches of 32: 4 steps per epoch, 2 epochs, a reset after epoch 2.
-FLAGS = [
-  "--preset=smoke",
-  "--epochs=2",
-  "--train-size=128",
-  "--val-size=64",
-  "--batch-size=32",
-  "--eval-keeps=1,0.5",
-  "--no-progress",
-]
+FLAGS = TINY_FLAGS  # 4 steps per epoch, 2 epochs; with SCHEDULE a reset after epoch 2
 SCHEDULE = ["--schedule=cyclic", "--period=2"]
-TIMES = ("epoch_time_s", "eval_time_s", "wall_time_s")
 
 
 def _argv(cifar_npz, cache, workdir, *extra):
@@ -111,7 +100,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_bitwise(baseline, cifar_npz, cache,
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
   assert run_cli.main(_argv(cifar_npz, cache, spare)) == 0
   out = capsys.readouterr().out
-  assert "failed to load" in out and "resuming from an older checkpoint" in out
+  assert "failed to load" in out and "resuming from the older checkpoint" in out
   assert (spare / "checkpoints" / "6.corrupt").is_dir()
   assert _results(spare) == _results(baseline)
 
@@ -207,11 +196,11 @@ def test_truncated_metrics_line_is_dropped_on_resume(baseline, cifar_npz, cache,
 
 # (flags, exit code, what the one-line error must say). None of these writes anything.
 BAD_FLAGS = {
-  "keep_above_1": (["--schedule=constant", "--keep=1.5"], 2, "keep must be a number in (0.0, 1.0], got 1.5"),
-  "keep_nan": (["--schedule=constant", "--keep=nan"], 2, "keep must be a number in (0.0, 1.0], got nan"),
-  "eval_keep_0": (["--eval-keeps=1,0"], 2, "--eval-keeps must be a non-empty list of values in (0, 1]"),
-  "eval_keep_nan": (["--eval-keeps=nan"], 2, "--eval-keeps must be a non-empty list of values in (0, 1]"),
-  "min_keep_nan": (["--min-keep=nan"], 2, "min_keep must be a number in (0, 1], got nan"),
+  "keep_above_1": (["--schedule=constant", "--keep=1.5"], 2, "keep must be a keep ratio in (0, 1], got 1.5"),
+  "keep_nan": (["--schedule=constant", "--keep=nan"], 2, "keep must be a keep ratio in (0, 1], got nan"),
+  "eval_keep_0": (["--eval-keeps=1,0"], 2, "--eval-keeps must be keep ratios in (0, 1]"),
+  "eval_keep_nan": (["--eval-keeps=nan"], 2, "--eval-keeps must be keep ratios in (0, 1]"),
+  "min_keep_nan": (["--min-keep=nan"], 2, "min_keep must be a keep ratio in (0, 1], got nan"),
   "option_of_other_schedule": (["--schedule=dense", "--gamma=0.5"], 2, "--gamma does not apply to --schedule=dense"),
   "adaptive_b_without_val": (
     ["--schedule=adaptive_b", "--val-size=0"],
@@ -219,7 +208,7 @@ BAD_FLAGS = {
     "schedule 'adaptive_b' needs a validation split: set --val-size > 0",
   ),
   "train_smaller_than_batch": (["--train-size=16"], 2, "--train-size (16) must be >= --batch-size (32)"),
-  "zero_epochs": (["--epochs=0"], 2, "--epochs must be >= 1, got 0"),
+  "zero_epochs": (["--epochs=0"], 2, "--epochs must be an integer >= 1, got 0"),
   "bad_shape": (["--shape=zigzag"], 2, "shape must be one of"),
   "zero_regimes": (["--regimes=0"], 2, "--regimes must be an integer >= 1, got 0"),
   "distill_one_regime": (["--distill"], 2, "--distill needs regimes >= 2"),
@@ -286,14 +275,14 @@ def test_disk_full_mid_run_stops_clearly_and_damages_nothing(baseline, cifar_npz
   (workdir / "metrics.jsonl").write_text((workdir / "metrics.jsonl").read_text().splitlines()[0] + "\n")
   before = _tree(workdir)
 
-  append_line = workdir_lib.append_line
+  open_file = Path.open
 
-  def disk_full(path, text):  # the disk fills after the restart's provenance line
-    if path.name == "provenance.jsonl":
-      return append_line(path, text)
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  def disk_full(path, mode="r", *args, **kwargs):  # the disk fills after the restart's provenance line
+    if path.name == "metrics.jsonl" and mode == "a":
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return open_file(path, mode, *args, **kwargs)
 
-  monkeypatch.setattr(workdir_lib, "append_line", disk_full)
+  monkeypatch.setattr(Path, "open", disk_full)
   assert run_cli.main(_argv(cifar_npz, cache, workdir)) == 1
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert err == (
