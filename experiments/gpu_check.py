@@ -48,7 +48,16 @@ PAPER_RUNS = 3  # the paper's table: dense, Strategy 1 (adaptive_a), Strategy 2 
 def run_tests(paths, timeout_s: float) -> dict:
   """pytest over `paths` in a subprocess: its exit code, closing line and seconds."""
   t0 = time.perf_counter()
-  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *paths]
+  cmd = [
+    sys.executable,
+    "-m",
+    "pytest",
+    "-p",
+    "no:cacheprovider",
+    "-m",
+    "not slow",
+    *paths,
+  ]  # -q comes from pyproject.toml
   try:
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
     rc, out = done.returncode, done.stdout + done.stderr

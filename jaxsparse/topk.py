@@ -193,8 +193,8 @@ def _kth_radix(u_RxN, k_R, nbits: int):
     # by >= 32 (including wrapped negative amounts) give 0, which drops the rest.
     one_hot_lo = jnp.uint32(1) << (jnp.uint32(8) * (digit - 1))
     one_hot_hi = jnp.uint32(1) << (jnp.uint32(8) * (digit - 5))
-    # A two-operand (variadic) reduce compiles to a much faster CPU loop than
-    # two separate sums (measured ~2x per pass).
+    # A two-operand (variadic) reduce compiles to a faster CPU loop than two
+    # separate sums (docs/performance.md, "Measurements behind code choices").
     acc_lo, acc_hi = lax.reduce(
       (one_hot_lo, one_hot_hi), (jnp.uint32(0), jnp.uint32(0)), lambda a, b: (a[0] + b[0], a[1] + b[1]), (2,)
     )
@@ -272,7 +272,7 @@ def _threshold_keys(x, keep, axes, score: str, method: str, relative: bool = Fal
   kth = _KTH["radix" if method == "auto" else method]
 
   dtype = x.dtype
-  if dtype.itemsize == 2:  # measured: slicing bf16 in the loop is ~2.5x slower than u16
+  if dtype.itemsize == 2:  # slicing u16 in the loop is faster than bf16 (docs/performance.md)
     x_RxN = lax.bitcast_convert_type(x_RxN, _key_layout(dtype)[1])
 
   def chunk(args):
@@ -282,8 +282,8 @@ def _threshold_keys(x, keep, axes, score: str, method: str, relative: bool = Fal
     n_C = jnp.sum(keys > jnp.uint32(_zero_key(magnitude, nbits)), axis=1, dtype=jnp.int32) if relative else n
     return kth(keys, _rows_k(keep_C, n_C, n), nbits)
 
-  # The passes run chunk by chunk so each chunk's keys stay in cache: on the CPU
-  # this is ~3x faster than whole-array passes at (128, 65536), and the full key
+  # The passes run chunk by chunk so each chunk's keys stay in cache (faster on
+  # the CPU than whole-array passes: docs/performance.md), and the full key
   # array is never written to memory. Chunk j holds rows j, j + n_chunks, ... so
   # a batch sharded over devices stays sharded (no loop over a sharded axis).
   c = _chunk_rows(rows, n)

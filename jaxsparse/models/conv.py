@@ -122,7 +122,7 @@ def _out_hw(padded_shape, kernel_shape, strides) -> tuple[int, int]:
 
 
 # Above this ratio of padded to output pixels the flat kernel gradient wastes more work than its
-# contiguous slices save (measured on the 2-core CPU, batch 128: flat wins at 32x32 and 16x16 images, loses at 8x8).
+# contiguous slices save (docs/performance.md, "Measurements behind code choices").
 _FLAT_WASTE = 1.3
 
 
