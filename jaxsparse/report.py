@@ -93,7 +93,8 @@ def load_runs(paths) -> list[dict]:
 
 
 # Config fields that make a variant of a schedule when they differ from their default (seeds never do).
-_VARIANT_FIELDS = ("dropout", "norm", "topk_gradient", "topk_score", "topk_keep", "regimes", "distill", "augment")
+_VARIANT_FIELDS = ("dropout", "norm", "topk_gradient", "topk_score", "topk_keep", "regimes", "distill", "augment",
+                   "reset_warmup_steps")  # fmt: skip
 # Config fields in which the seeds of one variant may differ: the seed, and bookkeeping that changes no result.
 _FREE_FIELDS = ("seed", "cache_dir", "keep_checkpoints")
 

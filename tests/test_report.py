@@ -116,6 +116,7 @@ def test_variants_of_one_schedule_are_grouped_apart(tmp_path):
     )
     == "adaptive_b(min_keep=0.3)+topk_gradient=straight_through"
   )
+  assert report.run_label({"schedule": "cyclic", "reset_warmup_steps": 13}) == "cyclic+reset_warmup_steps=13"
 
 
 def test_compare_cli_writes_the_table_and_skips_unfinished_runs_only_with_partial(tmp_path, capsys):
