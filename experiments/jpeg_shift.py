@@ -52,7 +52,7 @@ def check_pairs(genuine: np.ndarray, jpeg: np.ndarray) -> float:
 
 def evaluate_run(workdir: str, genuine_path: str, keeps) -> dict:
   from jaxsparse import data as data_lib
-  from jaxsparse import loop, parallel, report
+  from jaxsparse import evaluate, loop, parallel, report
 
   config, state, ds = loop.load_trained(workdir)
   with np.load(genuine_path) as f:
@@ -62,11 +62,11 @@ def evaluate_run(workdir: str, genuine_path: str, keeps) -> dict:
     raise ValueError("labels of matched pairs differ")
   pixel_diff = check_pairs(x, ds.test.images[index])
   mesh = parallel.make_mesh()
-  eval_fn = loop.make_eval_fn(mesh)
+  eval_fn = evaluate.make_eval_fn(mesh)
   kw = dict(batch_size=2 * config.batch_size, mean=ds.mean, std=ds.std, mesh=mesh)
   splits = {"genuine": data_lib.Split(x, y), "jpeg": data_lib.Split(ds.test.images[index], y)}
   acc = {
-    name: {k: loop.evaluate(eval_fn, state, split, keep=k, **kw)["accuracy"] for k in keeps}
+    name: {k: evaluate.evaluate(eval_fn, state, split, keep=k, **kw)["accuracy"] for k in keeps}
     for name, split in splits.items()
   }
   label = report.run_label(config.to_dict())

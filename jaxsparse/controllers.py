@@ -160,7 +160,7 @@ def constant(*, keep: float = 0.5) -> Controller:
     >>> float(constant(keep=0.25).init().keep)
     0.25
   """
-  keep = schedules._keep_number("keep", keep)
+  keep = schedules.keep_number("keep", keep)
 
   return Controller(init=lambda: _state(keep=keep), update=_next_epoch)
 

@@ -30,7 +30,7 @@ from tqdm import tqdm  # plain tqdm: tqdm.auto warns in Jupyter without ipywidge
 from jaxsparse import checkpoint as checkpoint_lib
 from jaxsparse import controllers as controllers_lib
 from jaxsparse import data as data_lib
-from jaxsparse import macs as macs_lib
+from jaxsparse import evaluate as evaluate_lib
 from jaxsparse import parallel, plots, provenance, report
 from jaxsparse import train as train_lib
 from jaxsparse import workdir as workdir_lib
@@ -190,49 +190,6 @@ def _load_data(config: Config, *, progress: bool) -> data_lib.Dataset:
       bar.close()
 
 
-def make_eval_fn(mesh):
-  """`train.eval_step` jitted for `mesh`: replicated state and keep, batch sharded over `data`."""
-  rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  return jax.jit(train_lib.eval_step, in_shardings=(rep, bat, rep), out_shardings=rep)
-
-
-def evaluate(eval_fn, state, split, *, keep: float, batch_size: int, mean, std, mesh) -> dict:
-  """Exact accuracy and loss over every example of `split` (padded, masked batches)."""
-  rep = parallel.replicated(mesh)
-  keep = jax.device_put(jnp.float32(keep), rep)
-  batches = data_lib.eval_batches(
-    split, batch_size, mean=mean, std=std, process_index=jax.process_index(), process_count=jax.process_count()
-  )
-  sums = [eval_fn(state, batch, keep) for batch in parallel.prefetch_to_mesh(batches, mesh)]
-  totals = jax.device_get(jax.tree.map(lambda *xs: jnp.sum(jnp.stack(xs)), *sums))
-  count = float(totals["count"])
-  return {
-    "accuracy": float(totals["correct"]) / count,
-    "loss": float(totals["loss"]) / count,
-    "count": int(count),
-    "density": {k[len("density/") :]: float(v) / count for k, v in totals.items() if k.startswith("density/")},
-  }
-
-
-def keep_curve(evaluate_at: Callable[[float], dict], model: WideResNet, params_and_state, keeps) -> tuple[dict, float]:
-  """({keep: {"accuracy", "density", "macs", "macs_fraction"}}, dense MACs per example) of a trained model, from
-  `evaluate_at(keep)` (`evaluate`'s result): the mean achieved density over the sites, the effective MACs per
-  example (`jaxsparse.macs.effective_macs`: every conv and the classifier, the stem dense) and their share of dense."""
-  layer = macs_lib.layer_macs(model, params_and_state, jnp.zeros((1, 32, 32, 3), jnp.float32))
-  dense = float(sum(layer.values()))
-  curve = {}
-  for k in keeps:
-    result = evaluate_at(k)
-    effective = macs_lib.effective_macs(layer, result["density"], model.layer_inputs())
-    curve[k] = {
-      "accuracy": result["accuracy"],
-      "density": float(np.mean(list(result["density"].values()))) if result["density"] else 1.0,
-      "macs": effective,
-      "macs_fraction": effective / dense,
-    }
-  return curve, dense
-
-
 class _EpochSums:
   """Per-step metrics of one epoch summed in step order in float64: exact through a checkpoint's JSON meta, so an
   epoch resumed mid-way averages to the same bits as an uninterrupted one. The loss and accuracy of the epoch's
@@ -384,14 +341,14 @@ class _Run:
       train_lib.train_step, regimes=config.regimes, distill=config.distill, reset_warmup=config.reset_warmup_steps
     )
     self.train_fn = jax.jit(step, in_shardings=(rep, bat, rep, rep), out_shardings=(rep, rep), donate_argnums=0)
-    self.eval_fn = make_eval_fn(mesh)
+    self.eval_fn = evaluate_lib.make_eval_fn(mesh)
     self.update_fn = jax.jit(controller.update)
     self.lr_at = _lr_schedule(config, steps_per_epoch)
 
   def evaluate(self, state, split, keep: float) -> dict:
     ds = self.ds
     batch_size = 2 * self.config.batch_size
-    return evaluate(
+    return evaluate_lib.evaluate(
       self.eval_fn, state, split, keep=keep, batch_size=batch_size, mean=ds.mean, std=ds.std, mesh=self.mesh
     )
 
@@ -535,7 +492,7 @@ def _epoch_line(record: dict, epochs: int) -> str:
 def _finish(run: _Run, state, history: list[dict], origin: dict, source: dict | None) -> dict:
   """The keep curve of the final state, then summary.json and the plots; returns the summary."""
   variables = {"params": state.params, **state.model_state}
-  keep_macs, dense_macs = keep_curve(
+  keep_macs, dense_macs = evaluate_lib.keep_curve(
     lambda k: run.evaluate(state, run.ds.test, k), build_model(run.config), variables, run.config.eval_keeps
   )
   keep_curve_acc = {k: v["accuracy"] for k, v in keep_macs.items()}

@@ -26,7 +26,7 @@ def summarize(
   dense_macs: float | None = None,
 ) -> dict:
   """The summary.json of a run, from its per-epoch records and its final keep curve (with, where measured, each
-  keep's mean achieved density and effective MACs per example: `jaxsparse.loop.keep_curve`)."""
+  keep's mean achieved density and effective MACs per example: `jaxsparse.evaluate.keep_curve`)."""
   if not history:
     raise ValueError("no epochs recorded")
   last = history[-1]

@@ -27,8 +27,9 @@ Schedule = Callable[[jax.typing.ArrayLike], jax.Array]
 SHAPES = ("geometric", "linear", "cosine")
 
 
-def _keep_number(name: str, value: float) -> float:
-  """A schedule's keep parameter: a Python number in (0, 1]."""
+def keep_number(name: str, value: float) -> float:
+  """`value` as a float: a schedule's or controller's keep parameter `name`, which must be a Python number in
+  (0, 1] (a ValueError naming `name` otherwise)."""
   if not isinstance(value, (int, float)):
     raise ValueError(f"{name} must be a keep ratio in (0, 1], got {value!r}")
   check_keep(value, name)
@@ -82,7 +83,7 @@ def constant(value: float) -> Schedule:
     >>> constant(0.5)(jnp.arange(3))
     Array([0.5, 0.5, 0.5], dtype=float32)
   """
-  value = _keep_number("value", value)
+  value = keep_number("value", value)
 
   def schedule(step: jax.typing.ArrayLike) -> jax.Array:
     return jnp.full(jnp.shape(step), value, jnp.float32)
@@ -109,7 +110,7 @@ def compression(min_keep: float, steps: int, shape: str = "geometric") -> Schedu
     >>> compression(0.25, 2, "geometric")(jnp.arange(4))
     Array([1.  , 0.5 , 0.25, 0.25], dtype=float32)
   """
-  min_keep = _keep_number("min_keep", min_keep)
+  min_keep = keep_number("min_keep", min_keep)
   steps = _check_int("steps", steps, 1)
   shape = _check_shape(shape)
 
@@ -202,10 +203,10 @@ def cyclic(
   Returns:
     A schedule ``step -> keep`` (float32, same shape as ``step``).
   """
-  min_keep = _keep_number("min_keep", min_keep)
+  min_keep = keep_number("min_keep", min_keep)
   period, warmup, cycles = _check_cyclic(period, warmup, cycles)
   shape = _check_shape(shape)
-  final_keep = _keep_number("final_keep", final_keep)
+  final_keep = keep_number("final_keep", final_keep)
 
   def schedule(step: jax.typing.ArrayLike) -> jax.Array:
     step = jnp.asarray(step)

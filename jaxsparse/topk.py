@@ -81,13 +81,13 @@ def concrete_keep(keep) -> np.ndarray | None:
 
 
 def is_keep(keep) -> bool:
-  """The one keep-range check: whether a concrete keep (a number or an array of them, not a bool) is numeric,
-  non-empty and has every value in (0, 1] (NaN does not)."""
+  """The one keep-range check: whether a concrete keep (a number or an array of them, not a bool or a string) is
+  numeric, non-empty and has every value in (0, 1] (NaN does not)."""
   try:
     arr = np.asarray(keep, dtype=np.float64)
   except (TypeError, ValueError):
     return False
-  return not isinstance(keep, bool) and arr.size > 0 and bool(np.all((arr > 0) & (arr <= 1)))
+  return not isinstance(keep, (bool, str, bytes)) and arr.size > 0 and bool(np.all((arr > 0) & (arr <= 1)))
 
 
 def check_keep(keep, name: str = "keep") -> None:

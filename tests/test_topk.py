@@ -427,3 +427,16 @@ def test_relative_adds_no_work_outside_the_selection():
     return [e.primitive.name for e in jaxpr.jaxpr.eqns]
 
   assert outside(True) == outside(False) and "cond" in outside(True)
+
+
+@pytest.mark.parametrize("keep", [0.5, 1, 1.0, np.float32(0.05), [0.1, 1.0], np.array([[0.3]])])
+def test_is_keep_accepts_ratios_in_the_half_open_unit_interval(keep):
+  assert topk.is_keep(keep)
+  topk.check_keep(keep)
+
+
+@pytest.mark.parametrize("keep", [0, 0.0, -0.1, 1.5, float("nan"), True, "0.5", [], [0.5, 0.0], None, {"a": 0.5}])
+def test_is_keep_rejects_everything_else_and_check_keep_names_it(keep):
+  assert not topk.is_keep(keep)
+  with pytest.raises(ValueError, match=r"^min_keep must be a keep ratio in \(0, 1\], got "):
+    topk.check_keep(keep, "min_keep")
