@@ -6,7 +6,8 @@ Semantics (all methods agree bit for bit on the threshold's value):
   every non-batch axis, e.g. H x W x C of a feature map) are ranked by their score,
   ``x`` (``score="value"``) or ``|x|`` (``score="magnitude"``).
 * ``k = clip(ceil(float32(keep) * float32(n)), 1, n)`` where ``n`` is the number of
-  reduced units; the threshold is the k-th largest score.
+  reduced units; the threshold is the k-th largest score. With ``rounding="floor"``,
+  ``k = clip(floor(...), 1, n)`` (``max(1, int(keep * n))``, the author's script).
 * Relative keep (``relative=True``): ``k = clip(ceil(float32(keep) * float32(n_active)), 1, n)``,
   a fraction of the example's *active* units: those whose score is > 0 (``x > 0`` for
   ``score="value"``, ``x != 0`` for ``score="magnitude"``; a NaN counts as active, since it
@@ -58,6 +59,7 @@ from jax import lax
 
 SCORES = ("value", "magnitude")  # how units are ranked
 GRADIENTS = ("masked", "straight_through")  # what the gradient of the mask is
+ROUNDINGS = ("ceil", "floor")  # how keep * n becomes the kept count k
 _METHODS = ("auto", "radix", "bisect", "sort")
 _BLOCK = 128  # units per packed accumulator: each 8-bit field counts <= 128.
 _DIGIT_BITS = 3  # bits resolved per radix pass (7 candidates per pass).
@@ -234,9 +236,10 @@ def _rows_keep(keep, lead: tuple[int, ...]):
   return jnp.broadcast_to(keep, lead).reshape(-1)
 
 
-def _rows_k(keep_R, n_R, n: int):
-  """Per-row k = clip(ceil(keep * n_R), 1, n); n_R is n, or the active count (relative keep)."""
-  return jnp.clip(jnp.ceil(keep_R * jnp.asarray(n_R, jnp.float32)), 1, n).astype(jnp.int32)
+def _rows_k(keep_R, n_R, n: int, rounding: str = "ceil"):
+  """Per-row k = clip(ceil(keep * n_R), 1, n) (floor with `rounding` "floor"); n_R is n, or the active count."""
+  to_int = jnp.floor if rounding == "floor" else jnp.ceil
+  return jnp.clip(to_int(keep_R * jnp.asarray(n_R, jnp.float32)), 1, n).astype(jnp.int32)
 
 
 def _zero_key(magnitude: bool, nbits: int) -> int:
@@ -263,7 +266,7 @@ def _explicitly_sharded(x) -> bool:
     return False
 
 
-def _threshold_keys(x, keep, axes, score: str, method: str, relative: bool = False):
+def _threshold_keys(x, keep, axes, score: str, method: str, relative: bool = False, rounding: str = "ceil"):
   """k-th largest key per row, shaped like x with the reduced axes of size 1."""
   x_RxN, lead, other = _to_rows(lax.stop_gradient(x), axes)
   rows, n = x_RxN.shape
@@ -280,7 +283,7 @@ def _threshold_keys(x, keep, axes, score: str, method: str, relative: bool = Fal
     keys, nbits = _keys(x_CxN, magnitude, dtype if dtype.itemsize == 2 else None)
     # Relative keep counts the active units in the same cache-resident chunk (one extra pass).
     n_C = jnp.sum(keys > jnp.uint32(_zero_key(magnitude, nbits)), axis=1, dtype=jnp.int32) if relative else n
-    return kth(keys, _rows_k(keep_C, n_C, n), nbits)
+    return kth(keys, _rows_k(keep_C, n_C, n, rounding), nbits)
 
   # The passes run chunk by chunk so each chunk's keys stay in cache (faster on
   # the CPU than whole-array passes: docs/performance.md), and the full key
@@ -323,6 +326,7 @@ def topk_threshold(
   score: str = "value",
   method: str = "auto",
   relative: bool = False,
+  rounding: str = "ceil",
 ) -> jax.Array:
   """Per-example threshold: the k-th largest score over ``axes``.
 
@@ -338,6 +342,7 @@ def topk_threshold(
       all are exact and agree.
     relative: ``keep`` is a fraction of the example's active units (score > 0, see
       the module docstring) instead of all ``n`` units.
+    rounding: ``"ceil"`` or ``"floor"``: how ``keep * n`` is rounded to ``k``.
 
   Returns:
     float32 thresholds shaped like ``x`` with the reduced axes kept as size 1,
@@ -356,7 +361,8 @@ def topk_threshold(
   axes = _reduce_axes(x.ndim, axes)
   _check_keep_shape(keep, x.shape, axes)
   _check_relative(relative)
-  thr_key = _threshold_keys(x, keep, axes, score, method, relative)
+  check_choice("rounding", rounding, ROUNDINGS)
+  thr_key = _threshold_keys(x, keep, axes, score, method, relative, rounding)
   return _decode(thr_key, x.dtype, score == "magnitude")
 
 
@@ -381,6 +387,7 @@ def topk_mask(
   gradient: str = "masked",
   method: str = "auto",
   relative: bool = False,
+  rounding: str = "ceil",
 ) -> jax.Array:
   """Zeroes all but the top-k scores per example (ties at the threshold kept).
 
@@ -396,6 +403,8 @@ def topk_mask(
     relative: ``keep`` is a fraction of each example's active units (score > 0)
       rather than of all units; see ``topk_threshold``. Costs one counting pass,
       only when the selection runs (never at ``keep >= 1``).
+    rounding: ``"ceil"`` (default) or ``"floor"`` (the author's script): how
+      ``keep * n`` is rounded to the kept count ``k`` (always >= 1).
 
   Returns:
     Array of x's shape and dtype, zero where dropped.
@@ -412,6 +421,7 @@ def topk_mask(
   axes = _reduce_axes(x.ndim, axes)
   _check_keep_shape(keep, x.shape, axes)
   _check_relative(relative)
+  check_choice("rounding", rounding, ROUNDINGS)
   keep = jnp.asarray(keep, jnp.float32)
   xf = lax.stop_gradient(_as_supported_float(x))
   thr_shape = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
@@ -421,7 +431,7 @@ def topk_mask(
   thr_key = lax.cond(
     jnp.all(keep >= 1.0),
     lambda xf: jnp.zeros(thr_shape, jnp.uint32),
-    lambda xf: _threshold_keys(xf, keep, axes, score, method, relative),
+    lambda xf: _threshold_keys(xf, keep, axes, score, method, relative, rounding),
     xf,
   )
   keys, _ = _keys(xf, score == "magnitude")

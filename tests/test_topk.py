@@ -440,3 +440,16 @@ def test_is_keep_rejects_everything_else_and_check_keep_names_it(keep):
   assert not topk.is_keep(keep)
   with pytest.raises(ValueError, match=r"^min_keep must be a keep ratio in \(0, 1\], got "):
     topk.check_keep(keep, "min_keep")
+
+
+@pytest.mark.parametrize("method", ["radix", "bisect", "sort"])
+def test_floor_rounding_keeps_int_of_keep_times_n_and_at_least_one(method):
+  x = jnp.arange(1.0, 11.0)[None]  # distinct scores: exactly k kept
+  for keep, ceil_k, floor_k in ((0.25, 3, 2), (0.5, 5, 5), (0.05, 1, 1), (0.19, 2, 1), (1e-6, 1, 1)):
+    for rounding, k in (("ceil", ceil_k), ("floor", floor_k)):
+      kept = topk_mask(x, jnp.float32(keep), method=method, rounding=rounding)
+      np.testing.assert_array_equal(
+        np.nonzero(np.asarray(kept))[1], np.arange(10 - k, 10), err_msg=f"{keep} {rounding}"
+      )
+  with pytest.raises(ValueError, match="rounding must be one of"):
+    topk_mask(x, 0.5, rounding="round")

@@ -291,3 +291,48 @@ def test_relative_keep_reaches_every_site():
     assert d_abs[name] == dense[name], name
     assert d_rel[name] < 0.5 * dense[name] + 0.05, (name, d_rel[name], dense[name])
   np.testing.assert_array_equal(relative.apply(variables, x, keep=1.0), absolute.apply(variables, x, keep=1.0))
+
+
+def test_shortcut_from_the_block_input_reads_the_raw_input():
+  x = _x((2, 8, 8, 3))
+  for shortcut, reads_input in (("input", True), ("activated", False)):
+    model = WRN10_1(shortcut=shortcut)
+    variables = _variables(model, x)
+    _, state = model.apply(variables, x, keep=0.3, capture_intermediates=True, mutable=["intermediates"])
+    inter = state["intermediates"]
+    block_in = inter["group0_block0"]["__call__"][0]  # group1_block0's input
+    out = inter["group1_block0"]["shortcut"]["__call__"][0]
+    kernel = variables["params"]["group1_block0"]["shortcut"]["kernel"]
+    conv = jax.lax.conv_general_dilated(block_in, kernel, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert np.allclose(out, conv, atol=1e-5) == reads_input
+  assert WRN10_1(shortcut="input").layer_inputs()["group1_block0/shortcut"] is None
+  assert WRN10_1().layer_inputs()["group1_block0/shortcut"] == "group1_block0/act1"
+  with pytest.raises(ValueError, match="shortcut must be one of"):
+    WRN10_1(shortcut="raw").init(jax.random.key(0), x)
+
+
+def test_rmsnorm_eps_and_bias_options():
+  from jaxsparse.models.wrn import _Norm
+
+  x = _x((2, 4, 4, 8)) * 1e-3
+  for eps, bias in ((None, False), (1e-8, True)):
+    norm = _Norm("rmsnorm", jnp.float32, jnp.float32, eps, bias)
+    variables = norm.init(jax.random.key(0), x, False)
+    assert ("bias" in variables["params"]) == bias
+    if bias:
+      variables = {"params": {**variables["params"], "bias": jnp.arange(8.0)}}
+    y = norm.apply(variables, x, False)
+    want = x / np.sqrt(np.mean(np.square(x), -1, keepdims=True) + (1e-6 if eps is None else eps))
+    np.testing.assert_allclose(y, want + (np.arange(8.0) if bias else 0), rtol=1e-4, atol=1e-5)
+
+
+def test_floor_rounding_reaches_the_sites():
+  # group0_block0/act1 of a WRN-10-1 on 8x8 images has 8*8*16 = 1024 units, about half of them active: keep 0.1
+  # keeps int(102.4) = 102 with floor, 103 with ceil (and k * (2 / 1024) at the final site's 256 units: 25 or 26).
+  x = _x((1, 8, 8, 3))
+  for rounding, k_block, k_final in (("floor", 102, 25), ("ceil", 103, 26)):
+    model = WRN10_1(rounding=rounding)
+    _, state = model.apply(_variables(model, x), x, keep=0.1, mutable=["density"])
+    densities = site_densities(state["density"])
+    assert densities["group0_block0/act1"] * 1024 == pytest.approx(k_block, abs=1e-3)
+    assert densities["final_act"] * 256 == pytest.approx(k_final, abs=1e-3)

@@ -9,10 +9,13 @@ Structure of ``WideResNet(depth, widen)`` with ``n = (depth - 4) // 6`` blocks p
 
 Basic block (pre-activation)::
 
-  a1 = topk(relu(norm1(x)))              site ``act1``: feeds conv1 AND the projection shortcut
+  a1 = topk(relu(norm1(x)))              site ``act1``: feeds conv1 and (by default) the projection shortcut
   h  = conv1(a1)                         3x3, stride s
   a2 = topk(dropout(relu(norm2(h))))     site ``act2``: feeds conv2
   out = conv2(a2) + (shortcut(a1) if the shape changes else x)   1x1 projection, stride s
+
+With ``shortcut="input"`` the projection reads the block's raw input ``x`` instead of ``a1`` (the
+author's script, as in the original WRN code's ``convShortcut(x)`` on the un-normalised input).
 
 So the model has ``2 * 3 * n + 1`` top-k sites: 25 for WRN-28-4, 13 for WRN-16-2, 7 for WRN-10-1,
 named ``group{g}_block{b}/act1``, ``group{g}_block{b}/act2`` and ``final_act``. Each site is the
@@ -22,7 +25,8 @@ which equals pool -> dense but makes the pre-pool activation the classifier's in
 tensors as the built-in sites (it also lists the shortcut conv, fed the same masked ``act1``).
 
 Initialisation: convs use He/kaiming normal with fan_out (the WRN convention) and no bias; the
-classifier uses LeCun normal with zero bias; norm scales start at 1. With
+classifier uses LeCun normal with zero bias; norm scales start at 1 (and RMSNorm biases, with
+``norm_bias=True``, at 0). With
 ``zero_init_residual=True`` (default) the last conv of every residual branch (conv2) starts at zero,
 so each block is the identity (plus projection) at step 0 (Goyal et al. 2017; "SkipInit"). This
 keeps the un-normalised residual stream from growing with depth at the start of training; it is
@@ -59,6 +63,7 @@ MODELS = {
   "wrn10_1": (10, 1),  # tiny: tests and smoke runs
 }
 NORMS = ("rmsnorm", "batchnorm", "none")
+SHORTCUTS = ("activated", "input")  # what the projection shortcut reads
 # None: flax's default, lax.conv_general_dilated. Same parameters and function for all four.
 CONVS = {"auto": auto_conv, "xla": None, "matmul": shifted_matmul_conv, "wgrad_matmul": wgrad_matmul_conv}
 
@@ -80,21 +85,28 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 class _Norm(nn.Module):
-  """Channel normalisation selected by name: RMSNorm, BatchNorm or identity."""
+  """Channel normalisation selected by name: RMSNorm (optionally with a bias), BatchNorm or identity. `eps`: None
+  is each norm's usual epsilon (1e-6 for RMSNorm, 1e-5 for BatchNorm)."""
 
   kind: str
   dtype: Any
   param_dtype: Any
+  eps: float | None = None
+  bias: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     if self.kind == "rmsnorm":
-      return nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="rms")(x)
+      eps = 1e-6 if self.eps is None else self.eps
+      y = nn.RMSNorm(epsilon=eps, dtype=self.dtype, param_dtype=self.param_dtype, name="rms")(x)
+      if self.bias:
+        y = y + self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype).astype(y.dtype)
+      return y
     if self.kind == "batchnorm":
       return nn.BatchNorm(
         use_running_average=not train,
         momentum=0.9,
-        epsilon=1e-5,
+        epsilon=1e-5 if self.eps is None else self.eps,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         name="bn",
@@ -102,14 +114,15 @@ class _Norm(nn.Module):
     return x
 
 
-def _site(module: nn.Module, name: str, x, keep, sites: bool, gradient: str, score: str, relative: bool):
+def _site(module: nn.Module, name: str, x, keep, sites: bool, gradient: str, score: str, relative: bool, rounding: str):
   """Top-k site: masks `x`; sows its achieved density only if "density" is mutable (not in init).
 
   `keep` is the keep ratio, or {site name in `module`: keep ratio} (resolved by `WideResNet`).
   """
   if not sites:
     return x
-  y = topk_mask(x, keep[name] if is_keep_map(keep) else keep, score=score, gradient=gradient, relative=relative)
+  keep = keep[name] if is_keep_map(keep) else keep
+  y = topk_mask(x, keep, score=score, gradient=gradient, relative=relative, rounding=rounding)
   if module.is_mutable_collection(DENSITY) and not module.is_initializing():
     module.sow(
       DENSITY, name, nonzero_fraction(y), reduce_fn=lambda _, new: new, init_fn=lambda: jnp.zeros((), jnp.float32)
@@ -132,6 +145,10 @@ class BasicBlock(nn.Module):
   param_dtype: Any
   conv: str = "auto"
   relative: bool = False
+  shortcut: str = "activated"
+  norm_eps: float | None = None
+  norm_bias: bool = False
+  rounding: str = "ceil"
 
   @nn.compact
   def __call__(self, x, keep, train: bool):
@@ -144,9 +161,16 @@ class BasicBlock(nn.Module):
       param_dtype=self.param_dtype,
       conv_general_dilated=CONVS[resolve_conv(self.conv)],
     )
-    norm = functools.partial(_Norm, self.norm, self.dtype, self.param_dtype)
+    norm = functools.partial(_Norm, self.norm, self.dtype, self.param_dtype, self.norm_eps, self.norm_bias)
     site = functools.partial(
-      _site, self, keep=keep, sites=self.sites, gradient=self.gradient, score=self.score, relative=self.relative
+      _site,
+      self,
+      keep=keep,
+      sites=self.sites,
+      gradient=self.gradient,
+      score=self.score,
+      relative=self.relative,
+      rounding=self.rounding,
     )
     a1 = site("act1", nn.relu(norm(name="norm1")(x, train)))
     h = conv(self.features, (3, 3), self.strides, name="conv1")(a1)
@@ -156,7 +180,7 @@ class BasicBlock(nn.Module):
     last_init = nn.initializers.zeros if self.zero_init_residual else _conv_init
     h = conv(self.features, (3, 3), 1, kernel_init=last_init, name="conv2")(a2)
     if x.shape[-1] != self.features or self.strides != 1:
-      x = conv(self.features, (1, 1), self.strides, name="shortcut")(a1)
+      x = conv(self.features, (1, 1), self.strides, name="shortcut")(a1 if self.shortcut == "activated" else x)
     return x + h
 
 
@@ -177,6 +201,12 @@ class WideResNet(nn.Module):
     relative: keep is a fraction of each example's active units (score > 0) at every site, not of all units
       (`jaxsparse.topk_mask`).
     zero_init_residual: start every block's conv2 at zero (see the module docstring).
+    shortcut: what the projection shortcut reads: "activated" (default: the block's masked ``act1``) or
+      "input" (the block's raw input, as the author's script).
+    norm_eps: the norms' epsilon; None: 1e-6 for RMSNorm, 1e-5 for BatchNorm (the script: 1e-8).
+    norm_bias: RMSNorm with a learned per-channel bias after the scale (the script's RMSNorm2d).
+    rounding: how ``keep * n`` becomes the kept count: "ceil" (default) or "floor" (the script's
+      ``max(1, int(keep * n))``); see `jaxsparse.topk_mask`.
     dtype: compute dtype (e.g. jnp.bfloat16); logits are always float32.
     param_dtype: parameter dtype.
     conv: "xla" (``lax.conv_general_dilated``), "matmul" (``conv.shifted_matmul_conv``: the same
@@ -206,6 +236,10 @@ class WideResNet(nn.Module):
   param_dtype: Any = jnp.float32
   conv: str = "auto"
   relative: bool = False
+  shortcut: str = "activated"
+  norm_eps: float | None = None
+  norm_bias: bool = False
+  rounding: str = "ceil"
 
   def site_names(self) -> list[str]:
     """The names of the top-k sites, in program order (also the keys of `site_densities`)."""
@@ -214,7 +248,8 @@ class WideResNet(nn.Module):
 
   def layer_inputs(self) -> dict[str, str | None]:
     """{weight layer path: the site whose output it reads, None for the image} for every conv and the classifier
-    (`jaxsparse.macs.effective_macs`: conv1 and the shortcut read ``act1``, conv2 reads ``act2``)."""
+    (`jaxsparse.macs.effective_macs`: conv1 and the shortcut read ``act1``, conv2 reads ``act2``; with
+    ``shortcut="input"`` the shortcut reads the block's input, which no site masks, so it counts dense)."""
     n = (self.depth - 4) // 6
     out: dict[str, str | None] = {"stem": None}
     for g in range(3):
@@ -222,7 +257,7 @@ class WideResNet(nn.Module):
         block = f"group{g}_block{b}"
         out.update({f"{block}/conv1": f"{block}/act1", f"{block}/conv2": f"{block}/act2"})
         if b == 0 and (g > 0 or self.widen != 1):  # the projection shortcut: where the shape changes
-          out[f"{block}/shortcut"] = f"{block}/act1"
+          out[f"{block}/shortcut"] = f"{block}/act1" if self.shortcut == "activated" else None
     out["classifier"] = "final_act"
     return out
 
@@ -252,6 +287,10 @@ class WideResNet(nn.Module):
       raise ValueError(f"WRN depth must be 6n + 4 with n >= 1, got {self.depth}")
     if self.norm not in NORMS:
       raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+    if self.shortcut not in SHORTCUTS:
+      raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {self.shortcut!r}")
+    if self.norm_eps is not None and not self.norm_eps > 0:
+      raise ValueError(f"norm_eps must be None or > 0, got {self.norm_eps!r}")
     per_site = self._site_keeps(keep) if is_keep_map(keep) else None
     conv = CONVS[resolve_conv(self.conv)]
     n = (self.depth - 4) // 6
@@ -280,10 +319,17 @@ class WideResNet(nn.Module):
           self.param_dtype,
           self.conv,
           self.relative,
+          self.shortcut,
+          self.norm_eps,
+          self.norm_bias,
+          self.rounding,
           name=f"group{g}_block{b}",
         )(x, per_site[f"group{g}_block{b}"] if per_site else keep, train)
-    x = nn.relu(_Norm(self.norm, self.dtype, self.param_dtype, name="final_norm")(x, train))
-    x = _site(self, "final_act", x, per_site or keep, self.sites, self.gradient, self.score, self.relative)
+    final_norm = _Norm(self.norm, self.dtype, self.param_dtype, self.norm_eps, self.norm_bias, name="final_norm")
+    x = nn.relu(final_norm(x, train))
+    x = _site(
+      self, "final_act", x, per_site or keep, self.sites, self.gradient, self.score, self.relative, self.rounding
+    )
     logits_BxHxWxK = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="classifier")(x)
     return jnp.mean(logits_BxHxWxK.astype(jnp.float32), axis=(1, 2))
 
