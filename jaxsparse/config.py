@@ -12,8 +12,8 @@ import json
 from typing import Any, Callable, Mapping
 
 from jaxsparse import controllers
-from jaxsparse.models.wrn import CONVS, MODELS, NORMS
-from jaxsparse.topk import GRADIENTS, SCORES, is_keep
+from jaxsparse.models.wrn import CONVS, MODELS, NORMS, SHORTCUTS
+from jaxsparse.topk import GRADIENTS, ROUNDINGS, SCORES, is_keep
 
 PAPER_KEEPS = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05)
 
@@ -46,6 +46,14 @@ class Config:
   # Model.
   model: str = _field("wrn28_4", "the WideResNet", choices=tuple(MODELS))
   norm: str = _field("rmsnorm", "channel normalisation", choices=NORMS)
+  norm_eps: float | None = _field(None, "the norms' epsilon (None: 1e-6 for RMSNorm, 1e-5 for BatchNorm; script 1e-8)")
+  norm_bias: bool = _field(False, "RMSNorm with a learned per-channel bias (the author's script)")
+  shortcut: str = _field(
+    "activated",
+    "what a block's 1x1 projection shortcut reads: its masked activation act1 (ours) or its raw input (script)",
+    choices=SHORTCUTS,
+  )
+  zero_init_residual: bool = _field(True, "start every block's second conv at zero (ours; the script does not)")
   dropout: float = _field(0.0, "dropout rate between the convs of every block")
   dtype: str = _field("float32", "compute dtype (parameters stay float32)", choices=("float32", "bfloat16"))
   conv: str = _field(
@@ -58,6 +66,9 @@ class Config:
     "masked", "top-k gradient: masked (through kept units) or straight_through", choices=GRADIENTS
   )
   topk_score: str = _field("value", "top-k score: value or magnitude", choices=SCORES)
+  topk_round: str = _field(
+    "ceil", "how keep * units rounds to the kept count k (>= 1): ceil (ours) or floor (script)", choices=ROUNDINGS
+  )
   topk_keep: str = _field(
     "absolute",
     "absolute: keep is a fraction of all units of a site; relative: of each example's active units (score > 0)",
@@ -68,6 +79,9 @@ class Config:
   batch_size: int = _field(128, "global batch size (divisible by the device count)")
   learning_rate: float = _field(0.1, "peak learning rate (linear warm-up, then cosine decay to 0)")
   warmup_epochs: int = _field(5, "epochs of linear learning-rate warm-up")
+  lr_by_epoch: bool = _field(
+    False, "the learning rate changes once per epoch, at its value for the epoch's first step (the script's scheduler)"
+  )
   reset_warmup_steps: int = _field(
     0,
     "steps over which the learning rate ramps back up from 0 after each reset to keep 1 (0: off; ours, against the "
@@ -114,8 +128,11 @@ class Config:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < low:
         _fail(name, f"must be an integer >= {low}, got {value!r}")
-    if not isinstance(self.distill, bool):
-      _fail("distill", f"must be a bool, got {self.distill!r}")
+    for name in ("distill", "norm_bias", "zero_init_residual", "lr_by_epoch", "nesterov"):
+      if not isinstance(getattr(self, name), bool):
+        _fail(name, f"must be a bool, got {getattr(self, name)!r}")
+    if self.norm_eps is not None and (isinstance(self.norm_eps, bool) or not self.norm_eps > 0):
+      _fail("norm_eps", f"must be None or > 0, got {self.norm_eps!r}")
     if self.distill and self.regimes < 2:
       _fail("distill", f"needs regimes >= 2 (a dense pass to learn from), got regimes={self.regimes}")
     if self.train_size is not None and self.train_size < self.batch_size:
@@ -214,6 +231,24 @@ PRESETS: dict[str, Config] = {
     learning_rate=0.05,
     eval_keeps=(1.0, 0.5, 0.3, 0.2, 0.1),
     eval_every=5,
+  ),
+  # The author's published script as it stands (README, "What is the paper's and what is ours"): its controller,
+  # model details and recipe: 500 epochs on all 50,000 images, no warm-up, no weight decay, the learning rate
+  # stepped per epoch, the test set every epoch. Its fp16 autocast becomes bfloat16 compute here.
+  "script": Config(
+    schedule="tighten_relax",
+    norm_eps=1e-8,
+    norm_bias=True,
+    shortcut="input",
+    zero_init_residual=False,
+    topk_round="floor",
+    val_size=0,
+    dtype="bfloat16",
+    epochs=500,
+    warmup_epochs=0,
+    lr_by_epoch=True,
+    weight_decay=0.0,
+    seed=3407,
   ),
   # Seconds: plumbing checks (tests, CI, notebooks).
   "smoke": Config(

@@ -1,15 +1,19 @@
-"""Epoch-level keep-ratio controllers: pure, jit-able ``(init, update)`` pairs.
+"""Keep-ratio controllers: pure, jit-able ``(init, update)`` pairs, epoch-level or step-level.
 
-A controller decides the keep ratio of the next epoch from the metrics of the epoch just
-finished. ``init()`` gives the state for epoch 0; ``update(state, metrics)`` consumes the
-metrics of the epoch trained at ``state.keep`` and returns the state whose ``keep`` is
-used for the next epoch. The state is a pytree of float32/int32 scalars (the same
-structure for every controller), so it can live in the train state, be checkpointed,
-and be updated under ``jax.jit`` with traced metrics: rules use ``jnp.where`` only.
+An epoch-level controller decides the keep ratio of the next epoch from the metrics of the
+epoch just finished. ``init()`` gives the state for epoch 0; ``update(state, metrics)``
+consumes the metrics of the epoch trained at ``state.keep`` and returns the state whose
+``keep`` is used for the next epoch. A step-level controller (``tighten_relax``, the rule of
+the author's published script) also has ``step(state, accuracy, step)``, which the train
+step calls after every optimiser step with that batch's training accuracy, so the keep can
+change inside an epoch. The state is a pytree of float32/int32 scalars (the same structure
+for every controller), so it can live in the train state, be checkpointed, and be updated
+under ``jax.jit`` with traced metrics: rules use ``jnp.where`` only.
 
 Registry: ``get(name, **options)``, ``names()``, ``options(name)``. The rules of
 ``adaptive_a`` and ``adaptive_b`` are this project's reading of the paper's "Strategy 1"
 and "Strategy 2" (the paper does not publish them); they are written out exactly below.
+``tighten_relax`` is the controller of the author's script (README, "What is the paper's").
 
 Example:
   >>> ctrl = get("adaptive_a", gamma=0.5)
@@ -38,6 +42,7 @@ __all__ = [
   "cyclic",
   "adaptive_a",
   "adaptive_b",
+  "tighten_relax",
   "get",
   "names",
   "options",
@@ -63,14 +68,18 @@ class ControllerState(NamedTuple):
   """Controller state; every field is a scalar jax array.
 
   Attributes:
-    keep: float32, the keep ratio to use for the next epoch.
-    cycle: int32, number of resets to dense so far (0 in the first cycle).
+    keep: float32, the keep ratio to use for the next epoch (step-level: the next step).
+    cycle: int32, number of resets to dense so far (0 in the first cycle; tighten_relax:
+      relaxes that raised the keep).
     epoch: int32, number of epochs seen by ``update``.
     ref: float32, reference accuracy of the current cycle (adaptive_a: train accuracy of
-      its dense epoch; adaptive_b: best dense validation accuracy); NaN when unused.
-    prev: float32, adaptive_b: validation accuracy after the previous epoch; else NaN.
+      its dense epoch; adaptive_b: best dense validation accuracy; tighten_relax: the best
+      EMA of the batch accuracy ever seen); NaN when unused or not yet seen.
+    prev: float32, adaptive_b: validation accuracy after the previous epoch; tighten_relax:
+      the EMA of the batch training accuracy; else NaN.
     gamma: float32, compression factor of the next compression step (adaptive_b adapts it).
-    holds: int32, adaptive_a: consecutive epochs held at the current keep.
+    holds: int32, adaptive_a: consecutive epochs held at the current keep; tighten_relax:
+      decisions left in the cooldown after a relax.
   """
 
   keep: jax.Array
@@ -90,11 +99,16 @@ class Controller(NamedTuple):
     update: ``(state, EpochMetrics) -> state``, pure and jit-able.
     needs_validation: whether ``update`` reads ``val_accuracy`` (the loop must then hold
       out a validation split).
+    step: None for an epoch-level controller; else ``(state, accuracy, step) -> state``,
+      pure and jit-able, called by the train step after optimiser step number ``step``
+      (int32, 0 for the first) with that batch's training accuracy (float32, measured at
+      ``state.keep``); its ``keep`` is the next step's.
   """
 
   init: Callable[[], ControllerState]
   update: Callable[[ControllerState, EpochMetrics], ControllerState]
   needs_validation: bool = False
+  step: Callable[[ControllerState, jax.Array, jax.Array], ControllerState] | None = None
 
 
 def _f32(x) -> jax.Array:
@@ -134,9 +148,9 @@ def _check_range(name: str, value, low: float, high: float, low_open: bool, high
   return float(value)
 
 
-def _check_count(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-    raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+def _check_count(name: str, value, low: int = 0) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
   return value
 
 
@@ -347,12 +361,114 @@ def adaptive_b(
   return Controller(init=init, update=update, needs_validation=True)
 
 
+def tighten_relax(
+  *,
+  interval: int = 128,
+  tighten: float = 0.018,
+  tol: float = 0.12,
+  beta: float = 0.5,
+  cooldown: int = 3,
+  relax_step: float = 1.0,
+  relax_gain: float = 1.5,
+  max_scale: float = 5.0,
+  max_jump: float = 1.0,
+  min_keep: float = 0.0,
+  max_keep: float = 1.0,
+  init_keep: float = 1.0,
+) -> Controller:
+  """The author's script's rule (its ``AdaptiveKeepRatioController``): tighten every few steps, relax on a drop.
+
+  Step-level: after every optimiser step, with ``a`` that batch's training accuracy (at the
+  step's keep) and ``t`` the number of steps taken so far (1 after the first)::
+
+    ema <- a if t == 1 else beta * ema + (1 - beta) * a
+    best <- ema if t == 1 else max(best, ema)     # never reset
+    if t % interval == 0:                        # a decision
+      drop <- best - ema
+      if drop > tol:                             # relax (also during a cooldown)
+        scale <- min(1 + relax_gain * (drop - tol) / max(tol, 1e-8), max_scale)
+        keep <- min(max_keep, keep + min(relax_step * scale, max_jump if max_jump > 0 else inf))
+        cooldown_left <- cooldown
+      elif cooldown_left > 0:
+        cooldown_left <- cooldown_left - 1
+      else:                                      # tighten
+        keep <- max(min_keep, keep * (1 - tighten))
+
+  With the script's values (the defaults) every relax returns to dense (relax_step and
+  max_jump 1.0), the next 3 decisions hold, and each other decision shrinks keep by 1.8%: from
+  dense to 0.1 in 127 decisions. ``interval`` 128 is ~3 decisions per epoch at batch 128 on
+  50,000 images; scale it with the steps per epoch to keep that rate on shorter epochs.
+  ``cycle`` counts the relaxes that raised the keep; ``update`` (epoch end) only counts
+  epochs. The keep is float32 (the script's is a Python float), so after n tightenings it
+  differs from the script's by ~n float32 roundings (docs/results.md, parity).
+
+  Args:
+    interval: steps per decision, >= 1 (the script's ``tighten_every_n_batches``).
+    tighten: fraction of keep removed per tightening, in [0, 1).
+    tol: largest tolerated drop of the EMA below its best, in [0, 1).
+    beta: EMA factor of the previous EMA, in [0, 1).
+    cooldown: decisions held after a relax, >= 0.
+    relax_step: keep added by a relax at scale 1, > 0.
+    relax_gain: growth of the relax's scale with the drop beyond ``tol``, >= 0.
+    max_scale: cap of the relax's scale, >= 1.
+    max_jump: cap of one relax's increase, >= 0 (0: no cap).
+    min_keep: smallest keep, in [0, max_keep] (0: the top-k still keeps one unit).
+    max_keep: largest keep, in (0, 1].
+    init_keep: keep of the first step, in [min_keep, max_keep].
+
+  Example:
+    >>> ctrl = tighten_relax(interval=2)
+    >>> s = ctrl.step(ctrl.init(), 0.5, 0)   # first batch: EMA = best = 0.5
+    >>> s = ctrl.step(s, 0.5, 1)             # a decision, no drop: tighten
+    >>> round(float(s.keep), 3)
+    0.982
+  """
+  interval = _check_count("interval", interval, 1)
+  tighten = _check_range("tighten", tighten, 0.0, 1.0, False, True)
+  tol = _check_range("tol", tol, 0.0, 1.0, False, True)
+  beta = _check_range("beta", beta, 0.0, 1.0, False, True)
+  cooldown = _check_count("cooldown", cooldown)
+  relax_step = _check_range("relax_step", relax_step, 0.0, float("inf"), True, True)
+  relax_gain = _check_range("relax_gain", relax_gain, 0.0, float("inf"), False, True)
+  max_scale = _check_range("max_scale", max_scale, 1.0, float("inf"), False, True)
+  max_jump = _check_range("max_jump", max_jump, 0.0, float("inf"), False, True)
+  max_keep = _check_range("max_keep", max_keep, 0.0, 1.0, True, False)
+  min_keep = _check_range("min_keep", min_keep, 0.0, max_keep, False, False)
+  init_keep = _check_range("init_keep", init_keep, min_keep, max_keep, False, False)
+
+  def init() -> ControllerState:
+    return _state(keep=init_keep)
+
+  def step(state: ControllerState, accuracy, step) -> ControllerState:
+    acc = _f32(accuracy)
+    first = jnp.isnan(state.prev)
+    ema = jnp.where(first, acc, beta * state.prev + (1.0 - beta) * acc)
+    best = jnp.where(first, ema, jnp.maximum(state.ref, ema))
+    decide = (_i32(step) + 1) % interval == 0
+    drop = best - ema
+    relax = decide & (drop > tol)
+    scale = jnp.minimum(1.0 + relax_gain * (drop - tol) / max(tol, 1e-8), max_scale)
+    delta = relax_step * scale
+    if max_jump > 0:
+      delta = jnp.minimum(delta, max_jump)
+    relaxed = jnp.minimum(_f32(max_keep), state.keep + delta)
+    hold = decide & ~relax & (state.holds > 0)
+    tightened = jnp.maximum(_f32(min_keep), state.keep * _f32(1.0 - tighten))
+    keep = jnp.where(relax, relaxed, jnp.where(decide & ~hold, tightened, state.keep))
+    holds = jnp.where(relax, cooldown, jnp.where(hold, state.holds - 1, state.holds))
+    cycle = state.cycle + (relax & (relaxed > state.keep)).astype(jnp.int32)
+    return state._replace(keep=_f32(keep), cycle=cycle, ref=_f32(best), prev=_f32(ema), holds=_i32(holds))
+
+  return Controller(init=init, update=_next_epoch, step=step)
+
+
 _REGISTRY: dict[str, Callable[..., Controller]] = {
   "dense": dense,
   "constant": constant,
   "cyclic": cyclic,
   "adaptive_a": adaptive_a,
   "adaptive_b": adaptive_b,
+  "tighten_relax": tighten_relax,
 }
 
 
@@ -361,7 +477,7 @@ def names() -> tuple[str, ...]:
 
   Example:
     >>> names()
-    ('dense', 'constant', 'cyclic', 'adaptive_a', 'adaptive_b')
+    ('dense', 'constant', 'cyclic', 'adaptive_a', 'adaptive_b', 'tighten_relax')
   """
   return tuple(_REGISTRY)
 

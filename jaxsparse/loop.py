@@ -64,6 +64,11 @@ def build_model(config: Config) -> WideResNet:
     score=config.topk_score,
     conv=config.conv,
     relative=config.topk_keep == "relative",
+    shortcut=config.shortcut,
+    norm_eps=config.norm_eps,
+    norm_bias=config.norm_bias,
+    zero_init_residual=config.zero_init_residual,
+    rounding=config.topk_round,
   )
 
 
@@ -83,6 +88,13 @@ def check_config(config: Config) -> controllers_lib.Controller:
       lambda n: f"{n('keep_cycles')} must be {checkpoint_lib.RETENTION}, got {config.keep_cycles!r}"
     ) from None
   check_source(config)
+  if controller.step is not None and config.reset_warmup_steps:
+    raise OptionError(
+      lambda n: (
+        f"{n('reset_warmup_steps')} needs an epoch-level schedule; {config.schedule!r} changes the keep inside epochs: "
+        f"set {n('reset_warmup_steps')} to 0"
+      )
+    )
   if controller.needs_validation and config.val_size < 1:
     raise OptionError(lambda n: f"schedule {config.schedule!r} needs a validation split: set {n('val_size')} > 0")
   if config.regimes > 1 and config.schedule == "dense":
@@ -97,11 +109,15 @@ def check_config(config: Config) -> controllers_lib.Controller:
 
 
 def _lr_schedule(config: Config, steps_per_epoch: int):
-  """The run's learning-rate schedule (linear warm-up, then cosine decay over all steps)."""
+  """The run's learning-rate schedule (linear warm-up, then cosine decay over all steps); with
+  ``config.lr_by_epoch`` held at each epoch's first step's value through the epoch."""
   total_steps = steps_per_epoch * config.epochs
-  return train_lib.lr_schedule(
+  schedule = train_lib.lr_schedule(
     config.learning_rate, total_steps=total_steps, warmup_steps=min(config.warmup_epochs * steps_per_epoch, total_steps)
   )
+  if config.lr_by_epoch:
+    return lambda step: schedule(step // steps_per_epoch * steps_per_epoch)
+  return schedule
 
 
 def initial_state(config: Config, steps_per_epoch: int, mesh, controller=None) -> train_lib.TrainState:
@@ -193,12 +209,14 @@ def _load_data(config: Config, *, progress: bool) -> data_lib.Dataset:
 class _EpochSums:
   """Per-step metrics of one epoch summed in step order in float64: exact through a checkpoint's JSON meta, so an
   epoch resumed mid-way averages to the same bits as an uninterrupted one. The loss and accuracy of the epoch's
-  first `head_steps` steps are also summed apart (`head_means`): what a reset's first dense steps cost."""
+  first `head_steps` steps are also summed apart (`head_means`): what a reset's first dense steps cost. `cycle` is
+  the controller's cycle when the epoch began (a step-level controller may reset inside it)."""
 
-  def __init__(self, head_steps: int, meta: dict | None = None):
+  def __init__(self, head_steps: int, meta: dict | None = None, *, cycle: int = 0):
     meta = meta or {}
     self.sums, self.count = dict(meta.get("partial_sums", {})), int(meta.get("partial_count", 0))
     self.head, self.head_steps = dict(meta.get("partial_head", {})), head_steps
+    self.cycle = int(meta.get("partial_cycle", cycle))
 
   def add(self, metrics: dict) -> None:
     for k, v in metrics.items():
@@ -219,6 +237,7 @@ class _EpochSums:
       "partial_sums": self.sums,
       "partial_count": self.count,
       "partial_head": self.head,
+      "partial_cycle": self.cycle,
       "wall_time_s": wall_time_s,
     }
 
@@ -305,7 +324,7 @@ def train_and_evaluate(
       total=total_steps, initial=int(state.step), disable=not (progress and primary), unit="step", desc="train"
     )
     new_sums = functools.partial(_EpochSums, max(1, steps_per_epoch // 10))  # the first tenth of an epoch apart
-    sums = new_sums(meta)
+    sums = new_sums(meta, cycle=int(state.controller.cycle))
     try:
       if should_stop():
         raise Interrupted()
@@ -318,7 +337,7 @@ def train_and_evaluate(
           raise Interrupted()
         state, record = _end_epoch(run, state, epoch, sums, t_epoch=t_epoch, wall=wall)
         history.append(record)
-        sums = new_sums()
+        sums = new_sums(cycle=int(state.controller.cycle))
         if stopped or should_stop():
           raise Interrupted()
     except KeyboardInterrupt:
@@ -338,9 +357,19 @@ class _Run:
     self.steps_per_epoch, self.primary, self.metrics_path = steps_per_epoch, primary, workdir / "metrics.jsonl"
     rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     step = functools.partial(
-      train_lib.train_step, regimes=config.regimes, distill=config.distill, reset_warmup=config.reset_warmup_steps
+      train_lib.train_step,
+      regimes=config.regimes,
+      distill=config.distill,
+      reset_warmup=config.reset_warmup_steps,
+      controller_step=controller.step,
     )
-    self.train_fn = jax.jit(step, in_shardings=(rep, bat, rep, rep), out_shardings=(rep, rep), donate_argnums=0)
+
+    def train_fn(state, batch, reset_step):  # the keep is the controller's, read on the device at every step
+      keep = state.controller.keep
+      state, metrics = step(state, batch, keep, reset_step)
+      return state, {**metrics, "keep": keep}
+
+    self.train_fn = jax.jit(train_fn, in_shardings=(rep, bat, rep), out_shardings=(rep, rep), donate_argnums=0)
     self.eval_fn = evaluate_lib.make_eval_fn(mesh)
     self.update_fn = jax.jit(controller.update)
     self.lr_at = _lr_schedule(config, steps_per_epoch)
@@ -369,15 +398,14 @@ def _is_alive(state) -> bool:
 
 
 def _train_epoch(run: _Run, state, epoch: int, sums: _EpochSums, history: list[dict], *, should_stop, bar):
-  """Trains the rest of `epoch` from the state's step at the controller's keep, adding each step's metrics to
-  `sums`; returns (state, stopped).
+  """Trains the rest of `epoch` from the state's step at the controller's keep (a step-level controller changes it
+  from step to step), adding each step's metrics to `sums`; returns (state, stopped).
 
   The metrics of step t are read after step t+1 is dispatched (no pipeline stall). Stops early, with every
   finished step counted in `sums`, when `should_stop()` or on a KeyboardInterrupt; if the interrupt hit where the
   state and `sums` disagree (e.g. inside the donated step call), raises a bare `Interrupted` instead.
   """
   rep = parallel.replicated(run.mesh)
-  keep = jax.device_put(jnp.float32(float(state.controller.keep)), rep)
   reset_step = jax.device_put(
     jnp.int32(_cycle_start(history, int(state.controller.cycle), epoch, run.steps_per_epoch)), rep
   )
@@ -398,7 +426,7 @@ def _train_epoch(run: _Run, state, epoch: int, sums: _EpochSums, history: list[d
   pending, stopped = None, False
   try:
     for batch in parallel.prefetch_to_mesh(batches, run.mesh):
-      state, metrics = run.train_fn(state, batch, keep, reset_step)
+      state, metrics = run.train_fn(state, batch, reset_step)
       if pending is not None:
         check(pending, int(state.step) - 1)
       pending = metrics
@@ -433,8 +461,7 @@ def _end_epoch(run: _Run, state, epoch: int, sums: _EpochSums, *, t_epoch: float
   """Evaluates the finished epoch, lets the controller pick the next keep, then records, saves and logs the epoch;
   returns (state, the epoch's record)."""
   config = run.config
-  keep, cycle = float(state.controller.keep), int(state.controller.cycle)
-  train, head = sums.means(), sums.head_means()
+  cycle, train, head = sums.cycle, sums.means(), sums.head_means()
   t_eval = time.time()
   val = run.evaluate(state, run.ds.val, 1.0) if run.ds.val is not None else None
   tested = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
@@ -450,9 +477,10 @@ def _end_epoch(run: _Run, state, epoch: int, sums: _EpochSums, *, t_epoch: float
   record = {
     "epoch": epoch + 1,
     "step": int(state.step),
-    "keep": keep,
+    "keep": train["keep"],  # the mean over the epoch's steps: its one keep, unless a step-level controller moved it
     "cycle": cycle,
     "reset_after": cycle_end is not None,
+    "resets": int(state.controller.cycle) - cycle,
     "next_keep": float(state.controller.keep),
     "lr": float(run.lr_at(int(state.step) - 1)),
     "train_loss": train["loss"],

@@ -39,7 +39,7 @@ def summarize(
     "best_test_accuracy": best["test_accuracy"],
     "best_epoch": best["epoch"],
     "keep_curve": {str(k): v for k, v in sorted(keep_curve.items(), reverse=True)},
-    "cycles": int(last["cycle"]) + int(last.get("reset_after", False)),
+    "cycles": int(last["cycle"]) + int(last.get("resets", last.get("reset_after", False))),
     "epochs": int(last["epoch"]),
     "steps": int(last["step"]),
     "final_train_accuracy": last["train_accuracy"],

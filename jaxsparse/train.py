@@ -137,6 +137,7 @@ def train_step(
   regimes: int = 1,
   distill: bool = False,
   reset_warmup: int = 0,
+  controller_step: Callable | None = None,
 ) -> tuple[TrainState, dict]:
   """One SGD step at keep ratio `keep` (a traced float32 scalar: one compilation serves every regime).
 
@@ -159,6 +160,9 @@ def train_step(
       scalar, traced; far in the past in the first cycle).
     reset_warmup: a Python int; > 0 scales the update by ``clip((step - reset_step + 1) / reset_warmup, 0, 1)``:
       the learning rate ramps back up over the first `reset_warmup` steps after each reset (0: off, the plain step).
+    controller_step: a step-level controller's ``step`` (`jaxsparse.controllers.Controller.step`), or None: the new
+      state's controller is ``controller_step(state.controller, accuracy, state.step)``, so its keep can change
+      from one step to the next inside this one compiled step.
 
   Returns:
     (new_state, metrics) with metrics {"loss", "accuracy", "density/<site>"...}: float32 scalars of this batch.
@@ -175,7 +179,16 @@ def train_step(
   if reset_warmup:
     scale = jnp.clip((state.step - reset_step + 1).astype(jnp.float32) / reset_warmup, 0.0, 1.0)
   if regimes > 1:
-    return _multi_regime_step(state, batch, keep, regimes, distill, scale)
+    new_state, metrics = _multi_regime_step(state, batch, keep, regimes, distill, scale)
+  else:
+    new_state, metrics = _one_regime_step(state, batch, keep, scale)
+  if controller_step is not None:
+    new_state = new_state.replace(controller=controller_step(state.controller, metrics["accuracy"], state.step))
+  return new_state, metrics
+
+
+def _one_regime_step(state: TrainState, batch: dict, keep: jax.Array, scale):
+  """`train_step` with one regime: one pass at `keep`."""
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   mutable = [DENSITY, *state.model_state.keys()]
 

@@ -224,7 +224,7 @@ def test_adaptive_invariants(name, seq):
 
 
 def test_registry():
-  assert controllers.names() == ("dense", "constant", "cyclic", "adaptive_a", "adaptive_b")
+  assert controllers.names() == ("dense", "constant", "cyclic", "adaptive_a", "adaptive_b", "tighten_relax")
   assert controllers.options("dense") == {}
   assert controllers.options("constant") == {"keep": 0.5}
   assert controllers.options("adaptive_a") == {"min_keep": 0.1, "gamma": 0.7, "tol": 0.02, "patience": 3}
@@ -245,9 +245,24 @@ def test_registry():
     "cycles": None,
     "final_keep": 1.0,
   }
+  assert controllers.options("tighten_relax") == {  # the author's script's values
+    "interval": 128,
+    "tighten": 0.018,
+    "tol": 0.12,
+    "beta": 0.5,
+    "cooldown": 3,
+    "relax_step": 1.0,
+    "relax_gain": 1.5,
+    "max_scale": 5.0,
+    "max_jump": 1.0,
+    "min_keep": 0.0,
+    "max_keep": 1.0,
+    "init_keep": 1.0,
+  }
   for name in controllers.names():
     ctrl = controllers.get(name, **controllers.options(name))
     assert ctrl.needs_validation == (name == "adaptive_b")
+    assert (ctrl.step is not None) == (name == "tighten_relax")
   assert controllers.get("cyclic", period=4, shape="linear").update(
     controllers.get("cyclic", period=4).init(), _metrics()
   ).keep == pytest.approx(0.7, rel=1e-6)
@@ -284,3 +299,148 @@ def test_registry_errors():
 def test_invalid_options_raise(name, kwargs, bad):
   with pytest.raises(ValueError, match=bad):
     controllers.get(name, **kwargs)
+
+
+def _steps(ctrl, accuracies, jit=False):
+  """States after each optimiser step of a step-level controller (the init state excluded)."""
+  step = jax.jit(ctrl.step) if jit else ctrl.step
+  state, states = ctrl.init(), []
+  for t, a in enumerate(accuracies):
+    state = step(state, jnp.float32(a) if jit else a, jnp.int32(t))
+    states.append(state)
+  return states
+
+
+def test_tighten_relax_hand_trace():
+  # Decisions every 2 steps; each tightening halves keep; a drop of more than 0.1 relaxes, then 1 decision holds.
+  ctrl = controllers.tighten_relax(interval=2, tighten=0.5, tol=0.1, cooldown=1)
+  accs = [0.8, 0.8, 0.6, 0.6, 0.8, 0.8, 0.8, 0.8]
+  # EMA (beta 0.5): the first batch sets EMA and best to 0.8; then 0.8, 0.7, 0.65 (drop 0.15 at the 2nd decision),
+  # 0.725, 0.7625 (decision in the cooldown: hold), 0.78125, 0.790625 (decision: tighten; best is still 0.8).
+  want_keep = [1, 0.5, 0.5, 1, 1, 1, 1, 0.5]
+  want_ema = [0.8, 0.8, 0.7, 0.65, 0.725, 0.7625, 0.78125, 0.790625]
+  for jit in (False, True):
+    states = _steps(ctrl, accs, jit=jit)
+    np.testing.assert_allclose(_field(states, "keep"), want_keep, rtol=1e-6)
+    np.testing.assert_allclose(_field(states, "prev"), want_ema, rtol=1e-6)
+    np.testing.assert_allclose(_field(states, "ref"), [0.8] * 8, rtol=1e-6)  # the best EMA, never reset
+    assert _field(states, "holds") == [0, 0, 0, 1, 1, 0, 0, 0]
+    assert _field(states, "cycle") == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert _field(states, "epoch") == [0] * 8  # only the epoch-end update counts epochs
+
+
+def test_tighten_relax_first_batch_sets_ema_and_best():
+  ctrl = controllers.tighten_relax()
+  (state,) = _steps(ctrl, [0.3])
+  assert state.prev == F32(0.3) and state.ref == F32(0.3) and state.keep == 1.0  # not 0.5 * 0.3 from an EMA of 0
+  state = ctrl.update(state, _metrics(0.3))
+  assert int(state.epoch) == 1 and state.keep == 1.0 and state.prev == F32(0.3)
+
+
+def test_tighten_relax_relaxes_from_a_small_keep_by_the_scaled_capped_step():
+  # relax_step 0.1, cap 0.15: a drop of 0.15 over tol 0.1 gives scale 1 + 1.5 * 0.05 / 0.1 = 1.75, step 0.175,
+  # capped at 0.15; a drop of 0.3 (scale 4.75) likewise.
+  ctrl = controllers.tighten_relax(interval=1, tighten=0.5, tol=0.1, cooldown=0, relax_step=0.1, max_jump=0.15)
+  states = _steps(ctrl, [0.8, 0.8, 0.8, 0.8, 0.5])  # keep 0.5, 0.25, 0.125, 0.0625; then EMA 0.65: drop 0.15
+  np.testing.assert_allclose(_field(states, "keep"), [0.5, 0.25, 0.125, 0.0625, 0.2125], rtol=1e-6)
+  assert int(states[-1].cycle) == 1
+  # Without the cap, the step is relax_step * min(scale, max_scale): 0.1 * 1.75.
+  free = controllers.tighten_relax(interval=1, tighten=0.5, tol=0.1, cooldown=0, relax_step=0.1, max_jump=0.0)
+  assert _steps(free, [0.8, 0.8, 0.8, 0.8, 0.5])[-1].keep == pytest.approx(0.0625 + 0.175, rel=1e-6)
+  capped = controllers.tighten_relax(interval=1, tighten=0.5, tol=0.1, cooldown=0, relax_step=0.1, max_jump=0.0,
+                                     max_scale=1.2)  # fmt: skip
+  assert _steps(capped, [0.8, 0.8, 0.8, 0.8, 0.5])[-1].keep == pytest.approx(0.0625 + 0.12, rel=1e-6)
+
+
+def test_tighten_relax_relaxes_during_a_cooldown_and_restarts_it():
+  ctrl = controllers.tighten_relax(interval=1, tighten=0.5, tol=0.1, cooldown=2)
+  # t2: EMA 0.5 (drop 0.3): relax to 1, cooldown 2; t3: EMA 0.35 (drop 0.45): relax again (keep already 1, so no
+  # new cycle), cooldown back to 2; t4, t5: EMA climbs back but the drop stays > 0.1 until ...
+  states = _steps(ctrl, [0.8, 0.2, 0.2, 0.8, 0.8, 0.8, 0.8])
+  # EMA: 0.8, 0.5, 0.35, 0.575, 0.6875, 0.74375, 0.771875 -> drops 0, .3, .45, .225, .1125, .05625, .028125
+  assert _field(states, "keep") == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+  assert _field(states, "holds") == [0, 2, 2, 2, 2, 1, 0]
+  assert _field(states, "cycle") == [0, 1, 1, 1, 1, 1, 1]
+  assert _steps(ctrl, [0.8, 0.2, 0.2, 0.8, 0.8, 0.8, 0.8, 0.8])[-1].keep == 0.5  # the cooldown over: tighten
+
+
+def test_tighten_relax_min_keep_zero_still_keeps_one_unit():
+  from jaxsparse.topk import topk_mask
+
+  ctrl = controllers.tighten_relax(interval=1, tighten=0.99, min_keep=0.0)
+  keep = _steps(ctrl, [0.5] * 6, jit=True)[-1].keep  # 0.01 ** 6 = 1e-12 (float32)
+  assert 0 < float(keep) < 1e-11
+  x = jnp.arange(1.0, 101.0).reshape(1, 100)
+  for rounding in ("floor", "ceil"):
+    kept = jax.jit(lambda x, k, r=rounding: topk_mask(x, k, rounding=r))(x, keep)
+    np.testing.assert_array_equal(np.nonzero(np.asarray(kept))[1], [99])  # k = max(1, int(1e-12 * 100)) = 1
+  tiny = controllers.tighten_relax(interval=1, tighten=0.5, min_keep=0.3)
+  assert _field(_steps(tiny, [0.5] * 3), "keep") == [0.5, F32(0.3), F32(0.3)]
+
+
+def _script_rule(accs, interval, tighten, tol, beta, cooldown, relax_step, relax_gain, max_jump, min_keep, max_keep):
+  """The author's script's controller, re-derived in float64 Python from its description (PAPER.md)."""
+  keep, ema, best, left, out = max(min_keep, min(1.0, max_keep)), None, None, 0, []
+  for t, a in enumerate(accs, 1):
+    ema = a if ema is None else beta * ema + (1 - beta) * a
+    best = ema if best is None else max(best, ema)
+    if t % interval == 0:
+      drop = best - ema
+      if drop > tol:
+        delta = relax_step * min(1 + relax_gain * (drop - tol) / max(tol, 1e-8), 5.0)
+        keep, left = min(max_keep, keep + (min(delta, max_jump) if max_jump > 0 else delta)), cooldown
+      elif left > 0:
+        left -= 1
+      else:
+        keep = max(min_keep, keep * (1 - tighten))
+    out.append(keep)
+  return out
+
+
+def test_tighten_relax_matches_a_float64_reading_of_the_script_over_thousands_of_steps():
+  # Batch accuracies that train up, then collapse now and then (as a too-small keep does): several relaxes.
+  rng = np.random.default_rng(0)
+  t = np.arange(4000)
+  accs = np.clip(0.9 - 0.5 * (t % 700 > 620) + rng.normal(0, 0.04, t.size), 0, 1)
+  accs = np.round(accs * 128) / 128  # a batch of 128's accuracies
+  opts = dict(interval=8, tighten=0.018, tol=0.12, beta=0.5, cooldown=3, relax_step=1.0, relax_gain=1.5, max_jump=1.0,
+              min_keep=0.0, max_keep=1.0)  # fmt: skip
+  want = np.asarray(_script_rule(accs.tolist(), **opts))
+  ctrl = controllers.tighten_relax(**opts)
+
+  def body(state, inputs):
+    state = ctrl.step(state, *inputs)
+    return state, state.keep
+
+  _, keeps = jax.jit(lambda a: jax.lax.scan(body, ctrl.init(), (a, jnp.arange(a.size, dtype=jnp.int32))))(
+    jnp.asarray(accs, jnp.float32)
+  )
+  keeps = np.asarray(keeps, np.float64)
+  assert np.sum(np.diff(want) > 0) >= 4  # several relaxes
+  assert want.min() < 0.3
+  np.testing.assert_allclose(keeps, want, rtol=2e-5)  # float32 keep vs float64: the same decisions
+
+
+@pytest.mark.parametrize(
+  "option, value, match",
+  [
+    ("interval", 0, "interval must be an integer >= 1, got 0"),
+    ("interval", 2.0, "interval must be an integer >= 1"),
+    ("tighten", 1.0, r"tighten must be a number in \[0.0, 1.0\), got 1.0"),
+    ("tighten", -0.1, "tighten must be a number in"),
+    ("tol", 1.0, r"tol must be a number in \[0.0, 1.0\)"),
+    ("beta", 1.0, r"beta must be a number in \[0.0, 1.0\)"),
+    ("cooldown", -1, "cooldown must be an integer >= 0"),
+    ("relax_step", 0.0, r"relax_step must be a number in \(0.0, inf\)"),
+    ("relax_gain", -1.0, "relax_gain must be a number in"),
+    ("max_scale", 0.5, r"max_scale must be a number in \[1.0, inf\)"),
+    ("max_jump", -0.1, "max_jump must be a number in"),
+    ("max_keep", 0.0, r"max_keep must be a number in \(0.0, 1.0\]"),
+    ("min_keep", 1.5, r"min_keep must be a number in \[0.0, 1.0\]"),
+    ("init_keep", 0.0, "init_keep must be a number in"),
+  ],
+)
+def test_tighten_relax_refuses_options_out_of_range(option, value, match):
+  kwargs = {option: value, **({"min_keep": 0.1} if option == "init_keep" else {})}
+  with pytest.raises(ValueError, match=match):
+    controllers.get("tighten_relax", **kwargs)

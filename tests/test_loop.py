@@ -5,6 +5,7 @@ The CLI smoke run, bad flags and the NaN stop are in test_reliability.py (one en
 import json
 
 import jax
+import numpy as np
 import pytest
 
 from conftest import experiment, tiny_config
@@ -220,3 +221,56 @@ def test_reset_warmup_changes_nothing_before_the_first_reset_and_slows_the_steps
     assert [r[key] for r in warm[:2]] == pytest.approx([r[key] for r in plain[:2]], rel=1e-4), key
   assert warm[2]["first_steps_loss"] == pytest.approx(plain[2]["first_steps_loss"], rel=1e-4)
   assert abs(warm[2]["train_loss"] - plain[2]["train_loss"]) > 1e-3
+
+
+def _final_state(workdir):
+  _, state, _ = loop.load_trained(workdir)
+  return jax.device_get((state.params, state.controller))
+
+
+def _same(a, b) -> bool:
+  """Whether two pytrees of arrays are bitwise equal (NaN equal to NaN)."""
+  return jax.tree.all(jax.tree.map(lambda x, y: bool(np.array_equal(x, y, equal_nan=True)), a, b))
+
+
+def test_step_level_controller_moves_the_keep_inside_epochs_and_resumes_mid_epoch_bitwise(cifar_npz, cache, tmp_path):
+  # tighten_relax deciding at every step, never relaxing (tol 0.99): keep 0.7 ** t after t steps, 4 steps per epoch.
+  options = {"interval": 1, "tighten": 0.3, "tol": 0.99}
+  config = _config(cifar_npz, cache, schedule="tighten_relax", controller_options=options, val_size=0)
+  a, b = tmp_path / "a", tmp_path / "b"
+  summary = train_and_evaluate(config, a, progress=False)
+  keeps = [1.0]
+  for _ in range(12):
+    keeps.append(float(jax.numpy.float32(keeps[-1]) * jax.numpy.float32(0.7)))
+  records = _records(a)
+  assert [r["keep"] for r in records] == pytest.approx([sum(keeps[4 * e : 4 * e + 4]) / 4 for e in range(3)], rel=1e-6)
+  assert [r["next_keep"] for r in records] == pytest.approx([keeps[4], keeps[8], keeps[12]], rel=1e-6)
+  assert summary["cycles"] == 0 and all(r["val_accuracy"] is None for r in records)
+  calls = []
+  with pytest.raises(loop.Interrupted):
+    train_and_evaluate(config, b, progress=False, should_stop=lambda: calls.append(1) or len(calls) >= 7)
+  assert len(_records(b)) == 1  # stopped after step 6, inside epoch 2
+  train_and_evaluate(config, b, progress=False)
+  assert _records(b) == records
+  params_a, ctrl_a = _final_state(a)
+  params_b, ctrl_b = _final_state(b)
+  assert _same((params_a, ctrl_a), (params_b, ctrl_b))
+
+
+def test_a_step_level_controller_refuses_the_reset_warmup(cifar_npz, cache, tmp_path):
+  config = _config(cifar_npz, cache, schedule="tighten_relax", controller_options={}, reset_warmup_steps=3)
+  with pytest.raises(loop.OptionError, match="Config.reset_warmup_steps needs an epoch-level schedule"):
+    train_and_evaluate(config, tmp_path, progress=False)
+  assert not (tmp_path / "config.json").exists()
+
+
+def test_eval_every_does_not_change_training(cifar_npz, cache, tmp_path):
+  config = _config(cifar_npz, cache, epochs=2, val_size=0, schedule="adaptive_a")
+  train_and_evaluate(config.replace(eval_every=1), tmp_path / "every", progress=False)
+  train_and_evaluate(config.replace(eval_every=3), tmp_path / "last", progress=False)
+  every, last = _final_state(tmp_path / "every"), _final_state(tmp_path / "last")
+  assert _same(every, last)
+  drop = ("test_accuracy", "test_loss")
+  assert [{k: v for k, v in r.items() if k not in drop} for r in _records(tmp_path / "every")] == [
+    {k: v for k, v in r.items() if k not in drop} for r in _records(tmp_path / "last")
+  ]
