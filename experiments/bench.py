@@ -4,7 +4,8 @@ Sections (``--sections``, comma-separated; default all):
 
 * ``step``: the WRN train step (``jaxsparse.train.train_step`` jitted like ``jaxsparse.loop``: shardings on a 1-D
   mesh and buffer donation) at keep 0.3 and keep 1.0 (one compiled program), the same model without top-k sites
-  (``WideResNet(sites=False)``) and, at keep 1.0, with each of ``--other-convs`` (``step.conv_<main>_over_<other>``;
+  (``WideResNet(sites=False)``), at keep 0.3 with the step-level controller ``tighten_relax`` updated inside the
+  step (``controller_over_none``: what the controller adds to a step) and, at keep 1.0, with each of ``--other-convs`` (``step.conv_<main>_over_<other>``;
   ``auto_over_best_conv``: the main step over the fastest of them), timed in interleaved rounds (A B C A B C ...)
   so load changes hit every variant; ratios are medians of per-round ratios. Also the compile time, and proof that
   changing keep does not recompile (``jax.no_tracing``, backend compilations, the jit cache size).
@@ -131,16 +132,18 @@ class CompileCounter:
 class JaxStep:
   """One WRN train state and its jitted train step, as jaxsparse.loop builds them."""
 
-  def __init__(self, model: str, batch_size: int, *, sites: bool, conv: str, counter: CompileCounter):
+  def __init__(
+    self, model: str, batch_size: int, *, sites: bool, conv: str, counter: CompileCounter, controller: str = "dense"
+  ):
     mesh = parallel.make_mesh()
     rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     wrn = WideResNet(*MODELS[model], sites=sites, conv=conv)
     tx = train_lib.make_optimizer(train_lib.lr_schedule(0.1, total_steps=351 * 200, warmup_steps=5 * 351))
-    init_fn = jax.jit(
-      lambda rng: train_lib.create_train_state(rng, wrn, tx, controllers.get("dense")), out_shardings=rep
-    )
+    ctrl = controllers.get(controller)
+    init_fn = jax.jit(lambda rng: train_lib.create_train_state(rng, wrn, tx, ctrl), out_shardings=rep)
     self.state = init_fn(jax.random.PRNGKey(0))
-    self.fn = jax.jit(train_lib.train_step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep), donate_argnums=0)
+    step = functools.partial(train_lib.train_step, controller_step=ctrl.step)
+    self.fn = jax.jit(step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep), donate_argnums=0)
     self.eval_fn = jax.jit(train_lib.eval_step, in_shardings=(rep, bat, rep), out_shardings=rep)
     rng = np.random.default_rng(0)
 
@@ -180,11 +183,13 @@ def epoch_estimate(times: dict, batch_size: int) -> dict:
 
 def bench_step(args, counter: CompileCounter, with_torch: bool) -> tuple[dict, dict]:
   """The step section (and the torch comparison when asked); returns (results, ratios)."""
-  make = lambda sites, conv: JaxStep(args.model, args.batch_size, sites=sites, conv=conv, counter=counter)
+  make = lambda sites, conv, **kw: JaxStep(args.model, args.batch_size, sites=sites, conv=conv, counter=counter, **kw)
   sparse, plain = make(True, args.conv), make(False, args.conv)
+  stepped = make(True, args.conv, controller="tighten_relax")
   others = {conv: make(True, conv) for conv in args.convs}
   fns = {"keep0.3": lambda: sparse.step(SPARSE_KEEP), "keep1.0": lambda: sparse.step(1.0)}
   fns["plain"] = lambda: plain.step(1.0)
+  fns["keep0.3_tighten_relax"] = lambda: stepped.step(SPARSE_KEEP)
   # the other convolution implementations at keep 1.0 only: the top-k cost does not depend on the conv
   fns.update({f"{conv}_keep1.0": functools.partial(st.step, 1.0) for conv, st in others.items()})
   torch_step, torch_info = make_torch_step(*MODELS[args.model], args.batch_size) if with_torch else (None, None)
@@ -227,6 +232,7 @@ def bench_step(args, counter: CompileCounter, with_torch: bool) -> tuple[dict, d
   ratios = {
     "sparse_over_dense": dict(ratio(times, "keep0.3", "keep1.0"), model=model),
     "keep1_over_plain": dict(ratio(times, "keep1.0", "plain"), model=model),
+    "controller_over_none": dict(ratio(times, "keep0.3_tighten_relax", "keep0.3"), model=model),
   }
   fastest = lambda names: min((k for k in names if k in times), key=lambda k: statistics.median(times[k]))
   if others:  # the main convolution against the fastest other implementation timed beside it

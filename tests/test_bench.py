@@ -27,7 +27,7 @@ def test_bench_emits_the_three_ratios():
   )
   assert out.returncode == 0, out.stderr[-2000:]
   result = json.loads(out.stdout)
-  assert result["sparse_over_dense"] > 0 and result["keep1_over_plain"] > 0
+  assert result["sparse_over_dense"] > 0 and result["keep1_over_plain"] > 0 and result["controller_over_none"] > 0
   assert "jax_over_torch" in result
   assert result["step"]["conv_auto_over_xla"]["keep1.0"]["median"] > 0  # the main step runs conv="auto"
   assert "matmul_keep1.0" not in result["step"]["times"] and "xla_keep1.0" in result["step"]["times"]

@@ -274,3 +274,32 @@ def test_eval_every_does_not_change_training(cifar_npz, cache, tmp_path):
   assert [{k: v for k, v in r.items() if k not in drop} for r in _records(tmp_path / "every")] == [
     {k: v for k, v in r.items() if k not in drop} for r in _records(tmp_path / "last")
   ]
+
+
+def test_lr_by_epoch_holds_each_epochs_first_value(cifar_npz, cache):
+  config = _config(cifar_npz, cache, epochs=4, warmup_epochs=0, learning_rate=0.1)
+  per_step, per_epoch = loop._lr_schedule(config, 5), loop._lr_schedule(config.replace(lr_by_epoch=True), 5)
+  steps = jax.numpy.arange(20)
+  want = [0.1 * (1 + np.cos(np.pi * (s // 5) / 4)) / 2 for s in range(20)]  # PyTorch's CosineAnnealingLR(T_max=4)
+  np.testing.assert_allclose(per_epoch(steps), want, rtol=1e-6)
+  np.testing.assert_allclose(per_step(steps[::5]), want[::5], rtol=1e-6)
+  assert per_step(3) < per_epoch(3)
+
+
+def test_script_preset_is_the_published_recipe():
+  from jaxsparse import config as config_lib
+
+  c = config_lib.PRESETS["script"]
+  assert (c.schedule, c.epochs, c.batch_size, c.learning_rate, c.warmup_epochs, c.weight_decay) == (
+    "tighten_relax",
+    500,
+    128,
+    0.1,
+    0,
+    0.0,
+  )
+  assert (c.val_size, c.train_size, c.seed, c.lr_by_epoch, c.nesterov, c.momentum) == (0, None, 3407, True, True, 0.9)
+  model = loop.build_model(c)
+  assert (model.depth, model.widen, model.norm, model.norm_eps, model.norm_bias) == (28, 4, "rmsnorm", 1e-8, True)
+  assert (model.shortcut, model.rounding, model.zero_init_residual, c.augment) == ("input", "floor", False, None)
+  assert loop.check_config(c).step is not None  # the step-level controller, and nothing refused
