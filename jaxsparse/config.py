@@ -12,7 +12,7 @@ import json
 from typing import Any, Callable, Mapping
 
 from jaxsparse import controllers
-from jaxsparse.models.wrn import CONVS, MODELS, NORMS, SHORTCUTS
+from jaxsparse.models.wrn import CONVS, MODELS, NORMS, PADDINGS, SHORTCUTS
 from jaxsparse.topk import GRADIENTS, ROUNDINGS, SCORES, is_keep
 
 PAPER_KEEPS = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05)
@@ -54,6 +54,12 @@ class Config:
     choices=SHORTCUTS,
   )
   zero_init_residual: bool = _field(True, "start every block's second conv at zero (ours; the script does not)")
+  padding: str = _field(
+    "same",
+    "padding of the 3x3 convs: same (flax's SAME: 0 before, 1 after at stride 2) or symmetric (1 on each side: "
+    "PyTorch's padding=1, the script)",
+    choices=tuple(PADDINGS),
+  )
   dropout: float = _field(0.0, "dropout rate between the convs of every block")
   dtype: str = _field("float32", "compute dtype (parameters stay float32)", choices=("float32", "bfloat16"))
   conv: str = _field(
@@ -176,9 +182,14 @@ def _check_known(fields) -> None:
 
 
 def library_name(option: str) -> str:
-  """How library errors name an option: a Config field as ``Config.<field>``; `train_and_evaluate`'s `fresh` as
-  ``fresh=True`` and `workdir` as itself."""
-  return {"fresh": "fresh=True", "workdir": "workdir"}.get(option, f"Config.{option}")
+  """How library errors name an option: a Config field as ``Config.<field>``, a controller option as
+  ``Config.controller_options['<option>']``; `train_and_evaluate`'s `fresh` as ``fresh=True`` and `workdir` as
+  itself."""
+  if option in ("fresh", "workdir"):
+    return {"fresh": "fresh=True", "workdir": "workdir"}[option]
+  if option not in {f.name for f in dataclasses.fields(Config)}:
+    return f"Config.controller_options[{option!r}]"
+  return f"Config.{option}"
 
 
 class Explained:
@@ -241,6 +252,7 @@ PRESETS: dict[str, Config] = {
     norm_bias=True,
     shortcut="input",
     zero_init_residual=False,
+    padding="symmetric",
     topk_round="floor",
     val_size=0,
     dtype="bfloat16",

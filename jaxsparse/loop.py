@@ -68,6 +68,7 @@ def build_model(config: Config) -> WideResNet:
     norm_eps=config.norm_eps,
     norm_bias=config.norm_bias,
     zero_init_residual=config.zero_init_residual,
+    padding=config.padding,
     rounding=config.topk_round,
   )
 

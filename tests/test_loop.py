@@ -302,4 +302,5 @@ def test_script_preset_is_the_published_recipe():
   model = loop.build_model(c)
   assert (model.depth, model.widen, model.norm, model.norm_eps, model.norm_bias) == (28, 4, "rmsnorm", 1e-8, True)
   assert (model.shortcut, model.rounding, model.zero_init_residual, c.augment) == ("input", "floor", False, None)
+  assert model.padding == "symmetric"
   assert loop.check_config(c).step is not None  # the step-level controller, and nothing refused

@@ -16,6 +16,9 @@ Basic block (pre-activation)::
 
 With ``shortcut="input"`` the projection reads the block's raw input ``x`` instead of ``a1`` (the
 author's script, as in the original WRN code's ``convShortcut(x)`` on the un-normalised input).
+With ``padding="symmetric"`` every 3x3 conv pads one pixel on each side (PyTorch's ``padding=1``, the
+script and the original WRN code) instead of flax's ``"SAME"``, which for the stride-2 conv1 of
+group1/group2 pads 0 before and 1 after (a half-pixel shift of the sampling grid; the same for stride 1).
 
 So the model has ``2 * 3 * n + 1`` top-k sites: 25 for WRN-28-4, 13 for WRN-16-2, 7 for WRN-10-1,
 named ``group{g}_block{b}/act1``, ``group{g}_block{b}/act2`` and ``final_act``. Each site is the
@@ -64,6 +67,7 @@ MODELS = {
 }
 NORMS = ("rmsnorm", "batchnorm", "none")
 SHORTCUTS = ("activated", "input")  # what the projection shortcut reads
+PADDINGS = {"same": "SAME", "symmetric": ((1, 1), (1, 1))}  # padding of the 3x3 convs (differs only at stride 2)
 # None: flax's default, lax.conv_general_dilated. Same parameters and function for all four.
 CONVS = {"auto": auto_conv, "xla": None, "matmul": shifted_matmul_conv, "wgrad_matmul": wgrad_matmul_conv}
 
@@ -149,6 +153,7 @@ class BasicBlock(nn.Module):
   norm_eps: float | None = None
   norm_bias: bool = False
   rounding: str = "ceil"
+  padding: str = "same"
 
   @nn.compact
   def __call__(self, x, keep, train: bool):
@@ -173,12 +178,13 @@ class BasicBlock(nn.Module):
       rounding=self.rounding,
     )
     a1 = site("act1", nn.relu(norm(name="norm1")(x, train)))
-    h = conv(self.features, (3, 3), self.strides, name="conv1")(a1)
+    pad = PADDINGS[self.padding]
+    h = conv(self.features, (3, 3), self.strides, padding=pad, name="conv1")(a1)
     h = nn.relu(norm(name="norm2")(h, train))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     a2 = site("act2", h)
     last_init = nn.initializers.zeros if self.zero_init_residual else _conv_init
-    h = conv(self.features, (3, 3), 1, kernel_init=last_init, name="conv2")(a2)
+    h = conv(self.features, (3, 3), 1, padding=pad, kernel_init=last_init, name="conv2")(a2)
     if x.shape[-1] != self.features or self.strides != 1:
       x = conv(self.features, (1, 1), self.strides, name="shortcut")(a1 if self.shortcut == "activated" else x)
     return x + h
@@ -207,6 +213,8 @@ class WideResNet(nn.Module):
     norm_bias: RMSNorm with a learned per-channel bias after the scale (the script's RMSNorm2d).
     rounding: how ``keep * n`` becomes the kept count: "ceil" (default) or "floor" (the script's
       ``max(1, int(keep * n))``); see `jaxsparse.topk_mask`.
+    padding: padding of the 3x3 convs: "same" (default, flax's "SAME") or "symmetric" (one pixel each side,
+      PyTorch's ``padding=1``, the script); they differ only in the stride-2 convs (see the module docstring).
     dtype: compute dtype (e.g. jnp.bfloat16); logits are always float32.
     param_dtype: parameter dtype.
     conv: "xla" (``lax.conv_general_dilated``), "matmul" (``conv.shifted_matmul_conv``: the same
@@ -240,6 +248,7 @@ class WideResNet(nn.Module):
   norm_eps: float | None = None
   norm_bias: bool = False
   rounding: str = "ceil"
+  padding: str = "same"
 
   def site_names(self) -> list[str]:
     """The names of the top-k sites, in program order (also the keys of `site_densities`)."""
@@ -289,6 +298,8 @@ class WideResNet(nn.Module):
       raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
     if self.shortcut not in SHORTCUTS:
       raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {self.shortcut!r}")
+    if self.padding not in PADDINGS:
+      raise ValueError(f"padding must be one of {tuple(PADDINGS)}, got {self.padding!r}")
     if self.norm_eps is not None and not self.norm_eps > 0:
       raise ValueError(f"norm_eps must be None or > 0, got {self.norm_eps!r}")
     per_site = self._site_keeps(keep) if is_keep_map(keep) else None
@@ -323,6 +334,7 @@ class WideResNet(nn.Module):
           self.norm_eps,
           self.norm_bias,
           self.rounding,
+          self.padding,
           name=f"group{g}_block{b}",
         )(x, per_site[f"group{g}_block{b}"] if per_site else keep, train)
     final_norm = _Norm(self.norm, self.dtype, self.param_dtype, self.norm_eps, self.norm_bias, name="final_norm")
