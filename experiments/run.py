@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import signal
 import sys
 import typing
+from pathlib import Path
 
 from jaxsparse import config as config_lib
 from jaxsparse import controllers
@@ -91,8 +93,15 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     group.add_argument(flag(field.name), *_ALIASES.get(field.name, []), **kwargs)
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse, with a mistake reported in one line (not the whole usage) and a pointer to --help."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = _Parser(prog="run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument(
     "--preset",
     default="paper",
@@ -102,6 +111,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   p.add_argument("--workdir", help="run directory (default: runs/<preset>_<schedule>_s<seed>)")
   p.add_argument("--fresh", action="store_true", help="delete this run's previous outputs and start over")
+  p.add_argument(
+    "--reevaluate",
+    action="store_true",
+    help="a finished run (summary.json, same config) is evaluated again; without it, it is left as it is",
+  )
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument(
     "--distributed",
@@ -220,6 +234,19 @@ class _StopRequest:
     return {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
+def _finished(workdir: str, config: config_lib.Config) -> dict | None:
+  """The summary of the finished run in `workdir` if it was made with `config`, else None."""
+  from jaxsparse.workdir import config_diff
+
+  path = Path(workdir)
+  try:
+    if config_diff(config, path / "config.json"):
+      return None
+    return json.loads((path / "summary.json").read_text())
+  except (OSError, ValueError):
+    return None
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   try:
@@ -239,6 +266,14 @@ def main(argv=None) -> int:
   _log_to_terminal()
   workdir = args.workdir or f"runs/{args.preset}_{config.schedule}_s{config.seed}"
   print(f"run directory: {workdir}", file=sys.stderr)
+  finished = _finished(workdir, config)
+  if finished is not None and not (args.fresh or args.reevaluate):
+    print(
+      f"{workdir} holds this run, finished: dense test accuracy {finished['test_accuracy']:.4f} (best "
+      f"{finished['best_test_accuracy']:.4f}); nothing to do (--reevaluate evaluates it again, --fresh starts over)",
+      file=sys.stderr,
+    )
+    return 0
   stop = _StopRequest()
   previous = stop.install()
   try:

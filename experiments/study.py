@@ -5,7 +5,9 @@
   python experiments/compare.py runs/study/*_s* --out docs/study --title "CPU study"
 
 On a scheduler (a SLURM job array, GNU parallel, a cloud batch service), --list prints one run.py command per
-unfinished run, and --shard=I/N keeps every N-th run from the I-th (README, Studies on a scheduler):
+unfinished run (this interpreter and absolute paths, so it runs from any directory), and --shard=I/N keeps every
+N-th run from the I-th (README, Studies on a scheduler). Flags that run.py would refuse are refused first, in one
+line, before any run starts or any command is printed:
 
   python experiments/study.py --out runs/study --seeds 0,1,2 --list -- --preset=study | parallel -j 2
 
@@ -19,6 +21,7 @@ per hour than one run using both cores, because XLA's CPU convolutions use a sec
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import queue
 import shlex
@@ -69,6 +72,40 @@ def plan(variants, seeds, out: Path):
 def command(workdir: Path, flags, common) -> list[str]:
   """The run.py command line (after the interpreter) of one run of the study."""
   return [str(RUN), *flags, f"--workdir={workdir}", "--no-progress", *common]
+
+
+def _run_module():
+  """experiments/run.py as a module (loaded from its file: the scripts are not an installed package)."""
+  name = "jaxsparse_experiments_run"
+  if name not in sys.modules:
+    spec = importlib.util.spec_from_file_location(name, RUN)
+    sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules[name])
+  return sys.modules[name]
+
+
+def check_flags(todo, common) -> str | None:
+  """The first reason run.py would refuse one of the planned runs' flags (its own error line), else None. A
+  fine-tune's source run is not checked: it may not have finished yet."""
+  run = _run_module()
+
+  for name, workdir, flags in todo:
+    argv = [f for f in command(workdir, flags, common)[1:] if not f.startswith("--init-from=")]
+    try:
+      run.config_from_args(run.parse_args(argv))
+    except SystemExit:  # argparse printed its one-line error
+      return f"{name}: run.py refuses these flags (above)"
+    except ValueError as e:
+      return f"{name}: {run.in_flags(e)}"
+  return None
+
+
+def _absolute(arg: str) -> str:
+  """A path flag (--data, --cache-dir, --init-from) naming an existing path, made absolute; anything else as is."""
+  name, eq, value = arg.partition("=")
+  if eq and name in ("--data", "--cache-dir", "--init-from") and Path(value).exists():
+    return f"{name}={Path(value).resolve()}"
+  return arg
 
 
 def _source(flags) -> Path | None:
@@ -151,11 +188,15 @@ def main(argv=None) -> int:
     index, count = -1, 0
   if not 0 <= index < count:
     p.error(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}")
-  todo = plan(variants, seeds, Path(args.out))[index::count]
+  todo = plan(variants, seeds, Path(args.out).resolve())[index::count]
+  problem = check_flags(todo, common)
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    return 2
   if args.list:
     for name, workdir, flags in todo:
       if not (workdir / "summary.json").exists():
-        print(shlex.join(["python", os.path.relpath(RUN), *command(workdir, flags, common)[1:]]))
+        print(shlex.join([sys.executable, *map(_absolute, command(workdir, flags, common))]))
     return 0
   jobs: queue.Queue = queue.Queue()
   for job in todo:

@@ -103,7 +103,7 @@ def check_config(config: Config) -> controllers_lib.Controller:
       lambda n: (
         f"{n('regimes')}={config.regimes} trains keeps from the controller's keep up to 1.0, and schedule "
         f"'dense' keeps 1.0: every pass would be dense. For a fixed smallest keep use {n('schedule')} 'constant' with "
-        "its keep option"
+        f"{n('keep')}"
       )
     )
   return controller

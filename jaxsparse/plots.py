@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
 _COLORS = colormaps["tab20"].colors
 # Line style per kind of approach (`jaxsparse.report.approach`): joint training solid, a network per keep dashed,
@@ -176,6 +176,10 @@ def _legend_outside(ax) -> None:
 
 
 def _save(fig: Figure, path: Path) -> Path:
+  """Writes `fig`; epoch axes get whole-number ticks (a 3-epoch run is not ticked at 1.25, 1.5, ...)."""
+  for ax in fig.axes:
+    if "epoch" in ax.get_xlabel():
+      ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   fig.tight_layout()
   fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight" keeps a legend placed outside the axes
   return path

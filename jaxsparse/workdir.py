@@ -28,6 +28,8 @@ def prepare_workdir(config: Config, workdir: Path, *, fresh: bool, write: bool =
   multi-process run) nothing is created, deleted or written: only the check runs, and not at all when `fresh`.
   Raises ConfigMismatchError when an existing run used another config (nothing is overwritten).
   """
+  if workdir.exists() and not workdir.is_dir():
+    raise WorkdirError(lambda n: f"{n('workdir')} {workdir} is a file, not a directory: choose another {n('workdir')}")
   if fresh and not write:
     return
   saved = workdir / "config.json"
@@ -43,17 +45,14 @@ def prepare_workdir(config: Config, workdir: Path, *, fresh: bool, write: bool =
         atomic_write(saved, config.to_json())
       return
     try:
-      old = json.loads(saved.read_text())
+      diff = config_diff(config, saved)
     except json.JSONDecodeError as e:
       raise ConfigMismatchError(
         lambda n, e=e: f"{saved} is unreadable ({e}); pass {n('fresh')} to start over, or choose another {n('workdir')}"
       ) from e
-    new, defaults = json.loads(config.to_json()), json.loads(Config().to_json())
-    old = {**{k: defaults[k] for k in new if k not in old and k in defaults}, **old}  # fields it predates: defaults
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     checkpoints = workdir / "checkpoints"
     if diff and checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
-      details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+      details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
       raise ConfigMismatchError(
         lambda n: (
           f"{workdir} holds a run with a different config ({details}); pass {n('fresh')} to start it over, "
@@ -62,6 +61,16 @@ def prepare_workdir(config: Config, workdir: Path, *, fresh: bool, write: bool =
       )
     if diff and write:
       atomic_write(saved, config.to_json())
+
+
+def config_diff(config: Config, saved: Path) -> dict[str, tuple]:
+  """{field: (saved value, `config`'s value)} for every field where the config.json at `saved` differs from
+  `config` (a field the saved file predates counts as its default). Raises OSError or json.JSONDecodeError when
+  `saved` cannot be read."""
+  old = json.loads(saved.read_text())
+  new, defaults = json.loads(config.to_json()), json.loads(Config().to_json())
+  old = {**{k: defaults[k] for k in new if k not in old and k in defaults}, **old}  # fields it predates: defaults
+  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 
 @contextlib.contextmanager

@@ -21,3 +21,19 @@ def test_comparison_series_have_distinct_colours_and_a_line_style_per_approach()
   assert plots.series_style(2, "per-keep", "constant(keep=0.1)")["ls"] == "--"
   assert plots.series_style(3, "fine-tuned", "constant(keep=0.1)+finetuned")["ls"] == ":"
   assert plots.series_style(4, "joint+dropout", "adaptive_b+dropout0.3")["ls"] == "-."
+
+
+def test_epoch_axes_get_whole_number_ticks(tmp_path):
+  from matplotlib.figure import Figure
+
+  from jaxsparse.plots import _save
+
+  fig = Figure()
+  epochs, keep = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+  for ax, label in ((epochs, "epochs completed"), (keep, "keep")):
+    ax.plot([1, 2, 3], [0.2, 0.5, 0.4])
+    ax.set_xlabel(label)
+  _save(fig, tmp_path / "f.png")
+  ticks = [t for t in epochs.get_xticks() if 1 <= t <= 3]
+  assert ticks == [1, 2, 3]
+  assert any(t != int(t) for t in keep.get_xticks())  # other axes keep matplotlib's default ticks

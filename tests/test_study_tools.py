@@ -1,6 +1,8 @@
 """experiments/study.py (planning, resume, bad flags) and experiments/jpeg_shift.py (matching, end to end)."""
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,7 +59,21 @@ def test_two_shards_list_every_unfinished_run_exactly_once(tmp_path, capsys):
   workdirs = [line.split("--workdir=")[1].split()[0] for line in listed]
   expected = [str(tmp_path / f"{v}_s{s}") for s in (0, 1) for v in variants.split(",")]
   assert sorted(workdirs) == sorted(w for w in expected if not w.endswith("keep0.1_s1"))
-  assert all(line.startswith("python experiments/run.py ") for line in listed)
+  run_py = str(study.RUN)  # absolute, with this interpreter: the lines run from any directory
+  assert all(line.startswith(f"{sys.executable} {run_py} ") for line in listed) and Path(run_py).is_absolute()
+
+
+@pytest.mark.parametrize(
+  "flags, message",
+  [
+    (["--epochs=2.5"], "run.py: error: argument --epochs: invalid int value: '2.5' (see --help)"),
+    (["--schedule=dense", "--keep=0.2"], "--keep does not apply to --schedule=dense"),
+  ],
+)
+def test_list_refuses_run_flags_that_run_py_would_refuse_before_printing(tmp_path, capsys, flags, message):
+  assert study.main(["--out", str(tmp_path), "--variants", "dropout", "--seeds", "0", "--list", "--", *flags]) == 2
+  out = capsys.readouterr()
+  assert out.out == "" and message in out.err
 
 
 def test_fine_tunes_name_their_source_run_and_wait_for_it(tmp_path, monkeypatch, capsys):
