@@ -56,6 +56,8 @@ def run_tests(paths, timeout_s: float) -> dict:
     "no:cacheprovider",
     "-m",
     "not slow",
+    "-n",
+    "0",  # one process: pytest-xdist workers would each take the accelerator's memory
     *paths,
   ]  # -q comes from pyproject.toml
   try:

@@ -17,6 +17,9 @@ import pytest
 
 from conftest import TIMES, TINY_FLAGS
 
+# Each test starts its own processes: under pytest-xdist they share one worker, one at a time.
+pytestmark = pytest.mark.xdist_group("multiprocess")
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "experiments" / "run.py"
 # 4 steps per epoch of 32 images (8 per device), 2 epochs, a reset after epoch 2.
