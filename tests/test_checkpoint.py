@@ -19,6 +19,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsparse.checkpoint import Checkpointer, Restored
 
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
 
 class ControllerState(NamedTuple):
   keep: jax.Array  # float32 scalar
@@ -94,20 +96,34 @@ def test_round_trip_is_bitwise_with_types_and_meta(tmp_path):
   assert restored_meta == meta
 
 
-def test_restore_places_arrays_with_template_shardings(tmp_path):
-  # One device in the default suite; run with XLA_FLAGS=--xla_force_host_platform_device_count=4
-  # to cross topologies (saved replicated on 4 devices, restored on 4 and on 1).
-  mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
-  replicated = NamedSharding(mesh, P())
-  single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+def restore_across_topologies(directory):
+  """Saves a state replicated on 4 devices and restores it replicated on 4, on 2 others and on 1 device: each
+  restored leaf is placed as its template says. Needs 4 devices (run by the test below in a subprocess)."""
+  devices = jax.devices()
+  assert len(devices) == 4, devices
+  replicated = NamedSharding(Mesh(np.array(devices), ("data",)), P())
+  others = NamedSharding(Mesh(np.array(devices[2:]), ("data",)), P())
+  single = jax.sharding.SingleDeviceSharding(devices[1])
   state = jax.device_put(make_state(2), replicated)
-  with Checkpointer(tmp_path) as ckpt:
+  with Checkpointer(directory) as ckpt:
     ckpt.save(2, state, meta={})
-    for sharding in (replicated, single):
+    for sharding in (replicated, others, single):
       template = jax.device_put(make_state(0), sharding)
       restored = ckpt.restore_latest(abstract(template))
       assert_bitwise_equal(restored.state, state)
-      assert all(leaf.sharding == sharding for leaf in jax.tree.leaves(restored.state))
+      for leaf in jax.tree.leaves(restored.state):
+        assert leaf.sharding == sharding and leaf.sharding.device_set == sharding.device_set, (leaf.sharding, sharding)
+
+
+def test_restore_places_arrays_with_template_shardings(tmp_path):
+  # The main process has one device, where every sharding is the same: cross topologies with 4 forced CPU devices.
+  script = (
+    f"import sys; sys.path.insert(0, {TESTS!r}); import test_checkpoint as t; t.restore_across_topologies(sys.argv[1])"
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path)) == ["2"]
 
 
 def test_retention_keeps_latest_and_every_cycle_end(tmp_path):

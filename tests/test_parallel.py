@@ -49,19 +49,35 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_eight_devices_match_one_device():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+def _run_with_devices(script: str, devices: int = 8):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "OK" in out.stdout
+  return out.stdout
+
+
+def test_eight_devices_match_one_device():
+  assert "OK" in _run_with_devices(_SCRIPT)
+
+
+_BATCH_SIZE_SCRIPT = textwrap.dedent("""
+    import jax, pytest
+    from jaxsparse import parallel
+    assert jax.device_count() == 8, jax.devices()
+    mesh = parallel.make_mesh()
+    for ok in (8, 16, 64):
+      parallel.check_batch_size(ok, mesh)
+    for bad in (9, 12, 4):
+      with pytest.raises(ValueError, match=f"batch size {bad} is not divisible by the 8 devices.*multiple of 8"):
+        parallel.check_batch_size(bad, mesh)
+    parallel.check_batch_size(3, parallel.make_mesh(jax.devices()[:1]))  # one device takes any batch
+    print("OK")
+""")
 
 
 def test_batch_size_must_divide_devices():
-  mesh = parallel.make_mesh()
-  parallel.check_batch_size(8 * mesh.size, mesh)
-  if mesh.size > 1:
-    with pytest.raises(ValueError, match="not divisible"):
-      parallel.check_batch_size(mesh.size + 1, mesh)
+  # With one device every batch size divides: the refusal needs a mesh of several (8 forced CPU devices).
+  assert "OK" in _run_with_devices(_BATCH_SIZE_SCRIPT)
 
 
 def test_prefetch_keeps_order_and_raises_producer_errors():
