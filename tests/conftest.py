@@ -77,6 +77,20 @@ def tiny_config(data: Path, cache: Path, **overrides):
   return config_lib.preset("smoke", **{**base, **overrides})
 
 
+def assert_same_final_state(workdir, reference) -> None:
+  """The newest checkpoints of two run directories hold the same train state bit for bit: step, parameters, model
+  state, optimiser, controller and RNG (what resuming must reproduce, beyond the metrics it logs)."""
+  from jaxsparse import loop
+
+  ours, theirs = (loop.load_trained(w)[1] for w in (workdir, reference))
+  assert int(ours.step) == int(theirs.step)
+  ours, theirs = (jax.tree_util.tree_flatten_with_path(s)[0] for s in (ours, theirs))
+  assert [p for p, _ in ours] == [p for p, _ in theirs]  # the same leaves (the static apply_fn and tx differ)
+  for (path, a), (_, b) in zip(ours, theirs):
+    a, b = np.asarray(a), np.asarray(b)
+    assert (a.dtype, a.shape, a.tobytes()) == (b.dtype, b.shape, b.tobytes()), jax.tree_util.keystr(path)
+
+
 @pytest.fixture(scope="session")
 def cifar_npz(tmp_path_factory) -> Path:
   """The genuine CIFAR-10 subset beside the repository (../shared/data), else a generated one in its format."""
@@ -99,7 +113,8 @@ def log_lines():
   handler.emit = lambda record: lines.append(record.getMessage())
   logger = logging.getLogger("jaxsparse")
   logger.addHandler(handler)
-  level, logger.level = logger.level, logging.INFO
+  level = logger.level
+  logger.setLevel(logging.INFO)  # not `logger.level = ...`: that keeps the cached answers of isEnabledFor
   yield lines
   logger.removeHandler(handler)
   logger.setLevel(level)

@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import experiment, tiny_config
+from conftest import assert_same_final_state, experiment, tiny_config
 from jaxsparse import loop, parallel
+from jaxsparse import train as train_lib
 from jaxsparse.loop import ConfigMismatchError, train_and_evaluate
 
 run_cli = experiment("run")
@@ -31,6 +32,21 @@ def full_run(cifar_npz, cache, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("full")
   summary = train_and_evaluate(_config(cifar_npz, cache), workdir, progress=False)
   return workdir, summary
+
+
+@pytest.fixture(scope="module")
+def batchnorm_run(cifar_npz, cache, tmp_path_factory):
+  """A finished one-epoch run of a BatchNorm WRN: a source with model state (batch_stats) for init_from."""
+  workdir = tmp_path_factory.mktemp("batchnorm")
+  config = _config(cifar_npz, cache, schedule="dense", controller_options={}, epochs=1, norm="batchnorm")
+  train_and_evaluate(config, workdir, progress=False)
+  return workdir
+
+
+def _bitwise_equal(a, b) -> bool:
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+    np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def test_run_outputs_and_summary(full_run):
@@ -95,6 +111,7 @@ def test_interrupted_run_resumes_bitwise(full_run, cifar_npz, cache, tmp_path):
   assert _records(tmp_path) == _records(workdir)
   assert len((tmp_path / "provenance.jsonl").read_text().splitlines()) == 2  # the start and the restart
   assert resumed["keep_curve"] == summary["keep_curve"]
+  assert_same_final_state(tmp_path, workdir)  # the parameters, optimiser and controller too, not only the logs
 
 
 def test_config_mismatch_is_refused_and_nothing_overwritten(full_run, cifar_npz, cache):
@@ -142,17 +159,28 @@ def test_eval_every_tests_every_nth_epoch_and_the_last(cifar_npz, cache, tmp_pat
     config.replace(eval_every=0)
 
 
-def test_init_from_restores_the_source_parameters_bitwise_with_a_fresh_optimiser(full_run, cifar_npz, cache):
-  workdir, summary = full_run
-  config = _config(cifar_npz, cache, schedule="constant", controller_options={"keep": 0.5}, init_from=str(workdir))
+@pytest.mark.parametrize("source", ["full_run", "batchnorm_run"])
+def test_init_from_restores_the_source_parameters_bitwise_with_a_fresh_optimiser(source, request, cifar_npz, cache):
+  workdir = request.getfixturevalue(source)
+  workdir = workdir[0] if source == "full_run" else workdir
+  summary = json.loads((workdir / "summary.json").read_text())
+  norm = "batchnorm" if source == "batchnorm_run" else "rmsnorm"
+  config = _config(
+    cifar_npz, cache, schedule="constant", controller_options={"keep": 0.5}, init_from=str(workdir), norm=norm
+  )
   mesh = parallel.make_mesh()
   fresh = loop.initial_state(config, 4, mesh)
   state, origin = loop.init_from(config, fresh, mesh)
-  _, source, _ = loop.load_trained(workdir)
-  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), state.params, source.params))
-  assert not jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), state.params, fresh.params))
+  _, trained, _ = loop.load_trained(workdir)
+  assert _bitwise_equal(state.params, trained.params) and not _bitwise_equal(state.params, fresh.params)
+  # The model state comes with the parameters: a BatchNorm source's running statistics, bit for bit.
+  assert _bitwise_equal(state.model_state, trained.model_state)
+  if norm == "batchnorm":
+    assert set(state.model_state) == {"batch_stats"} and not _bitwise_equal(state.model_state, fresh.model_state)
+  else:
+    assert state.model_state == {}
   assert int(state.step) == 0 and float(state.controller.keep) == 0.5  # fresh step, optimiser and controller
-  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), state.opt_state, fresh.opt_state))
+  assert _bitwise_equal(state.opt_state, fresh.opt_state) and _bitwise_equal(state.rng, fresh.rng)
   assert origin == {"run": str(workdir.resolve()), "step": summary["steps"], "test_accuracy": summary["test_accuracy"]}
 
 
@@ -174,17 +202,42 @@ def test_init_from_refuses_what_is_not_a_finished_matching_run(full_run, cifar_n
       loop.init_from(config, loop.initial_state(config, 4, mesh), mesh)
 
 
-def test_fine_tuning_run_records_its_source_and_resumes_from_its_own_checkpoints(full_run, cifar_npz, cache, tmp_path):
-  workdir, _ = full_run
+def test_fine_tuning_run_records_its_source_and_resumes_from_its_own_checkpoints(
+  batchnorm_run, cifar_npz, cache, tmp_path, log_lines
+):
+  source = batchnorm_run
   config = _config(
-    cifar_npz, cache, schedule="constant", controller_options={"keep": 0.5}, epochs=1, init_from=str(workdir)
+    cifar_npz,
+    cache,
+    schedule="constant",
+    controller_options={"keep": 0.5},
+    epochs=1,
+    norm="batchnorm",
+    init_from=str(source),
   )
-  summary = train_and_evaluate(config, tmp_path, progress=False)
-  assert summary["init_from"]["run"] == str(workdir.resolve())
-  assert json.loads((tmp_path / "config.json").read_text())["init_from"] == str(workdir)
-  before = (tmp_path / "metrics.jsonl").read_text()
-  assert train_and_evaluate(config, tmp_path, progress=False)["keep_curve"] == summary["keep_curve"]
-  assert (tmp_path / "metrics.jsonl").read_text() == before  # finished: nothing retrained from the source
+  summary = train_and_evaluate(config, tmp_path / "whole", progress=False)
+  assert summary["init_from"]["run"] == str(source.resolve())
+  assert json.loads((tmp_path / "whole" / "config.json").read_text())["init_from"] == str(source)
+
+  # Stopped after 2 of its 4 steps (polls: the start, then one per step), then resumed: from its own checkpoint of
+  # step 2, not from the source again, and it ends exactly as the uninterrupted fine-tune.
+  polls = []
+  with pytest.raises(loop.Interrupted, match="holds step 2 "):
+    train_and_evaluate(
+      config, tmp_path / "parts", progress=False, should_stop=lambda: polls.append(1) or len(polls) == 3
+    )
+  assert not (tmp_path / "parts" / "metrics.jsonl").exists()
+  log_lines.clear()
+  resumed = train_and_evaluate(config, tmp_path / "parts", progress=False)
+  assert any("resumed from" in line and "step 2 (epoch 1, step 2 of 4)" in line for line in log_lines), log_lines
+  assert not any(line.startswith("initialised from") for line in log_lines), log_lines
+  assert resumed["init_from"] == summary["init_from"] and resumed["keep_curve"] == summary["keep_curve"]
+  assert _records(tmp_path / "parts") == _records(tmp_path / "whole")
+  assert_same_final_state(tmp_path / "parts", tmp_path / "whole")
+
+  before = (tmp_path / "whole" / "metrics.jsonl").read_text()
+  assert train_and_evaluate(config, tmp_path / "whole", progress=False)["keep_curve"] == summary["keep_curve"]
+  assert (tmp_path / "whole" / "metrics.jsonl").read_text() == before  # finished: nothing retrained from the source
 
 
 def test_the_first_steps_of_an_epoch_are_summed_apart_and_survive_a_mid_epoch_resume():
@@ -209,18 +262,26 @@ def test_cycle_start_is_the_first_step_of_the_current_cycle():
   assert loop._cycle_start(history, 3, 5, 10) == 50  # a cycle not yet recorded begins with this epoch
 
 
-def test_reset_warmup_changes_nothing_before_the_first_reset_and_slows_the_steps_after(cifar_npz, cache, tmp_path):
+def test_reset_warmup_changes_nothing_before_the_first_reset_and_ramps_the_steps_after(
+  cifar_npz, cache, tmp_path, monkeypatch
+):
+  # The update scale of every step, as the train step computes it from the reset step the loop passes in.
+  scales = {}
+  real = train_lib._apply_grads
+
+  def spy(state, grads, new_vars, metrics, densities, scale=None):
+    record = lambda step, s: scales.__setitem__(int(step), float(s))  # noqa: E731
+    jax.debug.callback(record, state.step, 1.0 if scale is None else scale)
+    return real(state, grads, new_vars, metrics, densities, scale)
+
+  monkeypatch.setattr(train_lib, "_apply_grads", spy)
   cyclic = dict(schedule="cyclic", controller_options={"period": 2, "min_keep": 0.2}, eval_keeps=(1.0,))
-  train_and_evaluate(_config(cifar_npz, cache, **cyclic), tmp_path / "plain", progress=False)
-  train_and_evaluate(_config(cifar_npz, cache, **cyclic, reset_warmup_steps=4), tmp_path / "warm", progress=False)
-  plain, warm = _records(tmp_path / "plain"), _records(tmp_path / "warm")
-  # Cycle 0 (epochs 1-2) trains alike (up to float rounding: the scaled update is another XLA program); after the
-  # reset, the first step sees the same parameters, then the warm-up's smaller steps make the epochs part.
-  assert plain[1]["reset_after"] and warm[1]["reset_after"]
-  for key in ("train_loss", "first_steps_loss", "val_accuracy"):
-    assert [r[key] for r in warm[:2]] == pytest.approx([r[key] for r in plain[:2]], rel=1e-4), key
-  assert warm[2]["first_steps_loss"] == pytest.approx(plain[2]["first_steps_loss"], rel=1e-4)
-  assert abs(warm[2]["train_loss"] - plain[2]["train_loss"]) > 1e-3
+  train_and_evaluate(_config(cifar_npz, cache, **cyclic, reset_warmup_steps=4), tmp_path, progress=False)
+  records = _records(tmp_path)
+  assert [r["reset_after"] for r in records] == [False, True, False]  # the reset after epoch 2 (step 8)
+  # Cycle 0 (steps 0-7) trains at the full rate: no reset began it. After the reset the update ramps up over 4
+  # steps: the first update after the reset is a quarter of a plain one.
+  assert [scales[step] for step in range(12)] == [1.0] * 8 + [0.25, 0.5, 0.75, 1.0]
 
 
 def _final_state(workdir):
