@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TIMES, TINY_FLAGS, experiment
+from conftest import TIMES, TINY_FLAGS, assert_same_final_state, experiment
 from jaxsparse import config as config_lib
 from jaxsparse import data as data_lib
+from jaxsparse import evaluate as evaluate_lib
 from jaxsparse import loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,15 +56,15 @@ def baseline(cifar_npz, cache, tmp_path_factory):
   return workdir
 
 
-def _sigterm_at_poll(monkeypatch, n: int):
-  """Sends this process a real SIGTERM when the loop polls the stop flag for the n-th time."""
+def _signal_at_poll(monkeypatch, n: int, signum=signal.SIGTERM):
+  """Sends this process a real signal when the loop polls the stop flag for the n-th time."""
   polls = []
   original = run_cli._StopRequest.__call__
 
   def poll(self):
     polls.append(1)
     if len(polls) == n:
-      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signum)
     return original(self)
 
   monkeypatch.setattr(run_cli._StopRequest, "__call__", poll)
@@ -79,7 +80,7 @@ def test_cli_run_writes_its_summary(baseline):
 
 def test_sigterm_mid_epoch_saves_and_resumes_bitwise(baseline, cifar_npz, cache, tmp_path, monkeypatch, capsys):
   workdir = tmp_path / "run"
-  _sigterm_at_poll(monkeypatch, 8)  # polls: start, steps 1-4, end of epoch 1, steps 5-6
+  _signal_at_poll(monkeypatch, 8)  # polls: start, steps 1-4, end of epoch 1, steps 5-6
   assert run_cli.main(_argv(cifar_npz, cache, workdir)) == 143
   err = capsys.readouterr().err
   assert f"checkpoint {workdir / 'checkpoints' / '6'} holds step 6 (epoch 2, step 2 of 4)" in err
@@ -93,6 +94,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_bitwise(baseline, cifar_npz, cache,
   assert run_cli.main(_argv(cifar_npz, cache, workdir)) == 0
   assert "resumed from" in capsys.readouterr().out
   assert _results(workdir) == _results(baseline)
+  assert_same_final_state(workdir, baseline)
 
   # The newest checkpoint damaged: the run says so, falls back to step 4, and still ends identical.
   for f in (spare / "checkpoints" / "6" / "state").rglob("*"):
@@ -103,6 +105,39 @@ def test_sigterm_mid_epoch_saves_and_resumes_bitwise(baseline, cifar_npz, cache,
   assert "failed to load" in out and "resuming from the older checkpoint" in out
   assert (spare / "checkpoints" / "6.corrupt").is_dir()
   assert _results(spare) == _results(baseline)
+  assert_same_final_state(spare, baseline)
+
+
+def test_sigint_saves_the_current_step_and_exits_130(cifar_npz, cache, tmp_path, monkeypatch, capsys):
+  workdir = tmp_path / "run"
+  _signal_at_poll(monkeypatch, 3, signal.SIGINT)  # Ctrl-C: polls: start, steps 1-2
+  assert run_cli.main(_argv(cifar_npz, cache, workdir)) == 130
+  err = capsys.readouterr().err
+  assert "SIGINT: saving a checkpoint after the current step (send it again to abort at once)" in err
+  assert f"checkpoint {workdir / 'checkpoints' / '2'} holds step 2 (epoch 1, step 2 of 4)" in err
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"] and not (workdir / "metrics.jsonl").exists()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+
+
+def test_a_second_signal_aborts_at_once_and_the_run_resumes(baseline, cifar_npz, cache, tmp_path, monkeypatch, capsys):
+  workdir = tmp_path / "run"
+  real = evaluate_lib.keep_curve
+
+  def interrupted_twice(*args, **kwargs):  # both signals arrive during the final keep-curve evaluation
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGINT)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(evaluate_lib, "keep_curve", interrupted_twice)
+  assert run_cli.main(_argv(cifar_npz, cache, workdir)) == 130
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1] == f"aborted; the last checkpoint in {workdir}/checkpoints is intact; run the same command to resume"
+  assert not (workdir / "summary.json").exists() and sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]
+  monkeypatch.undo()
+  assert run_cli.main(_argv(cifar_npz, cache, workdir)) == 0
+  assert "resumed from" in capsys.readouterr().out
+  assert _results(workdir) == _results(baseline)
+  assert_same_final_state(workdir, baseline)
 
 
 def test_should_stop_api_raises_interrupted_with_checkpoint(cifar_npz, cache, tmp_path):
@@ -256,6 +291,50 @@ def test_config_mismatch_refused_and_nothing_changed(baseline, cifar_npz, cache,
   err = capsys.readouterr().err
   assert "holds a run with a different config (seed: 0 -> 1); pass --fresh" in err
   assert _tree(baseline) == before
+
+
+def test_fresh_deletes_only_the_runs_outputs_and_starts_over(baseline, cifar_npz, cache, tmp_path, capsys):
+  workdir, neighbour = tmp_path / "run", tmp_path / "other_run"
+  shutil.copytree(baseline, workdir)
+  shutil.copytree(baseline, neighbour)
+  (workdir / "notes.txt").write_text("mine")
+  # A finished run of another seed: without --fresh this directory is refused; with it, it is trained anew.
+  config = json.loads((workdir / "config.json").read_text())
+  (workdir / "config.json").write_text(json.dumps({**config, "seed": 1}))
+  assert run_cli.main(_argv(cifar_npz, cache, workdir)) == 1
+  assert "holds a run with a different config (seed: 1 -> 0); pass --fresh" in capsys.readouterr().err
+  before = _tree(neighbour)
+  assert run_cli.main(_argv(cifar_npz, cache, workdir, "--fresh")) == 0
+  assert "resumed from" not in capsys.readouterr().out
+  assert _results(workdir) == _results(baseline)  # trained from step 0 again
+  assert len((workdir / "provenance.jsonl").read_text().splitlines()) == 1  # the old start is gone with the run
+  assert json.loads((workdir / "config.json").read_text())["seed"] == 0
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]
+  assert (workdir / "notes.txt").read_text() == "mine" and _tree(neighbour) == before  # nothing else is touched
+
+
+def test_unreadable_config_json_is_refused_and_kept(cifar_npz, cache, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text('{"seed": ')  # e.g. cut short by a full disk
+  assert run_cli.main(_argv(cifar_npz, cache, workdir)) == 1
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith(f"error: {workdir / 'config.json'} is unreadable (Expecting value: line 1 column 10 ")
+  assert err.endswith("; pass --fresh to start over, or choose another --workdir"), err
+  assert sorted(os.listdir(workdir)) == ["config.json"] and (workdir / "config.json").read_text() == '{"seed": '
+
+
+def test_checkpoints_of_another_model_are_refused_and_kept(baseline, cifar_npz, cache, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  shutil.copytree(baseline / "checkpoints", workdir / "checkpoints")  # no config.json to tell whose they are
+  before = _tree(workdir / "checkpoints")
+  assert run_cli.main(_argv(cifar_npz, cache, workdir, "--model=wrn16_1")) == 1
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err == (
+    f"error: no checkpoint in {workdir / 'checkpoints'} fits this config's model; pass --fresh to start over, "
+    "or choose another --workdir"
+  )
+  assert _tree(workdir / "checkpoints") == before  # nothing renamed as corrupt, nothing deleted
 
 
 def test_unwritable_workdir(cifar_npz, cache, tmp_path, capsys):
