@@ -196,9 +196,16 @@ def test_none_norm_and_straight_through_options_trace():
   assert jax.tree.structure(grads) == jax.tree.structure(variables)
 
 
-@pytest.mark.parametrize("kwargs", [dict(depth=12), dict(depth=4), dict(norm="layernorm")])
-def test_bad_configuration_raises(kwargs):
-  with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    (dict(depth=12), r"WRN depth must be 6n \+ 4 with n >= 1, got 12"),
+    (dict(depth=4), r"WRN depth must be 6n \+ 4 with n >= 1, got 4"),
+    (dict(norm="layernorm"), r"norm must be one of \(.*\), got 'layernorm'"),
+  ],
+)
+def test_bad_configuration_raises(kwargs, match):
+  with pytest.raises(ValueError, match=match):
     jax.eval_shape(WideResNet(**kwargs).init, jax.random.key(0), _x())
 
 
@@ -286,11 +293,28 @@ def test_relative_keep_reaches_every_site():
   dense = _densities(absolute, variables, x, 1.0)
   assert all(d < 0.75 for d in dense.values())  # post-ReLU: many zeros already
   d_abs = _densities(absolute, variables, x, 0.9)  # absolute 0.9 is above the natural density: no-op
-  d_rel = _densities(relative, variables, x, 0.5)  # relative 0.5 halves the active units at every site
   for name in dense:
     assert d_abs[name] == dense[name], name
-    assert d_rel[name] < 0.5 * dense[name] + 0.05, (name, d_rel[name], dense[name])
   np.testing.assert_array_equal(relative.apply(variables, x, keep=1.0), absolute.apply(variables, x, keep=1.0))
+  # Relative 0.5 at one site (relative 1.0, a no-op, elsewhere) keeps exactly ceil(active / 2) of one example's
+  # units there: the site's input is the dense one, so `active` is its dense count (units: 16x16x16 up to group
+  # 1's first conv, then 8x8x32 and 4x4x64).
+  x1 = x[:1]
+  units = {
+    "group0_block0/act1": 4096,
+    "group0_block0/act2": 4096,
+    "group1_block0/act1": 4096,
+    "group1_block0/act2": 2048,
+    "group2_block0/act1": 2048,
+    "group2_block0/act2": 1024,
+    "final_act": 1024,
+  }
+  assert units.keys() == dense.keys()
+  active = {name: _densities(absolute, variables, x1, 1.0)[name] * n for name, n in units.items()}
+  for name, n in units.items():
+    assert active[name] == round(active[name]) > 0, (name, active[name])
+    got = _densities(relative, variables, x1, {name: 0.5})[name]
+    assert got == math.ceil(0.5 * round(active[name])) / n, (name, got, active[name])
 
 
 def test_shortcut_from_the_block_input_reads_the_raw_input():
