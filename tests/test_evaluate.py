@@ -9,6 +9,19 @@ from jaxsparse import evaluate, loop, parallel
 from jaxsparse.train import cross_entropy
 
 MEAN, STD = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+# WRN-10-1 on 32x32 images by hand: {layer: (MACs per image = kernel size x output positions, the site it reads)}.
+WRN10_1_MACS = {
+  "stem": (3 * 3 * 3 * 16 * 32 * 32, None),
+  "group0_block0/conv1": (3 * 3 * 16 * 16 * 32 * 32, "group0_block0/act1"),
+  "group0_block0/conv2": (3 * 3 * 16 * 16 * 32 * 32, "group0_block0/act2"),
+  "group1_block0/conv1": (3 * 3 * 16 * 32 * 16 * 16, "group1_block0/act1"),
+  "group1_block0/conv2": (3 * 3 * 32 * 32 * 16 * 16, "group1_block0/act2"),
+  "group1_block0/shortcut": (16 * 32 * 16 * 16, "group1_block0/act1"),
+  "group2_block0/conv1": (3 * 3 * 32 * 64 * 8 * 8, "group2_block0/act1"),
+  "group2_block0/conv2": (3 * 3 * 64 * 64 * 8 * 8, "group2_block0/act2"),
+  "group2_block0/shortcut": (32 * 64 * 8 * 8, "group2_block0/act1"),
+  "classifier": (64 * 10 * 8 * 8, "final_act"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +66,12 @@ def test_keep_curve_prices_each_keep_by_its_densities(setup):
     assert curve[k]["density"] == pytest.approx(np.mean(list(result["density"].values())))
     assert curve[k]["macs_fraction"] == pytest.approx(curve[k]["macs"] / dense)
   assert 0 < curve[0.3]["macs_fraction"] < curve[1.0]["macs_fraction"] < 1  # keep 1: ReLU zeros count too
+  # By hand: each layer's dense MACs times the measured density of the site it reads (the stem: 1). At keep 1 the
+  # sites keep their ReLU densities, which differ from site to site: a layer priced by the wrong site shows.
+  assert dense == sum(m for m, _ in WRN10_1_MACS.values()) == 12_541_952
+  for k, result in measured.items():
+    by_hand = sum(m * (result["density"][site] if site else 1.0) for m, site in WRN10_1_MACS.values())
+    assert curve[k]["macs"] == pytest.approx(by_hand, rel=1e-6), k  # float32 densities
   every_unit = {**measured[1.0], "density": {site: 1.0 for site in measured[1.0]["density"]}}
   all_dense, _ = evaluate.keep_curve(lambda k: every_unit, model, variables, (1.0,))
   assert all_dense[1.0]["macs"] == pytest.approx(dense) and dense > 0

@@ -18,6 +18,22 @@ class TinyCNN(nn.Module):
     return nn.Dense(10, name="head")(h.reshape(h.shape[0], -1))
 
 
+# WRN-10-1's weight layers and the site each reads, by hand: conv1 and the projection shortcut read the block's
+# act1, conv2 its act2, the classifier final_act; the stem reads the image. Group 0 has no projection (16 -> 16).
+WRN10_1_INPUTS = {
+  "stem": None,
+  "group0_block0/conv1": "group0_block0/act1",
+  "group0_block0/conv2": "group0_block0/act2",
+  "group1_block0/conv1": "group1_block0/act1",
+  "group1_block0/conv2": "group1_block0/act2",
+  "group1_block0/shortcut": "group1_block0/act1",
+  "group2_block0/conv1": "group2_block0/act1",
+  "group2_block0/conv2": "group2_block0/act2",
+  "group2_block0/shortcut": "group2_block0/act1",
+  "classifier": "final_act",
+}
+
+
 def _tiny():
   model, x = TinyCNN(), jnp.ones((1, 8, 8, 3))
   return model, model.init(jax.random.key(0), x), x
@@ -53,6 +69,18 @@ def test_wide_resnet_dense_macs_equal_the_kernel_shapes_times_output_positions(d
   assert set(model.layer_inputs()) == set(counted)  # every counted layer has its input site named
 
 
+def test_wide_resnet_layer_inputs_name_the_site_each_layer_reads():
+  assert WideResNet(depth=10, widen=1).layer_inputs() == WRN10_1_INPUTS
+  # WRN-16-2: two blocks per group; widening makes group 0's first block project too (16 -> 32 channels).
+  by_hand = {"stem": None, "classifier": "final_act"}
+  for g in range(3):
+    for b in range(2):
+      block = f"group{g}_block{b}"
+      by_hand |= {f"{block}/conv1": f"{block}/act1", f"{block}/conv2": f"{block}/act2"}
+    by_hand[f"group{g}_block0/shortcut"] = f"group{g}_block0/act1"
+  assert WideResNet(depth=16, widen=2).layer_inputs() == by_hand
+
+
 def test_effective_macs_apply_each_layers_input_density():
   model, variables, x = _tiny()
   layer = macs.layer_macs(model, variables, x)
@@ -84,7 +112,7 @@ def test_wide_resnet_effective_macs_at_keep_1_and_below():
   _, state = model.apply(variables, x, keep=0.1, mutable=["density"])
   densities = site_densities(state["density"])
   sparse = macs.effective_macs(layer, densities, model.layer_inputs())
-  expected = layer["stem"] + sum(layer[k] * float(densities[s]) for k, s in model.layer_inputs().items() if s)
+  expected = layer["stem"] + sum(layer[k] * float(densities[s]) for k, s in WRN10_1_INPUTS.items() if s)
   assert sparse == pytest.approx(expected) and sparse < 0.2 * dense
   assert macs.effective_macs(layer, {k: 1.0 for k in densities}, model.layer_inputs()) == dense
 
