@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -118,3 +119,49 @@ def log_lines():
   yield lines
   logger.removeHandler(handler)
   logger.setLevel(level)
+
+
+@pytest.fixture
+def figures(monkeypatch):
+  """{file name: the matplotlib Figure saved to it}, for every figure the plots module saves during a test."""
+  from jaxsparse import plots
+
+  saved, real = {}, plots._save
+
+  def save(fig, path):
+    saved[path.name] = fig
+    return real(fig, path)
+
+  monkeypatch.setattr(plots, "_save", save)
+  return saved
+
+
+def plotted_lines(fig, axis=0):
+  """{label: (x, y)} of the plotted lines of one axes (vertical marker lines left out)."""
+  ax = fig.axes[axis]
+  return {
+    line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+    for line in ax.get_lines()
+    if len(set(line.get_xdata())) > 1 or len(line.get_xdata()) == 1
+  }
+
+
+def vertical_lines(fig, axis=0):
+  ax = fig.axes[axis]
+  return [
+    line.get_xdata()[0] for line in ax.get_lines() if len(set(line.get_xdata())) == 1 and len(line.get_xdata()) == 2
+  ]
+
+
+def assert_plausible_png(path, width_in, height_in, dpi=110, series_colour=(31, 119, 180)):
+  """`path` decodes as a PNG about the figure's size (a tight bounding box trims or widens it a little) that is
+  not blank: many colours, and `series_colour` (default: tab:blue, matplotlib's first series) drawn."""
+  with Image.open(path) as image:
+    assert image.format == "PNG"
+    w, h = image.size
+    pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+  assert 0.7 * width_in * dpi < w < 1.5 * width_in * dpi and 0.7 * height_in * dpi < h < 1.5 * height_in * dpi, (w, h)
+  assert len(np.unique(pixels, axis=0)) > 50
+  if series_colour is not None:
+    drawn = np.all(np.abs(pixels.astype(int) - series_colour) < 8, axis=1)
+    assert drawn.sum() > 50, drawn.sum()

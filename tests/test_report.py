@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import assert_plausible_png, plotted_lines
 from jaxsparse import plots, report
 
 
@@ -77,7 +78,7 @@ def test_paired_difference_matches_hand_computation():
   assert math.isnan(report.paired_difference({0: 1.0}, {0: 0.5})[1])
 
 
-def test_comparison_table_and_figures(tmp_path):
+def test_comparison_table_and_figures(tmp_path, figures):
   dirs = [
     _fake_run(tmp_path, s, seed, acc)
     for s, seed, acc in [("dense", 0, 0.80), ("dense", 1, 0.82), ("adaptive_b", 0, 0.83), ("adaptive_b", 1, 0.83)]
@@ -87,7 +88,19 @@ def test_comparison_table_and_figures(tmp_path):
   assert "| dense | 2 | 0.8100 ± 0.0141 |" in md
   assert "| adaptive_b | 2 | 0.8300 ± 0.0000 |" in md and "+0.0200 ±" in md
   paths = report.plot_comparison(runs, tmp_path / "out")
-  assert all(p.exists() and p.stat().st_size > 1000 for p in paths)
+  assert [p.name for p in paths] == ["accuracy.png", "keep.png", "keep_curve.png", "gap.png"]
+  # Each group's mean over seeds: dense (0.80, 0.82) and adaptive_b (0.83, 0.83) end their runs; epoch 1 is 0.01 lower.
+  accuracy = plotted_lines(figures["accuracy.png"])
+  assert accuracy == {
+    "dense (n=2)": ([1, 2], pytest.approx([0.80, 0.81])),
+    "adaptive_b (n=2)": ([1, 2], pytest.approx([0.82, 0.83])),
+  }
+  curve = plotted_lines(figures["keep_curve.png"])
+  assert curve == {
+    "dense": ([0.5, 1.0], pytest.approx([0.405, 0.81])),
+    "adaptive_b": ([0.5, 1.0], pytest.approx([0.415, 0.83])),
+  }
+  assert_plausible_png(tmp_path / "out" / "keep_curve.png", 9, 4, series_colour=None)
   with pytest.raises(FileNotFoundError, match="not a finished run"):
     report.load_runs([tmp_path / "out"])
 
