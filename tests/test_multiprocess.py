@@ -170,12 +170,12 @@ def test_a_process_dying_alone_stops_the_other_with_an_error(victim, cifar_npz, 
   while not (workdir / "metrics.jsonl").exists() and time.time() < deadline:  # mid-training
     time.sleep(0.05)
   procs[victim].send_signal(signal.SIGKILL)
-  t0 = time.time()
   survivor = procs[1 - victim]
-  code = survivor.wait(timeout=120)
-  waited = time.time() - t0
+  # Bounded by the 5 s heartbeat timeout set above (not by a wall-clock limit a busy machine could exceed): the
+  # survivor ends with an error that names it; a survivor left waiting raises TimeoutExpired here.
+  code = survivor.wait(timeout=LAUNCH_TIMEOUT_S)
   text = _log(logs, workdir, 1 - victim)
-  assert code != 0 and waited < 60, (code, waited)
+  assert code != 0, code
   assert "heartbeat timeout" in text or "another task died" in text, text[-3000:]
 
 
@@ -189,11 +189,11 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_identical(
   while not (workdir / "checkpoints").is_dir() and time.time() < deadline:  # training has started
     time.sleep(0.05)
   procs[1].send_signal(signal.SIGTERM)
-  codes = _wait(procs)
-  assert codes == [130, 143] or (codes == [0, 0] and (workdir / "summary.json").exists()), codes
-  if codes == [130, 143]:  # process 0 learnt of the stop from the combined flag, at the same step
-    assert "saved a checkpoint" in _log(logs, workdir, 0) or "interrupted" in _log(logs, workdir, 0)
-    assert _wait(_launch(cifar_npz, cache, workdir, logs)) == [0, 0], _log(logs, workdir, 0)[-3000:]
+  # Sent while the run compiles or trains (8 steps and the evaluations are still ahead): it must be interrupted.
+  # Process 1 got SIGTERM (143); process 0 learnt of the stop from the combined flag, at the same step (130).
+  assert _wait(procs) == [130, 143]
+  assert "interrupted" in _log(logs, workdir, 0) and not (workdir / "summary.json").exists()
+  assert _wait(_launch(cifar_npz, cache, workdir, logs)) == [0, 0], _log(logs, workdir, 0)[-3000:]
   assert _results(workdir) == _results(two_process_run)
 
 
