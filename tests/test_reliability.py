@@ -200,6 +200,7 @@ def _kill_and_resume(baseline, cifar_npz, cache, tmp_path, kills: list[float | N
   assert done.returncode == 0, done.stderr
   assert not any(n.endswith("-tmp") for n in os.listdir(workdir / "checkpoints"))
   assert _results(workdir) == _results(baseline)
+  assert_same_final_state(workdir, baseline)
   return killed
 
 
