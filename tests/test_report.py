@@ -442,3 +442,21 @@ def test_reset_shocks_compare_the_first_steps_after_each_reset_with_the_cycle():
   assert shocks[0]["cycle_first_loss"] == 2.0 and shocks[1]["cycle_first_loss"] == 2.2
   lines = report._shock_markdown({"adaptive_b": [{"history": history}]})
   assert "| adaptive_b | 2 | +0.600 | +0.900 (epoch 3, keep before 0.300) | +0.225 | 1 of 2 |" in lines
+
+
+def test_fine_tune_recipes_are_groups_of_their_own_and_the_best_one_is_the_reference(tmp_path):
+  keep01 = {"schedule": "constant", "controller_options": {"keep": 0.1}}
+  tuned = {**keep01, "init_from": "runs/dense", "epochs": 5, "warmup_epochs": 1}
+  assert report.run_label({**tuned, "learning_rate": 0.01}) == "constant(keep=0.1)+finetuned(epochs=5,lr=0.01,warmup=1)"
+  macs, dirs = {1.0: 50e6, 0.1: 8e6}, []
+  for seed in (0, 1):
+    sandwich = {**keep01, "regimes": 3}
+    dirs.append(_priced(_fake_run(tmp_path, "sandwich", seed, 0.5, config=sandwich), {1.0: 0.5, 0.1: 0.40}, macs))
+    for name, lr, acc in (("fast", 0.05, 0.30 + 0.01 * seed), ("slow", 0.01, 0.38 + 0.01 * seed)):
+      config = {**tuned, "learning_rate": lr}
+      dirs.append(_priced(_fake_run(tmp_path, name, seed, 0.5, config=config), {1.0: 0.4, 0.1: acc}, macs, 2))
+  md = report.comparison_markdown(report.load_runs(dirs), title="T")
+  assert "differ in their settings" not in md  # the two recipes are not averaged as seeds of one group
+  line = next(line for line in md.splitlines() if line.startswith("| 0.1 | constant(keep=0.1)+regimes=3 |"))
+  assert line.endswith("| — | +1.5 [-4.9, +7.9] (n=2) |")  # against lr 0.01 (0.38, 0.39), the better recipe
+  assert "Fine-tune recipe each Δ is taken against: keep 0.1: (epochs=5,lr=0.01,warmup=1)." in md
