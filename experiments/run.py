@@ -235,15 +235,17 @@ class _StopRequest:
 
 
 def _finished(workdir: str, config: config_lib.Config) -> dict | None:
-  """The summary of the finished run in `workdir` if it was made with `config`, else None."""
+  """The summary of the finished run in `workdir` (its summary.json and the checkpoint of its last step) if it was
+  made with `config`, else None."""
   from jaxsparse.workdir import config_diff
 
   path = Path(workdir)
   try:
     if config_diff(config, path / "config.json"):
       return None
-    return json.loads((path / "summary.json").read_text())
-  except (OSError, ValueError):
+    summary = json.loads((path / "summary.json").read_text())
+    return summary if (path / "checkpoints" / str(summary["steps"])).is_dir() else None
+  except (OSError, ValueError, KeyError, TypeError):
     return None
 
 

@@ -2,6 +2,7 @@
 --workdir, flag names in the library's errors."""
 
 import json
+import shutil
 
 import pytest
 
@@ -47,3 +48,7 @@ def test_a_finished_run_is_left_alone_unless_asked(cifar_npz, cache, tmp_path, c
   assert json.loads((tmp_path / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]
   assert run_cli.main([*flags, "--epochs=2"]) == 1  # another config: the guard, not "finished"
   assert "holds a run with a different config (epochs: 1 -> 2)" in capsys.readouterr().err
+  shutil.rmtree(tmp_path / "checkpoints" / str(summary["steps"]))  # a summary without its final checkpoint
+  assert run_cli.main(flags) == 0
+  assert "finished" not in capsys.readouterr().err
+  assert (tmp_path / "checkpoints" / str(summary["steps"])).is_dir()  # trained again
