@@ -50,5 +50,5 @@ def test_a_finished_run_is_left_alone_unless_asked(cifar_npz, cache, tmp_path, c
   assert "holds a run with a different config (epochs: 1 -> 2)" in capsys.readouterr().err
   shutil.rmtree(tmp_path / "checkpoints" / str(summary["steps"]))  # a summary without its final checkpoint
   assert run_cli.main(flags) == 0
-  assert "finished" not in capsys.readouterr().err
+  assert "holds this run, finished" not in capsys.readouterr().err
   assert (tmp_path / "checkpoints" / str(summary["steps"])).is_dir()  # trained again
