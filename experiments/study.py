@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 RUN = Path(__file__).resolve().parent / "run.py"
+_FROM_DENSE = "--init-from={out}/dense_s{seed}"
 
 # The study's variants: run.py flags. The dropout baseline is dense training with dropout between the convs.
 VARIANTS = {
@@ -55,8 +56,32 @@ VARIANTS = {
   **{f"keep{k}": ["--schedule=constant", f"--keep={k}"] for k in ("0.3", "0.2", "0.1", "0.05")},
   "sandwich_dropout": ["--schedule=constant", "--keep=0.1", "--regimes=3", "--dropout=0.3"],
   "adaptive_b_dropout": ["--schedule=adaptive_b", "--dropout=0.3"],
+  "adaptive_b_w13": ["--schedule=adaptive_b", "--reset-warmup-steps=13"],
+  # The dense network of the same seed fine-tuned at keep K for E epochs (docs/frontier/README.md): the preset's lr
+  # without warm-up, and lr 0.01 with a one-epoch warm-up.
+  **{
+    f"ft{k}_e{e}": ["--schedule=constant", f"--keep={k}", f"--epochs={e}", "--warmup-epochs=0", _FROM_DENSE]
+    for k, e in (("0.3", 5), ("0.2", 5), ("0.1", 2), ("0.1", 5), ("0.1", 10), ("0.05", 5))
+  },
+  **{
+    f"ft{k}_e5_lr0.01w1": [
+      "--schedule=constant",
+      f"--keep={k}",
+      "--epochs=5",
+      "--warmup-epochs=1",
+      "--learning-rate=0.01",
+      _FROM_DENSE,
+    ]
+    for k in ("0.3", "0.2", "0.1", "0.05")
+  },
 }
 MAIN = ("dense", "dropout", "cyclic", "adaptive_a", "adaptive_b")
+# A frontier seed block (docs/frontier/README.md), the most informative comparisons first: the per-keep and joint
+# networks, then the baselines and adaptive_b, then the fine-tunes of the block's dense network.
+FRONTIER = (
+  "sandwich", "sandwich_dropout", "keep0.3", "keep0.2", "keep0.1", "keep0.05", "dense", "dropout", "adaptive_b",
+  "adaptive_b_w13", *(v for v in VARIANTS if v.startswith("ft")),
+)  # fmt: skip
 
 
 def plan(variants, seeds, out: Path):
@@ -156,7 +181,9 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="study directory")
   p.add_argument(
-    "--variants", default=",".join(MAIN), help=f"comma-separated, from: {', '.join(VARIANTS)} (default: %(default)s)"
+    "--variants",
+    default=",".join(MAIN),
+    help=f"comma-separated, from: {', '.join(VARIANTS)}; or 'frontier', a frontier seed block (default: %(default)s)",
   )
   p.add_argument("--seeds", default="0,1,2", help="comma-separated integers (default: %(default)s)")
   p.add_argument("--lanes", type=int, default=1, help="runs at once (default: %(default)s)")
@@ -170,7 +197,7 @@ def main(argv=None) -> int:
     help="print one run.py command per unfinished run of the shard (for a scheduler or GNU parallel) and exit",
   )
   args = p.parse_args(argv)
-  variants = [v for v in args.variants.split(",") if v]
+  variants = [w for v in args.variants.split(",") if v for w in (FRONTIER if v == "frontier" else [v])]
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown or not variants:
     p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")

@@ -26,7 +26,8 @@ def test_plan_is_seed_major_with_one_workdir_per_run(tmp_path):
 def test_variant_flags_are_accepted_by_run_py():
   run_cli = experiment("run")
 
-  for flags in study.VARIANTS.values():
+  for flags in study.VARIANTS.values():  # a fine-tune's source run is checked when it runs (it may not exist yet)
+    flags = [f for f in flags if not f.startswith("--init-from=")]
     run_cli.config_from_args(run_cli.parse_args(flags + ["--preset=smoke"]))
 
 
@@ -141,3 +142,15 @@ def test_reset_probe_replays_the_first_dense_step_after_a_reset_exactly(cifar_np
   plain, warm = result["steps"]["dense"][0], result["steps"]["dense_warmup2"][0]
   assert warm["loss"] == plain["loss"] and warm["update_norm"] == pytest.approx(plain["update_norm"] / 2, rel=1e-5)
   assert "warm-up 2" in reset_probe.markdown([result], 2) and result["cycle_first_loss"] == pytest.approx(epoch1_loss)
+
+
+def test_the_frontier_block_is_one_variant_list_with_the_fine_tunes_last(tmp_path):
+  names = [name for name, _, _ in study.plan(list(study.FRONTIER), [2], tmp_path)]
+  assert len(names) == 20 and names[:6] == [f"{v}_s2" for v in ("sandwich", "sandwich_dropout", "keep0.3", "keep0.2",
+                                                                 "keep0.1", "keep0.05")]  # fmt: skip
+  tunes = [(name, flags) for name, _, flags in study.plan(list(study.FRONTIER), [2], tmp_path) if name.startswith("ft")]
+  assert len(tunes) == 10 and names[-10:] == [name for name, _ in tunes]
+  assert all(f"--init-from={tmp_path}/dense_s2" in flags for _, flags in tunes)
+  assert dict(tunes)["ft0.1_e5_lr0.01w1_s2"][:5] == [
+    "--schedule=constant", "--keep=0.1", "--epochs=5", "--warmup-epochs=1", "--learning-rate=0.01"
+  ]  # fmt: skip
