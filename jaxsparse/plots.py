@@ -65,10 +65,10 @@ def plot_groups(groups: Mapping[str, Sequence[Mapping]], kinds: Mapping[str, str
   paths = []
 
   fig, ax = _axes(10, 4)
-  for s, rs in groups.items():
-    n = min(len(r["history"]) for r in rs)
-    epochs = [h["epoch"] for h in rs[0]["history"][:n] if h.get("test_accuracy") is not None]
-    acc = np.mean([[h["test_accuracy"] for h in r["history"][:n] if h["epoch"] in epochs] for r in rs], axis=0)
+  for s, rs in groups.items():  # the epochs every run of the group was tested at (cadences and records may differ)
+    tested = [{h["epoch"]: h["test_accuracy"] for h in r["history"] if h.get("test_accuracy") is not None} for r in rs]
+    epochs = sorted(set.intersection(*(set(t) for t in tested)))
+    acc = [np.mean([t[e] for t in tested]) for e in epochs]
     ax.plot(epochs, acc, label=f"{s} (n={len(rs)})", **styles[s])
   ax.set(xlabel="epoch", ylabel="dense test accuracy", title="Test accuracy (mean over seeds)")
   _legend_outside(ax)

@@ -460,3 +460,13 @@ def test_fine_tune_recipes_are_groups_of_their_own_and_the_best_one_is_the_refer
   line = next(line for line in md.splitlines() if line.startswith("| 0.1 | constant(keep=0.1)+regimes=3 |"))
   assert line.endswith("| — | +1.5 [-4.9, +7.9] (n=2) |")  # against lr 0.01 (0.38, 0.39), the better recipe
   assert "Fine-tune recipe each Δ is taken against: keep 0.1: (epochs=5,lr=0.01,warmup=1)." in md
+
+
+def test_accuracy_figure_averages_the_epochs_every_run_of_a_group_was_tested_at(tmp_path, figures):
+  dirs = [_fake_run(tmp_path, "dense", seed, 0.5 + 0.1 * seed) for seed in (0, 1)]
+  lines = (dirs[1] / "metrics.jsonl").read_text().splitlines()
+  first = {**json.loads(lines[0]), "test_accuracy": None}  # seed 1 tested only at its last epoch
+  (dirs[1] / "metrics.jsonl").write_text(json.dumps(first) + "\n" + lines[1] + "\n")
+  report.plot_comparison(report.load_runs(dirs), tmp_path / "out")
+  ((x, y),) = plotted_lines(figures["accuracy.png"]).values()
+  assert list(x) == [2] and list(y) == pytest.approx([0.55])  # epoch 2 of both seeds: (0.5 + 0.6) / 2
