@@ -73,7 +73,7 @@ def probe_reset(config, state, batches, keep_before: float, steps: int, lr_at, w
     s, rows = state, []
     for batch in batches[:steps]:
       grad_norm = float(optax.tree.norm(grad_fn(s.params, batch, jnp.float32(keep))))
-      new, metrics = step_fn(s, batch, jnp.float32(keep), state.step, reset_warmup=warmup)
+      new, metrics = step_fn(s, batch, jnp.float32(keep), reset_warmup=warmup)  # the state's reset step: this one
       delta = float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, new.params, s.params)))
       rows.append(
         {"loss": float(metrics["loss"]), "grad_norm": grad_norm, "update_norm": delta, "lr": float(lr_at(int(s.step)))}

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from jaxsparse import config as config_lib
 from jaxsparse import controllers
+from jaxsparse.errors import Explained
 
 
 def _option_value(text: str):
@@ -53,15 +54,14 @@ def _controller_flags() -> dict[str, dict[str, object]]:
 
 
 def flag(option: str) -> str:
-  """The command-line flag of a Config field or train_and_evaluate argument: ``train_size`` -> ``--train-size``."""
-  return "--" + option.replace("_", "-")
+  """The command-line flag of a Config field, controller option or train_and_evaluate argument: ``train_size`` ->
+  ``--train-size``, ``controller_options.keep`` -> ``--keep``."""
+  return "--" + option.rpartition(".")[2].replace("_", "-")
 
 
 def in_flags(error: Exception) -> str:
-  """An error's message, naming options by their flags where it names them structurally (``explain``: the
-  library's OptionError and WorkdirError)."""
-  explain = getattr(error, "explain", None)
-  return explain(flag) if explain else str(error)
+  """An error's message, naming the options of the library's errors (`jaxsparse.errors.Explained`) by their flags."""
+  return error.render(flag) if isinstance(error, Explained) else str(error)
 
 
 _ALIASES = {"learning_rate": ["--lr"]}
@@ -211,29 +211,6 @@ def _log_to_terminal() -> None:
   logger.propagate = False
 
 
-class _StopRequest:
-  """SIGINT / SIGTERM -> a flag the loop polls after every step; a second signal aborts at once."""
-
-  def __init__(self):
-    self.signum: int | None = None
-
-  def __call__(self) -> bool:
-    return self.signum is not None
-
-  def handle(self, signum, frame):
-    del frame
-    if self.signum is not None:
-      raise KeyboardInterrupt
-    self.signum = signum
-    print(
-      f"\n{signal.Signals(signum).name}: saving a checkpoint after the current step (send it again to abort at once)",
-      file=sys.stderr,
-    )
-
-  def install(self) -> dict:
-    return {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-
 def _finished(workdir: str, config: config_lib.Config) -> dict | None:
   """The summary of the finished run in `workdir` (its summary.json and the checkpoint of its last step) if it was
   made with `config`, else None."""
@@ -276,24 +253,23 @@ def main(argv=None) -> int:
       file=sys.stderr,
     )
     return 0
-  stop = _StopRequest()
-  previous = stop.install()
   try:
-    train_and_evaluate(config, workdir, fresh=args.fresh, progress=not args.no_progress, should_stop=stop)
+    train_and_evaluate(config, workdir, fresh=args.fresh, progress=not args.no_progress)
   except (ValueError, data_lib.DataError, FloatingPointError, WorkdirError) as e:
     print(f"error: {in_flags(e)}", file=sys.stderr)
     return 1
   except OSError as e:  # e.g. an unreadable --data or --cache-dir
     print(f"error: {e}; check the path, its permissions and the free disk space", file=sys.stderr)
     return 1
-  except KeyboardInterrupt as e:  # Interrupted, or a second signal
-    if not isinstance(e, Interrupted):
-      e = f"aborted; the last checkpoint in {workdir}/checkpoints is intact; run the same command to resume"
-    print(f"{e}", file=sys.stderr)
-    return 128 + (stop.signum or signal.SIGINT)
-  finally:
-    for sig, handler in previous.items():
-      signal.signal(sig, handler)
+  except Interrupted as e:
+    print(e, file=sys.stderr)
+    return 128 + (e.signum or signal.SIGINT)
+  except KeyboardInterrupt as e:  # a second signal, or Ctrl-C before the run trains
+    print(
+      f"aborted; the last checkpoint in {workdir}/checkpoints is intact; run the same command to resume",
+      file=sys.stderr,
+    )
+    return 128 + getattr(e, "signum", signal.SIGINT)
   return 0
 
 

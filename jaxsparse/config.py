@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from jaxsparse import controllers
+from jaxsparse.errors import OptionError
 from jaxsparse.models.wrn import CONVS, MODELS, NORMS, PADDINGS, SHORTCUTS
 from jaxsparse.topk import GRADIENTS, ROUNDINGS, SCORES, is_keep
 
@@ -103,6 +104,9 @@ class Config:
   )
   eval_keeps: tuple[float, ...] = _field(PAPER_KEEPS, "test-time keep ratios of the final keep curve")
   eval_every: int = _field(1, "dense test accuracy every N epochs and at the last (validation: every epoch)")
+  log_every_steps: int = _field(
+    0, "training loss and accuracy averaged over every N steps of an epoch, in its record (0: a tenth of an epoch)"
+  )
   # Several regimes per step (ours; slimmable networks' sandwich rule).
   regimes: int = _field(
     1,
@@ -130,7 +134,7 @@ class Config:
       if f.metadata.get("choices") is not None and getattr(self, f.name) not in f.metadata["choices"]:
         _fail(f.name, f"must be one of {list(f.metadata['choices'])}, got {getattr(self, f.name)!r}")
     for name, low in (("epochs", 1), ("batch_size", 1), ("keep_checkpoints", 1), ("eval_every", 1), ("regimes", 1),
-                      ("reset_warmup_steps", 0), ("val_size", 0), ("warmup_epochs", 0)):  # fmt: skip
+                      ("reset_warmup_steps", 0), ("val_size", 0), ("warmup_epochs", 0), ("log_every_steps", 0)):  # fmt: skip
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < low:
         _fail(name, f"must be an integer >= {low}, got {value!r}")
@@ -142,9 +146,7 @@ class Config:
     if self.distill and self.regimes < 2:
       _fail("distill", f"needs regimes >= 2 (a dense pass to learn from), got regimes={self.regimes}")
     if self.train_size is not None and self.train_size < self.batch_size:
-      raise OptionError(
-        lambda n: f"{n('train_size')} ({self.train_size}) must be >= {n('batch_size')} ({self.batch_size})"
-      )
+      raise OptionError(f"{{train_size}} ({self.train_size}) must be >= {{batch_size}} ({self.batch_size})")
     for name, ok, rule in (
       ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
       ("learning_rate", self.learning_rate > 0, "> 0"),
@@ -181,32 +183,8 @@ def _check_known(fields) -> None:
     raise ValueError(f"unknown config fields: {sorted(unknown)}")
 
 
-def library_name(option: str) -> str:
-  """How library errors name an option: a Config field as ``Config.<field>``, a controller option as
-  ``Config.controller_options['<option>']``; `train_and_evaluate`'s `fresh` as ``fresh=True`` and `workdir` as
-  itself."""
-  if option in ("fresh", "workdir"):
-    return {"fresh": "fresh=True", "workdir": "workdir"}[option]
-  if option not in {f.name for f in dataclasses.fields(Config)}:
-    return f"Config.controller_options[{option!r}]"
-  return f"Config.{option}"
-
-
-class Explained:
-  """An error whose message is ``explain(name)``, where `name` spells each option it mentions (`library_name` in
-  the library); a front end spells them its own way, e.g. as flags: ``e.explain(flag)``."""
-
-  def __init__(self, explain: Callable[[Callable[[str], str]], str]):
-    self.explain = explain
-    super().__init__(explain(library_name))
-
-
-class OptionError(Explained, ValueError):
-  """A bad run option (see `Explained`)."""
-
-
 def _fail(field: str, problem: str):
-  raise OptionError(lambda n: f"{n(field)} {problem}")
+  raise OptionError(f"{{{field}}} {problem}")
 
 
 # Named presets. Each is the full Config; flags override fields one by one.

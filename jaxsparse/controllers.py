@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse import schedules
+from jaxsparse.errors import OptionError
 
 __all__ = [
   "EpochMetrics",
@@ -144,13 +145,13 @@ def _check_range(name: str, value, low: float, high: float, low_open: bool, high
     ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
   if not ok:
     interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    raise OptionError(f"{{controller_options.{name}}} must be a number in {interval}, got {value!r}")
   return float(value)
 
 
 def _check_count(name: str, value, low: int = 0) -> int:
   if isinstance(value, bool) or not isinstance(value, int) or value < low:
-    raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    raise OptionError(f"{{controller_options.{name}}} must be an integer >= {low}, got {value!r}")
   return value
 
 

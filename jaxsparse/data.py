@@ -55,6 +55,7 @@ from jaxsparse.data_sources import (
   DataNotFoundError,
   Raw,
 )
+from jaxsparse.errors import OptionError
 
 DEFAULT_CACHE_DIR = "~/.cache/jaxsparse"
 _logger = logging.getLogger("jaxsparse.data")
@@ -152,7 +153,7 @@ def _fetch_cifar10(
     raise DataNotFoundError(
       f"{e}; TFDS cifar10 is not prepared in the TFDS data_dir "
       f"({tfds_data_dir or '$TFDS_DATA_DIR or ~/tensorflow_datasets'}) either. Connect to the "
-      f"internet, or set Config.data to a local copy: {sources.LOCAL_SOURCES}."
+      f"internet, or set {{data}} to a local copy: {sources.LOCAL_SOURCES}."
     ) from e
   return path
 
@@ -215,13 +216,13 @@ def _split_train(
 ) -> tuple[Split, Split | None]:
   n = len(labels)
   if not 0 <= val_size < n:
-    raise ValueError(f"val_size={val_size} must be in [0, {n}) (training examples: {n})")
+    raise OptionError(f"{{val_size}}={val_size} must be in [0, {n}) (training examples: {n})")
   val_idx = _stratified_indices(labels, val_size, np.random.default_rng([seed, 0]))
   rest = np.setdiff1d(np.arange(n), val_idx)
   if train_size is not None:
     if not 0 < train_size <= len(rest):
-      raise ValueError(
-        f"train_size={train_size} must be in [1, {len(rest)}] "
+      raise OptionError(
+        f"{{train_size}}={train_size} must be in [1, {len(rest)}] "
         f"({n} training examples, {val_size} held out for validation)"
       )
     rest = rest[_stratified_indices(labels[rest], train_size, np.random.default_rng([seed, 1]))]

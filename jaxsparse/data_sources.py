@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from jaxsparse.errors import Explained
+
 NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)
 KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -47,7 +49,7 @@ Progress = Callable[[int, int], None]
 _logger = logging.getLogger("jaxsparse.data")
 
 
-class DataError(ValueError):
+class DataError(Explained, ValueError):
   """A data source is malformed, unsupported or inconsistent."""
 
 
@@ -207,7 +209,7 @@ def open_tfds(name: str, data_dir: str | None):
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise DataError(f"tfds:{name} needs tensorflow-datasets; or set Config.data to one of {LOCAL_SOURCES}") from e
+    raise DataError(f"tfds:{name} needs tensorflow-datasets; or set {{data}} to one of {LOCAL_SOURCES}") from e
   try:
     return tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False)
   except Exception as e:  # TFDS raises KeyError, AssertionError, ... when not prepared
@@ -215,7 +217,7 @@ def open_tfds(name: str, data_dir: str | None):
       f"TFDS dataset {name!r} is not prepared in the TFDS data_dir "
       f"({data_dir or '$TFDS_DATA_DIR or ~/tensorflow_datasets'}), and jaxsparse does not "
       f"download through TFDS (preparing needs TensorFlow and network: `tfds build {name}`). "
-      f"Use Config.data='cifar10' to download the original archive, or set Config.data to a "
+      f"Use {{data}}='cifar10' to download the original archive, or set {{data}} to a "
       f"local copy: {LOCAL_SOURCES}. [{type(e).__name__}: {e}]"
     ) from e
 

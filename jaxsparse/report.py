@@ -24,9 +24,11 @@ def summarize(
   config: Mapping,
   keep_macs: Mapping[float, Mapping] | None = None,
   dense_macs: float | None = None,
+  **facts,
 ) -> dict:
   """The summary.json of a run, from its per-epoch records and its final keep curve (with, where measured, each
-  keep's mean achieved density and effective MACs per example: `jaxsparse.evaluate.keep_curve`)."""
+  keep's mean achieved density and effective MACs per example: `jaxsparse.evaluate.keep_curve`); `facts` (e.g.
+  provenance, conv) are added as they are."""
   if not history:
     raise ValueError("no epochs recorded")
   last = history[-1]
@@ -52,6 +54,7 @@ def summarize(
     "model": config.get("model"),
     **({"keep_macs": {str(k): dict(v) for k, v in sorted(keep_macs.items(), reverse=True)}} if keep_macs else {}),
     **({"dense_macs": dense_macs} if dense_macs is not None else {}),
+    **facts,
   }
 
 
@@ -222,11 +225,20 @@ def phase_stats(history: Sequence[Mapping], tail: float = 0.25) -> dict[str, flo
   return {"dense": _mean_or_nan(dense), "sparse": _mean_or_nan(sparse), "n_dense": len(dense), "n_sparse": len(sparse)}
 
 
+def _first_steps(record: Mapping, key: str) -> float | None:
+  """The mean `key` ("loss" or "accuracy") over an epoch's first logged window of steps (``train_windows``; records
+  made before it have "first_steps_<key>"), None when neither was recorded."""
+  windows = record.get("train_windows", {}).get(key)
+  return windows[0] if windows else record.get(f"first_steps_{key}")
+
+
 def reset_shocks(history: Sequence[Mapping]) -> list[dict]:
   """One record per reset of a run (an epoch with ``reset_after``, then another): the cycle that ended, the keep and
-  training loss / accuracy of its last epoch, those of the next epoch's first steps ("first_steps_*") and the loss
-  of that whole epoch, and the loss of the cycle's first epoch (which a reset should not undo)."""
-  resets = [(b, a) for b, a in zip(history, history[1:]) if b.get("reset_after") and "first_steps_loss" in a]
+  training loss / accuracy of its last epoch, those of the next epoch's first logged steps (`_first_steps`) and the
+  loss of that whole epoch, and the loss of the cycle's first epoch (which a reset should not undo)."""
+  resets = [
+    (b, a) for b, a in zip(history, history[1:]) if b.get("reset_after") and _first_steps(a, "loss") is not None
+  ]
   return [
     {
       "cycle": before["cycle"],
@@ -234,8 +246,8 @@ def reset_shocks(history: Sequence[Mapping]) -> list[dict]:
       "keep_before": before["keep"],
       "loss_before": before["train_loss"],
       "accuracy_before": before["train_accuracy"],
-      "loss_first_steps": after["first_steps_loss"],
-      "accuracy_first_steps": after["first_steps_accuracy"],
+      "loss_first_steps": _first_steps(after, "loss"),
+      "accuracy_first_steps": _first_steps(after, "accuracy"),
       "loss_after": after["train_loss"],
       "cycle_first_loss": next(r for r in history if r["cycle"] == before["cycle"])["train_loss"],
     }

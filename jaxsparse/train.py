@@ -25,7 +25,8 @@ class TrainState(struct.PyTreeNode):
     params: model parameters.
     model_state: non-parameter collections the model updates while training (e.g. batch_stats); {} if none.
     opt_state: optax state.
-    controller: keep-ratio controller state; `controller.keep` is the keep ratio of the current epoch.
+    controller: keep-ratio controller state; `controller.keep` is the keep ratio of the current step.
+    reset_step: int32 scalar, the step at which the current keep-ratio cycle began (`with_controller`).
     rng: uint32 PRNG key; per-step keys are `fold_in(rng, step)`.
   """
 
@@ -34,9 +35,15 @@ class TrainState(struct.PyTreeNode):
   model_state: Any
   opt_state: Any
   controller: Any
+  reset_step: jax.Array
   rng: jax.Array
   apply_fn: Callable = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+  def with_controller(self, controller) -> "TrainState":
+    """This state with the controller state `controller`; a reset (its cycle grew) starts a cycle at this step."""
+    reset = controller.cycle > self.controller.cycle
+    return self.replace(controller=controller, reset_step=jnp.where(reset, self.step, self.reset_step))
 
 
 def decay_mask(params):
@@ -87,6 +94,7 @@ def create_train_state(
     model_state=variables,
     opt_state=tx.init(params),
     controller=controller.init(),
+    reset_step=jnp.zeros((), jnp.int32),
     rng=train_rng,
     apply_fn=model.apply,
     tx=tx,
@@ -132,7 +140,6 @@ def train_step(
   state: TrainState,
   batch: dict,
   keep: jax.Array,
-  reset_step: jax.Array | None = None,
   *,
   regimes: int = 1,
   distill: bool = False,
@@ -156,10 +163,9 @@ def train_step(
     keep: float32 scalar keep ratio; 1.0 is dense. The smallest keep when ``regimes >= 2``.
     regimes: keep ratios trained per step (1: just `keep`).
     distill: in-place distillation from the dense pass (needs ``regimes >= 2``).
-    reset_step: with `reset_warmup`, the step at which the current keep-ratio cycle began after a reset (an int32
-      scalar, traced; far in the past in the first cycle).
-    reset_warmup: a Python int; > 0 scales the update by ``clip((step - reset_step + 1) / reset_warmup, 0, 1)``:
-      the learning rate ramps back up over the first `reset_warmup` steps after each reset (0: off, the plain step).
+    reset_warmup: a Python int; > 0 scales the update by ``clip((step - state.reset_step + 1) / reset_warmup, 0, 1)``
+      after the first reset (``state.controller.cycle > 0``): the learning rate ramps back up over the first
+      `reset_warmup` steps of each cycle that a reset began (0: off, the plain step).
     controller_step: a step-level controller's ``step`` (`jaxsparse.controllers.Controller.step`), or None: the new
       state's controller is ``controller_step(state.controller, accuracy, state.step)``, so its keep can change
       from one step to the next inside this one compiled step.
@@ -177,13 +183,14 @@ def train_step(
     raise ValueError(f"reset_warmup must be >= 0, got {reset_warmup}")
   scale = None
   if reset_warmup:
-    scale = jnp.clip((state.step - reset_step + 1).astype(jnp.float32) / reset_warmup, 0.0, 1.0)
+    ramp = jnp.clip((state.step - state.reset_step + 1).astype(jnp.float32) / reset_warmup, 0.0, 1.0)
+    scale = jnp.where(state.controller.cycle > 0, ramp, 1.0)
   if regimes > 1:
     new_state, metrics = _multi_regime_step(state, batch, keep, regimes, distill, scale)
   else:
     new_state, metrics = _one_regime_step(state, batch, keep, scale)
   if controller_step is not None:
-    new_state = new_state.replace(controller=controller_step(state.controller, metrics["accuracy"], state.step))
+    new_state = new_state.with_controller(controller_step(state.controller, metrics["accuracy"], state.step))
   return new_state, metrics
 
 

@@ -1,4 +1,4 @@
-"""The run directory's files (see jaxsparse.loop): its config.json guard and the small atomic/append writes."""
+"""A run directory (see jaxsparse.loop): its config.json guard, logs and small atomic/append writes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import os
 import shutil
 from pathlib import Path
 
-from jaxsparse.config import Config, Explained, OptionError
+from jaxsparse.config import Config
+from jaxsparse.errors import Explained, OptionError
+
+_logger = logging.getLogger("jaxsparse")
 
 
 class ConfigMismatchError(OptionError):
@@ -20,47 +23,87 @@ class WorkdirError(Explained, OSError):
   """The run directory cannot be written (permissions, full disk); what was saved before is intact."""
 
 
-def prepare_workdir(config: Config, workdir: Path, *, fresh: bool, write: bool = True) -> None:
-  """Creates `workdir`, or checks that the run already there was made with the same config.
+class RunDir:
+  """The files of one run directory. Only the primary process (`primary`) writes or logs: on the others every
+  write and log line is a no-op, so callers never ask which process they are."""
 
-  A directory whose run never saved a checkpoint (e.g. it stopped on bad input) has nothing to lose: its
-  config.json is replaced, so a corrected command is not refused. With `write=False` (the other processes of a
-  multi-process run) nothing is created, deleted or written: only the check runs, and not at all when `fresh`.
-  Raises ConfigMismatchError when an existing run used another config (nothing is overwritten).
-  """
-  if workdir.exists() and not workdir.is_dir():
-    raise WorkdirError(lambda n: f"{n('workdir')} {workdir} is a file, not a directory: choose another {n('workdir')}")
-  if fresh and not write:
-    return
-  saved = workdir / "config.json"
-  with writing(f"the run directory {workdir}"):
-    if fresh and workdir.exists():
-      shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
-      shutil.rmtree(workdir / "plots", ignore_errors=True)
-      for name in ("config.json", "metrics.jsonl", "summary.json", "provenance.jsonl"):
-        (workdir / name).unlink(missing_ok=True)
-    if not saved.exists():
-      if write:
-        workdir.mkdir(parents=True, exist_ok=True)
-        atomic_write(saved, config.to_json())
+  def __init__(self, path: str | os.PathLike, *, primary: bool = True):
+    self.path, self.primary = Path(path), primary
+
+  def prepare(self, config: Config, *, fresh: bool) -> None:
+    """Creates the directory, or checks that the run already there was made with the same config.
+
+    A directory whose run never saved a checkpoint (e.g. it stopped on bad input) has nothing to lose: its
+    config.json is replaced, so a corrected command is not refused. `fresh` deletes the previous run first. The
+    other processes only check (and not at all with `fresh`). Raises ConfigMismatchError when an existing run used
+    another config (nothing is overwritten), WorkdirError when the path is a file or cannot be written.
+    """
+    path, saved = self.path, self.path / "config.json"
+    if path.exists() and not path.is_dir():
+      raise WorkdirError(f"{{workdir}} {path} is a file, not a directory: choose another {{workdir}}")
+    if fresh and not self.primary:
       return
-    try:
-      diff = config_diff(config, saved)
-    except json.JSONDecodeError as e:
-      raise ConfigMismatchError(
-        lambda n, e=e: f"{saved} is unreadable ({e}); pass {n('fresh')} to start over, or choose another {n('workdir')}"
-      ) from e
-    checkpoints = workdir / "checkpoints"
-    if diff and checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
-      details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
-      raise ConfigMismatchError(
-        lambda n: (
-          f"{workdir} holds a run with a different config ({details}); pass {n('fresh')} to start it over, "
-          f"or choose another {n('workdir')}"
+    with writing(f"the run directory {path}"):
+      if fresh and path.exists():
+        for name in ("checkpoints", "plots"):
+          shutil.rmtree(path / name, ignore_errors=True)
+        for name in ("config.json", "metrics.jsonl", "summary.json", "provenance.jsonl"):
+          (path / name).unlink(missing_ok=True)
+      if not saved.exists():
+        if self.primary:
+          path.mkdir(parents=True, exist_ok=True)
+        self.write("config.json", config.to_json())
+        return
+      try:
+        diff = config_diff(config, saved)
+      except json.JSONDecodeError as e:
+        raise ConfigMismatchError(
+          f"{saved} is unreadable ({e}); pass {{fresh}} to start over, or choose another {{workdir}}"
+        ) from e
+      checkpoints = path / "checkpoints"
+      if diff and checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+        details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
+        raise ConfigMismatchError(
+          f"{path} holds a run with a different config ({details}); pass {{fresh}} to start it over, or choose "
+          "another {workdir}"
         )
-      )
-    if diff and write:
-      atomic_write(saved, config.to_json())
+      if diff:
+        self.write("config.json", config.to_json())
+
+  def write(self, name: str, text: str) -> None:
+    """Replaces file `name` with `text` at once (a crash leaves the old or the new file)."""
+    if self.primary:
+      with writing(self.path / name):
+        tmp = self.path / (name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.path / name)
+
+  def append(self, name: str, record: dict) -> None:
+    """Appends `record` to the JSON-lines file `name`."""
+    if self.primary:
+      with writing(self.path / name), (self.path / name).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+  def log(self, message: str) -> None:
+    """`message` to the "jaxsparse" logger (INFO)."""
+    if self.primary:
+      _logger.info(message)
+
+  def read_history(self, upto_epoch: int) -> list[dict]:
+    """The epoch records of metrics.jsonl, dropping any beyond `upto_epoch` (the restored checkpoint's: they will
+    be redone) and lines cut short by a kill; the file is rewritten without them."""
+    path = self.path / "metrics.jsonl"
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = []
+    for line in lines:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        _logger.warning(f"dropped an unreadable line of {path}: {line[:80]!r}")
+    records = [r for r in records if r["epoch"] <= upto_epoch]
+    if len(records) != len(lines):
+      self.write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    return records
 
 
 def config_diff(config: Config, saved: Path) -> dict[str, tuple]:
@@ -82,40 +125,6 @@ def writing(what: object):
     raise
   except OSError as e:
     raise WorkdirError(
-      lambda n, e=e: (
-        f"cannot write {what}: {e.strerror or e}; free disk space or choose a writable {n('workdir')} "
-        "(checkpoints saved before are intact; run the same command again to resume)"
-      )
+      f"cannot write {what}: {e.strerror or e}; free disk space or choose a writable {{workdir}} (checkpoints "
+      "saved before are intact; run the same command again to resume)"
     ) from e
-
-
-def atomic_write(path: Path, text: str) -> None:
-  """Replaces `path` with `text` at once (a crash leaves the old or the new file); a WorkdirError if it cannot."""
-  with writing(path):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def append_line(path: Path, text: str) -> None:
-  """Appends one line to `path`; a WorkdirError if it cannot."""
-  with writing(path), path.open("a") as f:
-    f.write(text + "\n")
-
-
-def read_history(path: Path, upto_epoch: int, *, write: bool = True) -> list[dict]:
-  """Epoch records already written, dropping any beyond the restored checkpoint (they will be redone); the file is
-  rewritten without them unless `write=False`."""
-  if not path.exists():
-    return []
-  lines = [line for line in path.read_text().splitlines() if line.strip()]
-  records = []
-  for line in lines:
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:  # a line cut short when the process was killed while appending it
-      logging.getLogger(__name__).warning(f"dropped an unreadable line of {path}: {line[:80]!r}")
-  records = [r for r in records if r["epoch"] <= upto_epoch]
-  if len(records) != len(lines) and write:
-    atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
-  return records

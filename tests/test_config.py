@@ -95,6 +95,6 @@ def test_a_saved_config_without_newer_fields_still_resumes(tmp_path):
     del saved[field]
   (tmp_path / "config.json").write_text(json.dumps(saved))
   (tmp_path / "checkpoints" / "10").mkdir(parents=True)
-  workdir_lib.prepare_workdir(config, tmp_path, fresh=False)  # same behaviour: accepted
+  workdir_lib.RunDir(tmp_path).prepare(config, fresh=False)  # same behaviour: accepted
   with pytest.raises(workdir_lib.ConfigMismatchError, match="regimes: 1 -> 2"):
-    workdir_lib.prepare_workdir(config.replace(regimes=2), tmp_path, fresh=False)
+    workdir_lib.RunDir(tmp_path).prepare(config.replace(regimes=2), fresh=False)

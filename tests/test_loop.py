@@ -90,8 +90,11 @@ def test_run_outputs_and_summary(full_run):
   # adaptive_a with tol=0.99 always compresses: 1.0 (dense reference epoch) -> 0.5 -> 0.25.
   assert [r["keep"] for r in records] == [1.0, 0.5, 0.25]
   assert all(len(r["density"]) == 7 for r in records)
-  # 4 steps per epoch: the first tenth is the first step (what a reset's first dense steps cost).
-  assert all(r["first_steps"] == 1 and 0 <= r["first_steps_accuracy"] <= 1 for r in records)
+  # 4 steps per epoch, logged every step (a tenth of an epoch, at least 1): the windows are the steps, and they
+  # average to the epoch's loss.
+  for r in records:
+    assert r["train_windows"]["every"] == 1 and len(r["train_windows"]["loss"]) == 4
+    assert np.mean(r["train_windows"]["loss"]) == pytest.approx(r["train_loss"], rel=1e-12)
   assert all(d <= 0.25 + 1e-6 for d in records[2]["density"].values())
 
 
@@ -240,26 +243,23 @@ def test_fine_tuning_run_records_its_source_and_resumes_from_its_own_checkpoints
   assert (tmp_path / "whole" / "metrics.jsonl").read_text() == before  # finished: nothing retrained from the source
 
 
-def test_the_first_steps_of_an_epoch_are_summed_apart_and_survive_a_mid_epoch_resume():
+def test_windows_of_steps_are_averaged_and_survive_a_mid_epoch_resume():
   steps = [{"loss": 1.0 + i, "accuracy": 0.1 * i, "density/a": 0.5} for i in range(5)]
   whole = loop._EpochSums(2)
   for m in steps:
     whole.add(m)
   part = loop._EpochSums(2)
-  for m in steps[:3]:
+  for m in steps[:3]:  # stopped inside the second window
     part.add(m)
   resumed = loop._EpochSums(2, json.loads(json.dumps(part.meta(0.0))))  # through a checkpoint's JSON meta
   for m in steps[3:]:
     resumed.add(m)
-  assert resumed.head_means() == whole.head_means() == {"loss": 1.5, "accuracy": 0.05}
+  for sums in (whole, resumed):
+    sums.close_window()  # the epoch's end closes the last, shorter window
+  assert resumed.windows == whole.windows
+  assert [w["loss"] for w in whole.windows] == [1.5, 3.5, 5.0]
+  assert [w["accuracy"] for w in whole.windows] == pytest.approx([0.05, 0.25, 0.4])
   assert resumed.means() == whole.means()
-
-
-def test_cycle_start_is_the_first_step_of_the_current_cycle():
-  history = [{"epoch": e, "cycle": c} for e, c in ((1, 0), (2, 0), (3, 1), (4, 1), (5, 2))]
-  assert loop._cycle_start(history, 0, 5, 10) < -1e9  # the first cycle: no reset began it
-  assert loop._cycle_start(history, 1, 4, 10) == 20  # epoch 3 began cycle 1 at step 20
-  assert loop._cycle_start(history, 3, 5, 10) == 50  # a cycle not yet recorded begins with this epoch
 
 
 def test_reset_warmup_changes_nothing_before_the_first_reset_and_ramps_the_steps_after(

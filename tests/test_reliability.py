@@ -1,6 +1,7 @@
 """Reliability (issue 10): kills and signals lose nothing, bad input fails clearly, same seed same result."""
 
 import errno
+import functools
 import json
 import os
 import random
@@ -57,17 +58,16 @@ def baseline(cifar_npz, cache, tmp_path_factory):
 
 
 def _signal_at_poll(monkeypatch, n: int, signum=signal.SIGTERM):
-  """Sends this process a real signal when the loop polls the stop flag for the n-th time."""
-  polls = []
-  original = run_cli._StopRequest.__call__
+  """Sends this process a real signal when the run polls its stop request for the n-th time (run.py's run)."""
+  polls, original = [], loop.train_and_evaluate
 
-  def poll(self):
+  def poll():
     polls.append(1)
     if len(polls) == n:
       os.kill(os.getpid(), signum)
-    return original(self)
+    return False
 
-  monkeypatch.setattr(run_cli._StopRequest, "__call__", poll)
+  monkeypatch.setattr(loop, "train_and_evaluate", functools.partial(original, should_stop=poll))
 
 
 # ---- 1, 2: signals and kills -------------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ BAD_FLAGS = {
   "keep_nan": (["--schedule=constant", "--keep=nan"], 2, "keep must be a keep ratio in (0, 1], got nan"),
   "eval_keep_0": (["--eval-keeps=1,0"], 2, "--eval-keeps must be keep ratios in (0, 1]"),
   "eval_keep_nan": (["--eval-keeps=nan"], 2, "--eval-keeps must be keep ratios in (0, 1]"),
-  "min_keep_nan": (["--min-keep=nan"], 2, "min_keep must be a keep ratio in (0, 1], got nan"),
+  "min_keep_nan": (["--min-keep=nan"], 2, "--min-keep must be a keep ratio in (0, 1], got nan"),
   "option_of_other_schedule": (["--schedule=dense", "--gamma=0.5"], 2, "--gamma does not apply to --schedule=dense"),
   "adaptive_b_without_val": (
     ["--schedule=adaptive_b", "--val-size=0"],

@@ -132,10 +132,10 @@ def test_reset_probe_replays_the_first_dense_step_after_a_reset_exactly(cifar_np
   train_and_evaluate(config, tmp_path / "run", progress=False)
   (result,) = reset_probe.probe_run(tmp_path / "run", steps=2, warmups=(2,))
   assert (result["cycle"], result["next_epoch"], result["keep_before"]) == (0, 3, pytest.approx(0.2))
-  # 4 steps per epoch: the run's "first steps" of epoch 3 are its first step, which the probe replays.
+  # 4 steps per epoch, logged every step: the first window of epoch 3 is its first step, which the probe replays.
   records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   epoch3, epoch1_loss = records[2], records[0]["train_loss"]
-  assert result["steps"]["dense"][0]["loss"] == pytest.approx(epoch3["first_steps_loss"], rel=1e-6)
+  assert result["steps"]["dense"][0]["loss"] == pytest.approx(epoch3["train_windows"]["loss"][0], rel=1e-6)
   assert len(result["steps"]["at_keep_before"]) == 2 and result["steps"]["dense"][0]["grad_norm"] > 0
   assert "| 0 | 3 | 0.200 |" in reset_probe.markdown([result], 2)
   # A 2-step reset warm-up: the same first loss, and half the first update (the ramp's first step is 1/2).

@@ -194,14 +194,24 @@ def test_reset_warmup_scales_the_update_from_the_reset_on(regimes):
   plain = functools.partial(train_lib.train_step, regimes=regimes)
   warm = jax.jit(functools.partial(train_lib.train_step, regimes=regimes, reset_warmup=4))
   ref, ref_metrics = jax.jit(plain)(state, batch, keep)
-  step = int(state.step)
-  for reset_step, scale in ((step, 0.25), (step - 1, 0.5), (step - 3, 1.0), (-(2**30), 1.0), (step + 1, 0.0)):
-    new, metrics = warm(state, batch, keep, jnp.int32(reset_step))
+  step, after_a_reset = int(state.step), state.controller._replace(cycle=jnp.int32(1))
+  cases = [(after_a_reset, step, 0.25), (after_a_reset, step - 1, 0.5), (after_a_reset, step - 3, 1.0)]
+  cases += [(after_a_reset, step + 1, 0.0), (state.controller, step, 1.0)]  # the first cycle: no reset began it
+  for controller, reset_step, scale in cases:
+    new, metrics = warm(state.replace(controller=controller, reset_step=jnp.int32(reset_step)), batch, keep)
     assert float(metrics["loss"]) == float(ref_metrics["loss"])  # the forward pass is the same
     expected = jax.tree.map(lambda p, r: p + scale * (r - p), state.params, ref.params)  # SGD at lr 1
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new.params, expected)
   with pytest.raises(ValueError, match="reset_warmup must be >= 0, got -1"):
     train_lib.train_step(state, batch, keep, reset_warmup=-1)
+
+
+def test_a_reset_starts_a_cycle_at_the_state_s_step():
+  state = _sgd_state().replace(step=jnp.int32(7), reset_step=jnp.int32(3))
+  same = state.with_controller(state.controller._replace(keep=jnp.float32(0.5)))  # a new keep, no reset
+  assert int(same.reset_step) == 3 and float(same.controller.keep) == 0.5
+  reset = state.with_controller(state.controller._replace(cycle=state.controller.cycle + 1))
+  assert int(reset.reset_step) == 7
 
 
 def test_distillation_targets_carry_no_gradient():
