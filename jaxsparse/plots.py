@@ -54,11 +54,11 @@ def plot_run(history: Sequence[Mapping], keep_curve: Mapping[float, float], outd
 
 
 def plot_groups(groups: Mapping[str, Sequence], outdir: str | Path) -> list[Path]:
-  """Writes the figures of groups of runs ({label: runs}, each run a `jaxsparse.report.Run`), one series per group
-  styled by its kind of approach (`series_style`), into `outdir`: accuracy.png (dense
-  test accuracy vs epoch, mean over runs), keep.png (the first run's keep trajectory, with the achieved density when
-  recorded), keep_curve.png (mean test accuracy vs test-time keep), gap.png (train − validation accuracy every
-  epoch, train − test at tested epochs) and, when every run of a group records its effective MACs, pareto.png."""
+  """Writes the figures of groups of runs ({label: `jaxsparse.report.Run`s}), one series per group styled by its kind
+  of approach (`series_style`), into `outdir`: accuracy.png (dense test accuracy vs epoch, mean over runs), keep.png
+  (the first run's keep trajectory, with the achieved density when recorded), keep_curve.png (mean test accuracy vs
+  test-time keep), gap.png (train − validation accuracy every epoch, train − test at tested epochs) and, when every
+  run of a group records its effective MACs, pareto.png."""
   outdir = Path(outdir)
   outdir.mkdir(parents=True, exist_ok=True)
   styles = {
