@@ -53,20 +53,22 @@ def plot_run(history: Sequence[Mapping], keep_curve: Mapping[float, float], outd
   return paths
 
 
-def plot_groups(groups: Mapping[str, Sequence[Mapping]], kinds: Mapping[str, str], outdir: str | Path) -> list[Path]:
-  """Writes the figures of groups of runs ({label: runs}, each run a dict with its "summary" and "history"), one
-  series per group styled by its kind of approach (`kinds`, see `series_style`), into `outdir`: accuracy.png (dense
-  test accuracy vs epoch, mean over runs), keep.png (the first run's keep trajectory, with the achieved density when
-  recorded), keep_curve.png (mean test accuracy vs test-time keep), gap.png (train − validation accuracy every
-  epoch, train − test at tested epochs) and, when every run of a group records its effective MACs, pareto.png."""
+def plot_groups(groups: Mapping[str, Sequence], outdir: str | Path) -> list[Path]:
+  """Writes the figures of groups of runs ({label: `jaxsparse.report.Run`s}), one series per group styled by its kind
+  of approach (`series_style`), into `outdir`: accuracy.png (dense test accuracy vs epoch, mean over runs), keep.png
+  (the first run's keep trajectory, with the achieved density when recorded), keep_curve.png (mean test accuracy vs
+  test-time keep), gap.png (train − validation accuracy every epoch, train − test at tested epochs) and, when every
+  run of a group records its effective MACs, pareto.png."""
   outdir = Path(outdir)
   outdir.mkdir(parents=True, exist_ok=True)
-  styles = {s: series_style(i, kinds[s], s) for i, s in enumerate(groups)}
+  styles = {
+    s: series_style(i, rs[0].approach, rs[0].config.get("dropout", 0.0)) for i, (s, rs) in enumerate(groups.items())
+  }
   paths = []
 
   fig, ax = _axes(10, 4)
   for s, rs in groups.items():  # the epochs every run of the group was tested at (cadences and records may differ)
-    tested = [{h["epoch"]: h["test_accuracy"] for h in r["history"] if h.get("test_accuracy") is not None} for r in rs]
+    tested = [{h["epoch"]: h["test_accuracy"] for h in r.history if h.get("test_accuracy") is not None} for r in rs]
     epochs = sorted(set.intersection(*(set(t) for t in tested)))
     acc = [np.mean([t[e] for t in tested]) for e in epochs]
     ax.plot(epochs, acc, label=f"{s} (n={len(rs)})", **styles[s])
@@ -77,7 +79,7 @@ def plot_groups(groups: Mapping[str, Sequence[Mapping]], kinds: Mapping[str, str
   fig, axes = _axes(7, 1.2 + 1.0 * len(groups), len(groups), 1, sharex=True)
   axes = np.atleast_1d(axes)
   for ax, (s, rs) in zip(axes, groups.items()):
-    h = rs[0]["history"]
+    h = rs[0].history
     _step(ax, h, [r["keep"] for r in h], label="keep ratio")
     if all(r.get("density") for r in h):  # what the epoch really kept: ties at zero make high keeps no-ops
       density = [float(np.mean(list(r["density"].values()))) for r in h]
@@ -90,32 +92,32 @@ def plot_groups(groups: Mapping[str, Sequence[Mapping]], kinds: Mapping[str, str
 
   fig, ax = _axes(9, 4)
   for s, rs in groups.items():
-    keeps = sorted({float(k) for r in rs for k in r["summary"]["keep_curve"]})
-    acc = [np.mean([r["summary"]["keep_curve"][str(k)] for r in rs]) for k in keeps]
+    keeps = sorted({k for r in rs for k in r.keep_curve})
+    acc = [np.mean([r.keep_curve[k] for r in rs]) for k in keeps]
     ax.plot(keeps, acc, marker="o", label=s, **styles[s])
-  all_keeps = {float(k) for rs in groups.values() for r in rs for k in r["summary"]["keep_curve"]}
+  all_keeps = {k for rs in groups.values() for r in rs for k in r.keep_curve}
   _keep_axis(ax, sorted(all_keeps), "Keep curve (mean over seeds)")
   _legend_outside(ax)
   paths.append(_save(fig, outdir / "keep_curve.png"))
 
   fig, (ax1, ax2) = _axes(15, 4, 1, 2, sharey=True)
   for s, rs in groups.items():
-    n = min(len(r["history"]) for r in rs)
-    if all(r["history"][e].get("val_accuracy") is not None for r in rs for e in range(n)):
-      gap = np.mean([[h["train_accuracy"] - h["val_accuracy"] for h in r["history"][:n]] for r in rs], axis=0)
-      ax1.plot([h["epoch"] for h in rs[0]["history"][:n]], gap, label=f"{s} (n={len(rs)})", **styles[s])
-    tested = [e for e in range(n) if all(r["history"][e].get("test_accuracy") is not None for r in rs)]
+    n = min(len(r.history) for r in rs)
+    if all(r.history[e].get("val_accuracy") is not None for r in rs for e in range(n)):
+      gap = np.mean([[h["train_accuracy"] - h["val_accuracy"] for h in r.history[:n]] for r in rs], axis=0)
+      ax1.plot([h["epoch"] for h in rs[0].history[:n]], gap, label=f"{s} (n={len(rs)})", **styles[s])
+    tested = [e for e in range(n) if all(r.history[e].get("test_accuracy") is not None for r in rs)]
     gap = np.mean(
-      [[r["history"][e]["train_accuracy"] - r["history"][e]["test_accuracy"] for e in tested] for r in rs], axis=0
+      [[r.history[e]["train_accuracy"] - r.history[e]["test_accuracy"] for e in tested] for r in rs], axis=0
     )
-    ax2.plot([rs[0]["history"][e]["epoch"] for e in tested], gap, marker="o", label=s, **styles[s])
+    ax2.plot([rs[0].history[e]["epoch"] for e in tested], gap, marker="o", label=s, **styles[s])
   ax1.set(xlabel="epoch", ylabel="train accuracy − held-out accuracy")
   ax1.set_title("Generalisation gap: train − validation (every epoch)")
   ax2.set(xlabel="epoch", title="train − dense test (tested epochs)")
   _legend_outside(ax2)
   paths.append(_save(fig, outdir / "gap.png"))
 
-  priced = [s for s, rs in groups.items() if all(r["summary"].get("keep_macs") for r in rs)]
+  priced = [s for s, rs in groups.items() if all(r.keep_macs for r in rs)]
   if priced:
     fig, ax = _axes(9, 4.5)
     for s in priced:
@@ -130,19 +132,20 @@ def plot_groups(groups: Mapping[str, Sequence[Mapping]], kinds: Mapping[str, str
   return paths
 
 
-def macs_curve(rs: Sequence[Mapping]) -> list[dict]:
-  """Per test-time keep that all runs `rs` priced (highest first): the keep and the means over the runs of its
-  "keep_macs" fields in their summaries (accuracy, density, effective MACs and MACs fraction)."""
-  keeps = sorted(set.intersection(*(set(r["summary"]["keep_macs"]) for r in rs)), key=float, reverse=True)
-  at = lambda k: [r["summary"]["keep_macs"][k] for r in rs]
-  return [{"keep": float(k), **{f: float(np.mean([x[f] for x in at(k)])) for f in at(k)[0]}} for k in keeps]
+def macs_curve(rs: Sequence) -> list[dict]:
+  """Per test-time keep that all runs `rs` (`jaxsparse.report.Run`s) priced (highest first): the keep and the means
+  over the runs of its `keep_macs` fields (accuracy, density, effective MACs and MACs fraction)."""
+  keeps = sorted(set.intersection(*(set(r.keep_macs) for r in rs)), reverse=True)
+  at = lambda k: [r.keep_macs[k] for r in rs]
+  return [{"keep": k, **{f: float(np.mean([x[f] for x in at(k)])) for f in at(k)[0]}} for k in keeps]
 
 
-def series_style(i: int, kind: str, label: str) -> dict:
-  """Colour and line style of the i-th series of a comparison plot, whose group `label` is of the `kind` of approach:
-  twenty distinct colours (tab20, strong shades first), black and grey for the baselines, the line style by kind."""
+def series_style(i: int, kind: str, dropout: float = 0.0) -> dict:
+  """Colour and line style of the i-th series of a comparison plot, whose group is of the `kind` of approach and
+  trains with `dropout`: twenty distinct colours (tab20, strong shades first), black for the dense baseline and grey
+  for it with dropout, the line style by kind."""
   if kind == "baseline":
-    return {"color": "dimgray", "ls": "--"} if "+dropout" in label else {"color": "black", "ls": "-"}
+    return {"color": "dimgray", "ls": "--"} if dropout > 0 else {"color": "black", "ls": "-"}
   return {"color": _COLORS[(2 * i) % 20 + (2 * i // 20) % 2], "ls": _APPROACH_STYLE[kind]}
 
 

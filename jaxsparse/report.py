@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -78,18 +79,33 @@ def format_summary(summary: Mapping) -> str:
   return "\n".join([head, "", header, "|" + "---:|" * (header.count("|") - 1), *rows])
 
 
-def load_runs(paths) -> list[dict]:
-  """Finished run directories as dicts {path, summary, history, label, config}; FileNotFoundError for others."""
-  runs = []
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A finished run as `load_runs` reads it once: its config.json (``{"schedule": ...}`` without one), summary.json
+  (but the keep curve and its price, float-keyed here; `keep_macs` is empty when unmeasured) and metrics.jsonl."""
+
+  path: str
+  config: dict
+  summary: dict
+  history: list[dict]
+  label: str  # `run_label`: its group in comparisons
+  approach: str  # `approach`
+  keep_curve: dict[float, float]  # {keep: dense test accuracy}
+  keep_macs: dict[float, dict]  # {keep: {accuracy, density, macs, macs_fraction}}
+
+
+def load_runs(paths) -> list[Run]:
+  """Finished run directories as `Run`s; FileNotFoundError for others."""
+  runs, floats = [], lambda d: {float(k): v for k, v in d.items()}
   for p in map(Path, paths):
-    summary_path, metrics_path = p / "summary.json", p / "metrics.jsonl"
+    summary_path, metrics_path, config_path = p / "summary.json", p / "metrics.jsonl", p / "config.json"
     if not summary_path.exists() or not metrics_path.exists():
       raise FileNotFoundError(f"{p} is not a finished run (no summary.json / metrics.jsonl)")
     history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     summary = json.loads(summary_path.read_text())
-    config_path = p / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {"schedule": summary["schedule"]}
-    runs.append({"path": str(p), "summary": summary, "history": history, "label": run_label(config), "config": config})
+    curve, macs = summary.pop("keep_curve"), summary.pop("keep_macs", {})
+    runs.append(Run(str(p), config, summary, history, run_label(config), approach(config), floats(curve), floats(macs)))
   if not runs:
     raise ValueError("no runs given")
   return runs
@@ -118,33 +134,36 @@ def run_label(config: Mapping) -> str:
     value = config.get(name, getattr(defaults, name))
     if value != getattr(defaults, name):
       label += f"+dropout{value:g}" if name == "dropout" else "+distill" if name == "distill" else f"+{name}={value}"
-  if config.get("init_from"):
-    e, lr, w = (config.get(f, getattr(defaults, f)) for f in ("epochs", "learning_rate", "warmup_epochs"))
-    label += f"+finetuned(epochs={e},lr={lr:g},warmup={w})"
-  return label
+  return label + (f"+finetuned{_recipe(config)}" if config.get("init_from") else "")
 
 
-def approach(label: str) -> str:
-  """The kind of approach a group (`run_label`) is: baseline (dense, dropout), per-keep (a constant keep), fine-tuned
-  (started from another run), joint (a keep schedule or several regimes per step), or joint+dropout.
+def _recipe(config: Mapping) -> str:
+  """A fine-tune's recipe as its `run_label` names it, e.g. ``(epochs=5,lr=0.01,warmup=1)``."""
+  e, lr, w = (config.get(f, getattr(Config(), f)) for f in ("epochs", "learning_rate", "warmup_epochs"))
+  return f"(epochs={e},lr={lr:g},warmup={w})"
 
-  >>> approach("constant(keep=0.1)+regimes=3+dropout0.3")
+
+def approach(config: Mapping) -> str:
+  """The kind of approach a run (its saved config) is: fine-tuned (started from another run), baseline (the dense
+  schedule, with or without dropout), per-keep (a constant keep, one regime per step), joint+dropout or joint (a keep
+  schedule or several regimes per step).
+
+  >>> approach({"schedule": "constant", "regimes": 3, "dropout": 0.3})
   'joint+dropout'
   """
-  if "+finetuned" in label:
+  if config.get("init_from"):
     return "fine-tuned"
-  if label.startswith("dense"):
+  if config["schedule"] == "dense":
     return "baseline"
-  if label.startswith("constant") and "+regimes=" not in label:
+  if config["schedule"] == "constant" and config.get("regimes", Config().regimes) <= 1:
     return "per-keep"
-  return "joint+dropout" if "+dropout" in label else "joint"
+  return "joint+dropout" if config.get("dropout", Config().dropout) > 0 else "joint"
 
 
-def _by_schedule(runs) -> dict[str, list[dict]]:
-  groups: dict[str, list[dict]] = {}
-  label = lambda r: r.get("label") or r["summary"]["schedule"]
-  for r in sorted(runs, key=lambda r: (label(r), r["summary"]["seed"])):
-    groups.setdefault(label(r), []).append(r)
+def _by_schedule(runs: Sequence[Run]) -> dict[str, list[Run]]:
+  groups: dict[str, list[Run]] = {}
+  for r in sorted(runs, key=lambda r: (r.label, r.summary["seed"])):
+    groups.setdefault(r.label, []).append(r)
   return groups
 
 
@@ -257,7 +276,7 @@ def reset_shocks(history: Sequence[Mapping]) -> list[dict]:
 
 def machines_markdown(runs) -> tuple[dict[str, str], list[str]]:
   """({run path: machine tag like "M1"}, the markdown line naming each `machine_label` and how many runs it made)."""
-  labels = {r["path"]: machine_label(r["summary"].get("provenance")) for r in runs}
+  labels = {r.path: machine_label(r.summary.get("provenance")) for r in runs}
   machines = list(dict.fromkeys(sorted(labels.values(), key=lambda m: (m == UNRECORDED, m))))
   tags = {m: f"M{i + 1}" for i, m in enumerate(machines)}
   counts = {m: sum(v == m for v in labels.values()) for m in machines}
@@ -272,7 +291,7 @@ def machines_markdown(runs) -> tuple[dict[str, str], list[str]]:
 def mixed_machines_warning(runs) -> str | None:
   """A one-line markdown warning when `runs` come from different hardware or commits, or some did not record
   theirs; None when every run records the same hardware and commit."""
-  provenances = [r["summary"].get("provenance") for r in runs]
+  provenances = [r.summary.get("provenance") for r in runs]
   hardware = {hardware_label(p) for p in provenances if p}
   commits = {commit_label(p) for p in provenances if p}
   unrecorded = sum(not p for p in provenances)
@@ -294,8 +313,8 @@ def mixed_settings_warning(runs) -> str | None:
   None when every group is uniform."""
   problems = []
   for label, rs in _by_schedule(runs).items():
-    configs = [r.get("config") or {} for r in rs]
-    for name in sorted(set.intersection(*(set(c) for c in configs)) - set(_FREE_FIELDS)):
+    configs = [r.config for r in rs]
+    for name in sorted(set.intersection(*map(set, configs)) - set(_FREE_FIELDS)):
       canon = lambda v: Path(v).name if name == "data" and isinstance(v, str) else v
       values = list(dict.fromkeys(json.dumps(canon(c[name]), sort_keys=True) for c in configs))
       if len(values) > 1:
@@ -310,8 +329,7 @@ def mixed_settings_warning(runs) -> str | None:
 
 def plot_comparison(runs, outdir: str | Path) -> list[Path]:
   """The figures of `runs` compared (`jaxsparse.plots.plot_groups`): one series per group, styled by `approach`."""
-  groups = _by_schedule(runs)
-  return plots.plot_groups(groups, {s: approach(s) for s in groups}, outdir)
+  return plots.plot_groups(_by_schedule(runs), outdir)
 
 
 def _table(intro: str, header: str, rows: Sequence[str], align: str = "") -> list[str]:
@@ -335,8 +353,8 @@ def comparison_markdown(runs, *, title: str, baseline: str | Sequence[str] = "de
   machines under the first two tables, and warnings above them when runs mix machines or a group mixes settings."""
   groups = _by_schedule(runs)
   baselines = [baseline] if isinstance(baseline, str) else list(baseline)
-  keeps = sorted({float(k) for r in runs for k in r["summary"]["keep_curve"]}, reverse=True)
-  final = {s: {r["summary"]["seed"]: r["summary"]["test_accuracy"] for r in rs} for s, rs in groups.items()}
+  keeps = sorted({k for r in runs for k in r.keep_curve}, reverse=True)
+  final = {s: {r.summary["seed"]: r.summary["test_accuracy"] for r in rs} for s, rs in groups.items()}
   tags, machine_lines = machines_markdown(runs)
   mixed = len(set(tags.values())) > 1  # then each per-seed row names its machine
   rows, per_seed = [], []
@@ -345,20 +363,20 @@ def comparison_markdown(runs, *, title: str, baseline: str | Sequence[str] = "de
       "—" if s == b or b not in final else _interval(*paired_difference(final[s], final[b]), count=True)
       for b in baselines
     ]
-    sparse = _means([sparsity_stats(r["history"], r.get("config")) for r in rs])
-    curve = [np.mean([r["summary"]["keep_curve"].get(str(k), math.nan) for r in rs]) for k in keeps]
+    sparse = _means([sparsity_stats(r.history, r.config) for r in rs])
+    curve = [np.mean([r.keep_curve.get(k, math.nan) for r in rs]) for k in keeps]
     rows.append(
-      f"| {s} | {len(rs)} | {_mean_std([r['summary']['test_accuracy'] for r in rs])} | "
-      f"{_mean_std([r['summary']['best_test_accuracy'] for r in rs])} | "
+      f"| {s} | {len(rs)} | {_mean_std([r.summary['test_accuracy'] for r in rs])} | "
+      f"{_mean_std([r.summary['best_test_accuracy'] for r in rs])} | "
       + "".join(f"{d} | " for d in deltas)
       + f"{sparse['keep_below_1']:.1f} ({sparse['bit']:.1f}) | {sparse['mean_density']:.3f} | "
-      f"{np.mean([r['summary']['cycles'] for r in rs]):.1f} | "
+      f"{np.mean([r.summary['cycles'] for r in rs]):.1f} | "
       + "".join(f"{c:.4f} | " for c in curve)
-      + f"{np.mean([r['summary']['wall_time_s'] / 60 for r in rs]):.1f} |"
+      + f"{np.mean([r.summary['wall_time_s'] / 60 for r in rs]):.1f} |"
     )
     per_seed += [
-      f"| {s} | {r['summary']['seed']} | {r['summary']['test_accuracy']:.4f} | "
-      f"{r['summary']['best_test_accuracy']:.4f} | `{r['path']}` |" + (f" {tags[r['path']]} |" if mixed else "")
+      f"| {s} | {r.summary['seed']} | {r.summary['test_accuracy']:.4f} | "
+      f"{r.summary['best_test_accuracy']:.4f} | `{r.path}` |" + (f" {tags[r.path]} |" if mixed else "")
       for r in rs
     ]
   intro = (
@@ -367,7 +385,7 @@ def comparison_markdown(runs, *, title: str, baseline: str | Sequence[str] = "de
     "half-width. Sparse epochs: epochs at keep < 1, and those weighted by the share of top-k sites the keep "
     "actually cut (achieved density reached the keep); mean density: achieved, over sites and epochs."
   )
-  if any((r.get("config") or {}).get("topk_keep") == "relative" for r in runs):
+  if any(r.config.get("topk_keep") == "relative" for r in runs):
     intro += (
       " Keep columns: test accuracy at that keep in each run's own keep mode, so for topk_keep=relative runs keep k "
       "is a fraction of each example's active units, a lower density than absolute keep k."
@@ -398,44 +416,47 @@ def comparison_markdown(runs, *, title: str, baseline: str | Sequence[str] = "de
 def _frontier_markdown(groups) -> list[str]:
   """Per test-time keep, each group's accuracy and effective MACs, and each joint group's paired differences to the
   networks trained and fine-tuned at that keep; then what training each group cost."""
-  priced = {s: rs for s, rs in groups.items() if all(r["summary"].get("keep_macs") for r in rs)}
+  priced = {s: rs for s, rs in groups.items() if all(r.keep_macs for r in rs)}
   if not priced:
     return []
-  keeps = sorted({k for rs in priced.values() for r in rs for k in r["summary"]["keep_macs"]}, key=float, reverse=True)
+  keeps = sorted({k for rs in priced.values() for r in rs for k in r.keep_macs}, reverse=True)
+  kind = {s: rs[0].approach for s, rs in priced.items()}
+  tuned_from = {
+    s: run_label({**rs[0].config, "init_from": None}) for s, rs in priced.items() if kind[s] == "fine-tuned"
+  }
 
   def at(s, k):
-    return {r["summary"]["seed"]: r["summary"]["keep_macs"][k] for r in priced[s] if k in r["summary"]["keep_macs"]}
+    return {r.summary["seed"]: r.keep_macs[k] for r in priced[s] if k in r.keep_macs}
 
   def delta(s, other, k):
-    if other not in priced or s == other or not approach(s).startswith("joint"):
+    if other not in priced or s == other or not kind[s].startswith("joint"):
       return "—"
     d, half, n = paired_difference(*({seed: v["accuracy"] for seed, v in at(x, k).items()} for x in (s, other)))
     if n < 2:
       return "—" if not n else f"{100 * d:+.1f} (n=1)"
     return f"{100 * d:+.1f} [{100 * (d - half):+.1f}, {100 * (d + half):+.1f}] (n={n})"
 
-  def best_tune(trained, k):  # the fine-tune recipe with the best mean accuracy at keep k: the hardest reference
-    tunes = [s for s in priced if s.startswith(trained + "+finetuned") and at(s, k)]
-    return max(tunes, key=lambda s: np.mean([v["accuracy"] for v in at(s, k).values()]), default=None)
-
   rows, references = [], []
   for k in keeps:
-    trained = f"constant(keep={float(k):g})"
-    tuned = best_tune(trained, k)
-    if tuned is not None and len([s for s in priced if s.startswith(trained + "+finetuned")]) > 1:
-      references.append(f"keep {float(k):g}: {tuned.partition('+finetuned')[2]}")
+    trained = f"constant(keep={k:g})"
+    recipes = [s for s, base in tuned_from.items() if base == trained]
+    # The fine-tune recipe with the best mean accuracy at keep k: the hardest reference.
+    mean_at = lambda s: np.mean([v["accuracy"] for v in at(s, k).values()])
+    tuned = max((s for s in recipes if at(s, k)), key=mean_at, default=None)
+    if tuned is not None and len(recipes) > 1:
+      references.append(f"keep {k:g}: {_recipe(priced[tuned][0].config)}")
     for s in priced:
       values = list(at(s, k).values())
       if values:
         m = _means(values)
         rows.append(
-          f"| {float(k):g} | {s} | {approach(s)} | {len(values)} | {_mean_std([v['accuracy'] for v in values])} | "
+          f"| {k:g} | {s} | {kind[s]} | {len(values)} | {_mean_std([v['accuracy'] for v in values])} | "
           f"{m['macs'] / 1e6:.1f} | {m['macs_fraction']:.3f} | {delta(s, trained, k)} | "
           f"{delta(s, tuned, k)} |"
         )
-  usable = lambda r: (r["summary"].get("provenance") or {}).get("cpu", {}).get("usable") or 1
-  cost = {s: float(np.mean([r["summary"]["wall_time_s"] / 60 * usable(r) for r in rs])) for s, rs in priced.items()}
-  kinds = {kind: sum(c for s, c in cost.items() if approach(s) == kind) for kind in ("per-keep", "fine-tuned")}
+  usable = lambda r: (r.summary.get("provenance") or {}).get("cpu", {}).get("usable") or 1
+  cost = {s: float(np.mean([r.summary["wall_time_s"] / 60 * usable(r) for r in rs])) for s, rs in priced.items()}
+  kinds = {a: sum(c for s, c in cost.items() if kind[s] == a) for a in ("per-keep", "fine-tuned")}
   return (
     _table(
       "Keep curve with its price: per test-time keep, test accuracy (mean ± std over seeds) and effective MACs per "
@@ -461,7 +482,7 @@ def _shock_markdown(groups) -> list[str]:
   """The `reset_shocks` table: per group, over every reset of every run."""
   rows = []
   for s, rs in groups.items():
-    shocks = [x for r in rs for x in reset_shocks(r["history"])]
+    shocks = [x for r in rs for x in reset_shocks(r.history)]
     if shocks:
       jump = [x["loss_first_steps"] - x["loss_before"] for x in shocks]
       worst = shocks[int(np.argmax(jump))]
@@ -482,7 +503,7 @@ def _shock_markdown(groups) -> list[str]:
 
 def _fit_markdown(groups) -> list[str]:
   """The `fit_stats` table: per group, mean over runs of training fit and dense validation accuracy, last quarter."""
-  fits = {s: _means([fit_stats(r["history"]) for r in rs]) for s, rs in groups.items()}
+  fits = {s: _means([fit_stats(r.history) for r in rs]) for s, rs in groups.items()}
   rows = [
     f"| {s} | {len(groups[s])} | {m['train_loss']:.4f} | {m['train_accuracy']:.4f} | {m['val_accuracy']:.4f} | "
     f"{m['gap']:+.4f} |"
@@ -501,13 +522,13 @@ def _phase_markdown(groups) -> list[str]:
   """The `phase_stats` table for the groups whose runs trained both dense and sparse epochs in their last quarter."""
   rows = []
   for s, rs in groups.items():
-    both = [p for p in (phase_stats(r["history"]) for r in rs) if p["n_dense"] and p["n_sparse"]]
+    both = [p for p in (phase_stats(r.history) for r in rs) if p["n_dense"] and p["n_sparse"]]
     if both:
       d, half, n = mean_interval([p["dense"] - p["sparse"] for p in both])
       m = _means(both)
       rows.append(
         f"| {s} | {n} | {m['dense']:.4f} | {m['sparse']:.4f} | {_interval(d, half, n)} | {m['n_dense']:.1f} / "
-        f"{m['n_sparse']:.1f} | {sum(r['history'][-1]['keep'] >= 1.0 for r in rs)} of {len(rs)} |"
+        f"{m['n_sparse']:.1f} | {sum(r.history[-1]['keep'] >= 1.0 for r in rs)} of {len(rs)} |"
       )
   return _table(
     "Evaluation timing: dense validation accuracy over the last quarter of the epochs, after epochs trained dense "

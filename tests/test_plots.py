@@ -34,12 +34,12 @@ def test_plot_run_draws_the_history_and_the_keep_curve(tmp_path, figures):
 
 
 def test_comparison_series_have_distinct_colours_and_a_line_style_per_approach():
-  assert len({plots.series_style(i, "joint", "adaptive_b")["color"] for i in range(20)}) == 20
-  assert plots.series_style(0, "baseline", "dense") == {"color": "black", "ls": "-"}
-  assert plots.series_style(1, "baseline", "dense+dropout0.3") == {"color": "dimgray", "ls": "--"}
-  assert plots.series_style(2, "per-keep", "constant(keep=0.1)")["ls"] == "--"
-  assert plots.series_style(3, "fine-tuned", "constant(keep=0.1)+finetuned")["ls"] == ":"
-  assert plots.series_style(4, "joint+dropout", "adaptive_b+dropout0.3")["ls"] == "-."
+  assert len({plots.series_style(i, "joint")["color"] for i in range(20)}) == 20
+  assert plots.series_style(0, "baseline") == {"color": "black", "ls": "-"}
+  assert plots.series_style(1, "baseline", dropout=0.3) == {"color": "dimgray", "ls": "--"}
+  assert plots.series_style(2, "per-keep", dropout=0.3)["ls"] == "--"
+  assert plots.series_style(3, "fine-tuned")["ls"] == ":"
+  assert plots.series_style(4, "joint+dropout", dropout=0.3)["ls"] == "-."
 
 
 def test_epoch_axes_get_whole_number_ticks(tmp_path):

@@ -1,5 +1,7 @@
+import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -84,6 +86,11 @@ def test_comparison_table_and_figures(tmp_path, figures):
     for s, seed, acc in [("dense", 0, 0.80), ("dense", 1, 0.82), ("adaptive_b", 0, 0.83), ("adaptive_b", 1, 0.83)]
   ]
   runs = report.load_runs(dirs)
+  # Read once into float keys; the summary.json on disk keeps its string keys.
+  assert (runs[0].path, runs[0].label, runs[0].approach) == (str(dirs[0]), "dense", "baseline")
+  assert runs[0].keep_curve == {1.0: 0.80, 0.5: 0.40} and runs[0].keep_macs == {}
+  assert "keep_curve" not in runs[0].summary and runs[0].summary["test_accuracy"] == 0.80
+  assert json.loads((dirs[0] / "summary.json").read_text())["keep_curve"] == {"1.0": 0.80, "0.5": 0.40}
   md = report.comparison_markdown(runs, title="T", baseline="dense")
   assert "| dense | 2 | 0.8100 ± 0.0141 |" in md
   assert "| adaptive_b | 2 | 0.8300 ± 0.0000 |" in md and "+0.0200 ±" in md
@@ -114,7 +121,8 @@ def test_variants_of_one_schedule_are_grouped_apart(tmp_path):
     _fake_run(tmp_path, "cyclic", 0, 0.81, config={"controller_options": {"period": 5, "cycles": 3}}),
   ]
   runs = report.load_runs(dirs)
-  assert [r["label"] for r in runs] == ["dense", "dense+dropout0.3", "cyclic(cycles=3,period=5)"]
+  assert [r.label for r in runs] == ["dense", "dense+dropout0.3", "cyclic(cycles=3,period=5)"]
+  assert [r.approach for r in runs] == ["baseline", "baseline", "joint"]
   md = report.comparison_markdown(runs, title="T", baseline="dense")
   assert "| dense+dropout0.3 | 1 | 0.7800 ± 0.0000 | 0.7800 ± 0.0000 | -0.0200 (n=1) |" in md
   assert "| cyclic(cycles=3,period=5) | 1 | 0.8100" in md
@@ -207,8 +215,10 @@ def test_mixed_machines_and_commits_are_warned_about_in_the_table(tmp_path):
 
 
 def test_only_a_commit_difference_is_warned_about_too(tmp_path):
-  runs = [{"summary": {"provenance": _provenance()}}, {"summary": {"provenance": _provenance(commit="b" * 40)}}]
-  assert "2 commits (a63eee8, bbbbbbb)" in report.mixed_machines_warning(runs)
+  runs = report.load_runs(
+    [_fake_run(tmp_path, "dense", s, 0.8, provenance=_provenance(commit=c * 40)) for s, c in enumerate("ab")]
+  )
+  assert "2 commits (aaaaaaa, bbbbbbb)" in report.mixed_machines_warning(runs)
   assert "hardware" not in report.mixed_machines_warning(runs)
   assert report.mixed_machines_warning(runs[:1]) is None
 
@@ -240,7 +250,7 @@ def test_several_baselines_and_method_variants_are_labelled_apart(tmp_path):
   ]
   dirs += [_fake_run(tmp_path / "d", "adaptive_b", 0, 0.81, config={"topk_keep": "relative"})]
   runs = report.load_runs(dirs)
-  assert sorted({r["label"] for r in runs}) == [
+  assert sorted({r.label for r in runs}) == [
     "adaptive_b+topk_keep=relative",
     "constant(keep=0.1)+regimes=3+distill",
     "dense",
@@ -317,8 +327,10 @@ def test_a_group_that_mixes_settings_is_warned_about(tmp_path):
   md = report.comparison_markdown(runs, title="T")
   assert md.index(warning) < md.index("| schedule |")
   # Seeds, bookkeeping and one data copy at two paths are not settings; a config.json that lacks a field skips it.
-  assert report.mixed_settings_warning(runs[:1] + [runs[1] | {"config": {**runs[1]["config"], "epochs": 40}}]) is None
-  assert report.mixed_settings_warning(runs[2:3] + [runs[3] | {"config": {"schedule": "adaptive_b"}}]) is None
+  uniform = dataclasses.replace(runs[1], config={**runs[1].config, "epochs": 40})
+  lacking = dataclasses.replace(runs[3], config={"schedule": "adaptive_b"})
+  assert report.mixed_settings_warning(runs[:1] + [uniform]) is None
+  assert report.mixed_settings_warning(runs[2:3] + [lacking]) is None
   assert "Warning" not in report.comparison_markdown(runs[:1], title="T")
 
 
@@ -353,17 +365,21 @@ def test_the_fit_table_lists_every_schedule(tmp_path):
   assert "| dense | 1 | 0.2000 | 0.5000 | 0.4000 | +0.1000 |" in md
 
 
-def test_approach_names_the_kind_of_each_group():
-  kinds = {
-    "dense": "baseline",
-    "dense+dropout0.3": "baseline",
-    "constant(keep=0.2)": "per-keep",
-    "constant(keep=0.2)+finetuned": "fine-tuned",
-    "constant(keep=0.1)+regimes=3": "joint",
-    "adaptive_b+dropout0.3": "joint+dropout",
-    "cyclic(period=4)": "joint",
-  }
-  assert {label: report.approach(label) for label in kinds} == kinds
+def test_approach_names_the_kind_of_each_run_from_its_config():
+  keep = {"schedule": "constant", "controller_options": {"keep": 0.2}}
+  kinds = [
+    ({"schedule": "dense"}, "baseline"),
+    ({"schedule": "dense", "dropout": 0.3}, "baseline"),
+    (keep, "per-keep"),
+    ({**keep, "regimes": 1, "dropout": 0.3}, "per-keep"),
+    ({**keep, "init_from": "runs/dense"}, "fine-tuned"),
+    ({**keep, "init_from": None}, "per-keep"),
+    ({**keep, "regimes": 3}, "joint"),
+    ({**keep, "regimes": 3, "dropout": 0.3}, "joint+dropout"),
+    ({"schedule": "adaptive_b", "dropout": 0.3}, "joint+dropout"),
+    ({"schedule": "cyclic", "controller_options": {"period": 4}}, "joint"),
+  ]
+  assert [report.approach(config) for config, _ in kinds] == [kind for _, kind in kinds]
 
 
 def _priced(d, accuracy_by_keep, macs_by_keep, minutes=10.0):
@@ -398,6 +414,7 @@ def test_frontier_table_prices_each_keep_and_pairs_joint_networks_with_per_keep_
     tuned_config = {**keep01, "init_from": "runs/dense"}
     dirs.append(_priced(_fake_run(tmp_path, "tuned", seed, 0.5, config=tuned_config), {1.0: 0.4, 0.1: tuned}, macs, 2))
   runs = report.load_runs(dirs)
+  assert runs[0].keep_macs[0.1] == {"accuracy": 0.40, "density": 0.05, "macs": 8e6, "macs_fraction": 0.08}
   md = report.comparison_markdown(runs, title="T")
   row = "| 0.1 | constant(keep=0.1)+regimes=3 | joint | 2 | 0.4100 ± 0.0141 | 8.0 | 0.080 |"
   assert row in md
@@ -440,7 +457,7 @@ def test_reset_shocks_compare_the_first_steps_after_each_reset_with_the_cycle():
   assert [(x["cycle"], x["epoch"], x["keep_before"]) for x in shocks] == [(0, 3, 0.3), (1, 5, 0.3)]
   assert shocks[0]["loss_first_steps"] - shocks[0]["loss_before"] == pytest.approx(0.9)
   assert shocks[0]["cycle_first_loss"] == 2.0 and shocks[1]["cycle_first_loss"] == 2.2
-  lines = report._shock_markdown({"adaptive_b": [{"history": history}]})
+  lines = report._shock_markdown({"adaptive_b": [SimpleNamespace(history=history)]})
   assert "| adaptive_b | 2 | +0.600 | +0.900 (epoch 3, keep before 0.300) | +0.225 | 1 of 2 |" in lines
 
 
