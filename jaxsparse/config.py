@@ -144,7 +144,7 @@ class Config:
     if self.norm_eps is not None and (isinstance(self.norm_eps, bool) or not self.norm_eps > 0):
       _fail("norm_eps", f"must be None or > 0, got {self.norm_eps!r}")
     if self.distill and self.regimes < 2:
-      _fail("distill", f"needs regimes >= 2 (a dense pass to learn from), got regimes={self.regimes}")
+      _fail("distill", f"needs {{regimes}} >= 2 (a dense pass to learn from), got {self.regimes}")
     if self.train_size is not None and self.train_size < self.batch_size:
       raise OptionError(f"{{train_size}} ({self.train_size}) must be >= {{batch_size}} ({self.batch_size})")
     for name, ok, rule in (

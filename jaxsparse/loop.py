@@ -266,7 +266,7 @@ class Trainer:
   """One run of `config` in the run directory `workdir`: its train state (model, optimiser, controller, reset
   step), data, compiled steps, checkpoints, epoch sums and history. Construction does the setup (checks, run
   directory, data, state restored from the newest checkpoint or `config.init_from`); `run()` trains to the end and
-  returns the summary. See `train_and_evaluate` for the arguments."""
+  returns the summary. The arguments are `train_and_evaluate`'s, which adds stopping on SIGINT and SIGTERM."""
 
   def __init__(self, config: Config, workdir, *, fresh: bool = False, progress: bool = True, should_stop=None):
     self.config, self.progress, self.user_stop = config, progress, should_stop or (lambda: False)
@@ -340,13 +340,11 @@ class Trainer:
     """Trains the remaining epochs, then writes the keep curve, summary.json and plots; returns the summary.
 
     `should_stop` (combined over processes) is polled at the start, after every step and after every epoch end;
-    so are SIGINT and SIGTERM while this runs. A stop saves the current step and raises `Interrupted`, the one
-    way out of a run before its end; a second signal raises KeyboardInterrupt at once.
+    True saves the current step and raises `Interrupted`, the one way out of a run before its end.
     """
     spe = self.steps_per_epoch
-    with _signals_ask_to_stop() as asked, writing(f"the run directory {self.dir.path}"):
-      asking = lambda: self.user_stop() or asked.signum is not None  # noqa: E731
-      stop = (lambda: parallel.any_process(asking())) if jax.process_count() > 1 else asking
+    with writing(f"the run directory {self.dir.path}"):
+      stop = (lambda: parallel.any_process(self.user_stop())) if jax.process_count() > 1 else self.user_stop
       show = self.progress and self.dir.primary
       with tqdm(total=self.total_steps, initial=self.step, disable=not show, unit="step", desc="train") as bar:
         stopped = stop()
@@ -359,7 +357,7 @@ class Trainer:
       if stopped:
         if self.step % spe:
           self.ckpt.save(self.step, self.state, meta=self.sums.meta(self.wall()))
-        raise self._interrupted(asked.signum)
+        raise self._interrupted()
       summary = self._finish()
     self.dir.log(report.format_summary(summary))
     return summary
@@ -466,19 +464,18 @@ class Trainer:
     self.ckpt.save(self.step, self.state, meta=self.sums.meta(record["wall_time_s"]), cycle_end=cycle_end)
     self.dir.log(_epoch_line(record, c.epochs))
 
-  def _interrupted(self, signum: int | None) -> Interrupted:
+  def _interrupted(self) -> Interrupted:
     """The Interrupted error naming the newest checkpoint and how to resume."""
     steps = self.ckpt.all_steps()
     if not steps:
       message = "interrupted before the first checkpoint; run the same command again to start over"
-      return Interrupted(message, signum=signum)
+      return Interrupted(message)
     step, path = steps[-1], self.ckpt.path(steps[-1])
     return Interrupted(
       f"interrupted; checkpoint {path} holds step {step} ({_where(step, self.steps_per_epoch)}); run the same "
       f"command again (or train_and_evaluate with the same config and workdir) to resume",
       checkpoint=path,
       step=step,
-      signum=signum,
     )
 
   def _finish(self) -> dict:
@@ -525,14 +522,22 @@ def train_and_evaluate(
 
   If `workdir` holds checkpoints of the same config the run resumes, mid-epoch if it stopped mid-epoch, and ends
   exactly as an uninterrupted run would; `fresh` deletes its previous outputs first. `progress` shows a tqdm bar.
-  `should_stop` is polled after every step (as SIGINT and SIGTERM are while the run trains): True checkpoints the
-  current step and raises `Interrupted`, whose message names the checkpoint to resume from.
+  `should_stop` is polled after every step, as SIGINT and SIGTERM are (from the start of the call, in the main
+  thread): True checkpoints the current step and raises `Interrupted`, whose message names the checkpoint to
+  resume from; a second signal raises KeyboardInterrupt at once.
 
   Raises ConfigMismatchError (`workdir` holds another config's run), WorkdirError (it cannot be written),
   FloatingPointError (a non-finite training loss), OptionError, ValueError or data.DataError (bad options or data).
   """
-  with Trainer(config, workdir, fresh=fresh, progress=progress, should_stop=should_stop) as trainer:
-    return trainer.run()
+  user_stop = should_stop or (lambda: False)
+  with _signals_ask_to_stop() as asked:
+    stop = lambda: user_stop() or asked.signum is not None  # noqa: E731
+    try:
+      with Trainer(config, workdir, fresh=fresh, progress=progress, should_stop=stop) as trainer:
+        return trainer.run()
+    except Interrupted as e:
+      e.signum = asked.signum
+      raise
 
 
 def _epoch_line(record: dict, epochs: int) -> str:

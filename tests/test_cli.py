@@ -32,6 +32,9 @@ def test_library_errors_name_the_flags(capsys, tmp_path):
   (tmp_path / "file").write_text("")
   assert run_cli.main([*TINY_FLAGS, f"--workdir={tmp_path / 'file'}"]) == 1
   assert f"error: --workdir {tmp_path / 'file'} is a file, not a directory" in capsys.readouterr().err
+  from jaxsparse.data import DataError
+
+  assert run_cli.in_flags(DataError("offline: set {data} to a local copy")) == "offline: set --data to a local copy"
 
 
 def test_a_finished_run_is_left_alone_unless_asked(cifar_npz, cache, tmp_path, capsys):

@@ -69,16 +69,31 @@ def test_unknown_preset_and_field():
 @pytest.mark.parametrize(
   "bad, match",
   [
-    (dict(topk_keep="fraction"), r"topk_keep must be one of \['absolute', 'relative'\], got 'fraction'"),
-    (dict(regimes=0), "regimes must be an integer >= 1, got 0"),
-    (dict(regimes=2.5), "regimes must be an integer >= 1, got 2.5"),
-    (dict(distill=True), "distill needs regimes >= 2"),
-    (dict(regimes=2, distill="yes"), "distill must be a bool, got 'yes'"),
+    (dict(topk_keep="fraction"), r"^Config.topk_keep must be one of \['absolute', 'relative'\], got 'fraction'"),
+    (dict(regimes=0), "^Config.regimes must be an integer >= 1, got 0"),
+    (dict(regimes=2.5), "^Config.regimes must be an integer >= 1, got 2.5"),
+    (dict(distill=True), r"^Config.distill needs Config.regimes >= 2 \(a dense pass to learn from\), got 1$"),
+    (dict(regimes=2, distill="yes"), "^Config.distill must be a bool, got 'yes'"),
   ],
 )
 def test_bad_method_options_raise(bad, match):
   with pytest.raises(ValueError, match=match):
     config_lib.preset("smoke", **bad)
+
+
+def test_errors_name_options_for_whoever_shows_them():
+  from jaxsparse import errors
+  from jaxsparse.data import DataError
+
+  e = errors.OptionError("{train_size} (9) must be >= {batch_size}; set {controller_options.keep} or pass {fresh}")
+  assert e.fields == ("train_size", "batch_size", "controller_options.keep", "fresh")
+  assert str(e) == (
+    "Config.train_size (9) must be >= Config.batch_size; set Config.controller_options['keep'] or pass fresh=True"
+  )
+  assert e.render(str.upper) == "TRAIN_SIZE (9) must be >= BATCH_SIZE; set CONTROLLER_OPTIONS.KEEP or pass FRESH"
+  untouched = "a dict {'a': 1}, a set {3}, a tree <root>/{train,test}/"  # braces that name no option stay
+  assert str(errors.OptionError(untouched)) == untouched and errors.OptionError(untouched).fields == ()
+  assert str(DataError("set {data} to a local copy")) == "set Config.data to a local copy"
 
 
 def test_method_options_round_trip():

@@ -1,6 +1,7 @@
 """Tests for jaxsparse.controllers: scripted trajectories, jit parity, pytree state, registry."""
 
 import functools
+import re
 
 import chex
 import hypothesis
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxsparse import controllers, schedules
+from jaxsparse.errors import Explained, OptionError
 
 NAN = float("nan")
 F32 = np.float32
@@ -297,8 +299,15 @@ def test_registry_errors():
   ],
 )
 def test_invalid_options_raise(name, kwargs, bad):
-  with pytest.raises(ValueError, match=bad):
+  with pytest.raises(ValueError) as e:
     controllers.get(name, **kwargs)
+  assert re.search(bad, _plain(e.value)), e.value
+
+
+def _plain(error: Exception) -> str:
+  """An error's message with each option it names by its plain name (``Config.controller_options['tol']`` ->
+  ``tol``)."""
+  return error.render(lambda name: name.rpartition(".")[2]) if isinstance(error, Explained) else str(error)
 
 
 def _steps(ctrl, accuracies, jit=False):
@@ -442,5 +451,6 @@ def test_tighten_relax_matches_a_float64_reading_of_the_script_over_thousands_of
 )
 def test_tighten_relax_refuses_options_out_of_range(option, value, match):
   kwargs = {option: value, **({"min_keep": 0.1} if option == "init_keep" else {})}
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(OptionError) as e:
     controllers.get("tighten_relax", **kwargs)
+  assert e.value.fields[0] == f"controller_options.{option}" and re.search(match, _plain(e.value))

@@ -232,8 +232,8 @@ def test_truncated_metrics_line_is_dropped_on_resume(baseline, cifar_npz, cache,
 
 # (flags, exit code, what the one-line error must say). None of these writes anything.
 BAD_FLAGS = {
-  "keep_above_1": (["--schedule=constant", "--keep=1.5"], 2, "keep must be a keep ratio in (0, 1], got 1.5"),
-  "keep_nan": (["--schedule=constant", "--keep=nan"], 2, "keep must be a keep ratio in (0, 1], got nan"),
+  "keep_above_1": (["--schedule=constant", "--keep=1.5"], 2, "--keep must be a keep ratio in (0, 1], got 1.5"),
+  "keep_nan": (["--schedule=constant", "--keep=nan"], 2, "--keep must be a keep ratio in (0, 1], got nan"),
   "eval_keep_0": (["--eval-keeps=1,0"], 2, "--eval-keeps must be keep ratios in (0, 1]"),
   "eval_keep_nan": (["--eval-keeps=nan"], 2, "--eval-keeps must be keep ratios in (0, 1]"),
   "min_keep_nan": (["--min-keep=nan"], 2, "--min-keep must be a keep ratio in (0, 1], got nan"),
@@ -245,13 +245,14 @@ BAD_FLAGS = {
   ),
   "train_smaller_than_batch": (["--train-size=16"], 2, "--train-size (16) must be >= --batch-size (32)"),
   "zero_epochs": (["--epochs=0"], 2, "--epochs must be an integer >= 1, got 0"),
-  "bad_shape": (["--shape=zigzag"], 2, "shape must be one of"),
+  "bad_shape": (["--shape=zigzag"], 2, "--shape must be one of"),
   "zero_regimes": (["--regimes=0"], 2, "--regimes must be an integer >= 1, got 0"),
-  "distill_one_regime": (["--distill"], 2, "--distill needs regimes >= 2"),
+  "distill_one_regime": (["--distill"], 2, "--distill needs --regimes >= 2"),
   "sandwich_on_dense": (["--schedule=dense", "--regimes=3"], 2, "schedule 'dense' keeps 1.0"),
   "keep_cycles": (["--keep-cycles=last:0"], 2, "--keep-cycles must be 'all', 'none', 'last:N' or 'every:K'"),
   "reset_warmup": (["--reset-warmup-steps=-1"], 2, "--reset-warmup-steps must be an integer >= 0, got -1"),
   "init_from_missing": (["--init-from=missing"], 2, "--init-from: missing is not a run directory (no config.json)"),
+  "train_size_above_data": (["--train-size=100000"], 1, "--train-size=100000 must be in [1, "),
 }
 
 
