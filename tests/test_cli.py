@@ -26,12 +26,15 @@ def test_a_flag_mistake_is_one_line_with_a_pointer_to_help(capsys, flags, messag
   assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1 and "usage:" not in err
 
 
-def test_library_errors_name_the_flags(capsys, tmp_path):
+def test_library_errors_name_the_flags(capsys, tmp_path, cifar_npz, cache):
   assert run_cli.main(["--preset=smoke", "--schedule=dense", "--regimes=3", f"--workdir={tmp_path}"]) == 2
   assert "use --schedule 'constant' with --keep" in capsys.readouterr().err
   (tmp_path / "file").write_text("")
   assert run_cli.main([*TINY_FLAGS, f"--workdir={tmp_path / 'file'}"]) == 1
   assert f"error: --workdir {tmp_path / 'file'} is a file, not a directory" in capsys.readouterr().err
+  data = [f"--data={cifar_npz}", f"--cache-dir={cache}", f"--workdir={tmp_path / 'run'}"]
+  assert run_cli.main([*TINY_FLAGS, *data, "--train-size=100000"]) == 1  # found when the data is loaded
+  assert "error: --train-size=100000 must be in [1, " in capsys.readouterr().err
   from jaxsparse.data import DataError
 
   assert run_cli.in_flags(DataError("offline: set {data} to a local copy")) == "offline: set --data to a local copy"

@@ -284,19 +284,22 @@ def test_reset_warmup_changes_nothing_before_the_first_reset_and_ramps_the_steps
   assert [scales[step] for step in range(12)] == [1.0] * 8 + [0.25, 0.5, 0.75, 1.0]
 
 
-def test_a_run_stopped_inside_a_reset_warmup_resumes_bitwise(cifar_npz, cache, tmp_path):
-  # The reset after epoch 2 (step 8) starts a 4-step warm-up; the run stops after step 10, half-way through it.
+def test_a_run_stopped_at_a_reset_and_inside_its_warmup_resumes_bitwise(cifar_npz, cache, tmp_path):
+  # The reset after epoch 2 (step 8) starts a 4-step warm-up. The run stops right after the reset (at the end of
+  # epoch 2), then again after step 10, half-way through the warm-up, then finishes.
   cyclic = dict(schedule="cyclic", controller_options={"period": 2, "min_keep": 0.2}, eval_keeps=(1.0,))
   config = _config(cifar_npz, cache, **cyclic, reset_warmup_steps=4)
   train_and_evaluate(config, tmp_path / "whole", progress=False)
-  polls = []  # the start, one per step, one per epoch end: the 13th comes after step 10
-  with pytest.raises(loop.Interrupted, match="holds step 10 "):
-    train_and_evaluate(
-      config, tmp_path / "parts", progress=False, should_stop=lambda: polls.append(1) or len(polls) == 13
-    )
+  for polls_to_stop, step in ((11, 8), (3, 10)):  # polls: the start, one per step, one per epoch end
+    polls = []
+    with pytest.raises(loop.Interrupted, match=f"holds step {step} "):
+      train_and_evaluate(
+        config, tmp_path / "parts", progress=False, should_stop=lambda: polls.append(1) or len(polls) == polls_to_stop
+      )
   _, stopped, _ = loop.load_trained(tmp_path / "parts")
   assert (int(stopped.step), int(stopped.reset_step), int(stopped.controller.cycle)) == (10, 8, 1)
   train_and_evaluate(config, tmp_path / "parts", progress=False)
+  assert [r["cycle"] for r in _records(tmp_path / "parts")] == [0, 0, 1]
   assert _records(tmp_path / "parts") == _records(tmp_path / "whole")
   assert_same_final_state(tmp_path / "parts", tmp_path / "whole")
 

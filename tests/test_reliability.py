@@ -252,7 +252,6 @@ BAD_FLAGS = {
   "keep_cycles": (["--keep-cycles=last:0"], 2, "--keep-cycles must be 'all', 'none', 'last:N' or 'every:K'"),
   "reset_warmup": (["--reset-warmup-steps=-1"], 2, "--reset-warmup-steps must be an integer >= 0, got -1"),
   "init_from_missing": (["--init-from=missing"], 2, "--init-from: missing is not a run directory (no config.json)"),
-  "train_size_above_data": (["--train-size=100000"], 1, "--train-size=100000 must be in [1, "),
 }
 
 
