@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Callable
 
@@ -241,7 +242,7 @@ def _where(step: int, steps_per_epoch: int) -> str:
 def _signals_ask_to_stop():
   """While inside: SIGINT and SIGTERM set `.signum` of the yielded object (the run stops after its current step);
   a second signal raises KeyboardInterrupt at once. Outside the main thread signals are left alone."""
-  asked = type("Asked", (), {"signum": None})()
+  asked = types.SimpleNamespace(signum=None)
 
   def handle(signum, frame):
     del frame
@@ -288,19 +289,23 @@ class Trainer:
       self.ckpt = checkpoint_lib.Checkpointer(
         checkpoints, keep_latest=config.keep_checkpoints, keep_cycles=config.keep_cycles
       )
-    self.state, meta = self._restore(state)
-    self.source = None
-    if config.init_from is not None:
-      source_state, self.source = init_from(config, self.state, mesh)
-      if self.step == 0:  # else resumed from this run's own checkpoint
-        self.state = source_state
-        s = self.source
-        self.dir.log(f"initialised from {s['run']} (step {s['step']}, test accuracy {s['test_accuracy']:.4f})")
-    self.history = self.dir.read_history(self.step // spe)
-    self.every = config.log_every_steps or max(1, spe // 10)
-    self.sums = _EpochSums(self.every, meta, cycle=int(self.state.controller.cycle))
-    self._wall = (time.time(), float(meta.get("wall_time_s", 0.0)))
-    self._compile(controller)
+    try:
+      self.state, meta = self._restore(state)
+      self.source = None
+      if config.init_from is not None:
+        source_state, self.source = init_from(config, self.state, mesh)
+        if self.step == 0:  # else resumed from this run's own checkpoint
+          self.state = source_state
+          s = self.source
+          self.dir.log(f"initialised from {s['run']} (step {s['step']}, test accuracy {s['test_accuracy']:.4f})")
+      self.history = self.dir.read_history(self.step // spe)
+      self.every = config.log_every_steps or max(1, spe // 10)
+      self.sums = _EpochSums(self.every, meta, cycle=int(self.state.controller.cycle))
+      self._wall = (time.time(), float(meta.get("wall_time_s", 0.0)))
+      self._compile(controller)
+    except BaseException:  # the checkpointer's threads end with the failed setup
+      self.ckpt.close()
+      raise
 
   def _compile(self, controller) -> None:
     rep, bat = parallel.replicated(self.mesh), parallel.batch_sharded(self.mesh)
