@@ -504,7 +504,7 @@ def get(name: str, **kwargs: Any) -> Controller:
   """Builds controller ``name`` with keyword options (see ``options(name)``).
 
   Raises:
-    ValueError: unknown name, unknown option or invalid option value.
+    ValueError: unknown name or option; OptionError (a ValueError) naming an invalid option's value.
 
   Example:
     >>> ctrl = get("cyclic", period=5)
@@ -516,4 +516,12 @@ def get(name: str, **kwargs: Any) -> Controller:
   if unknown:
     known = ", ".join(options(name)) or "none"
     raise ValueError(f"unknown option(s) {unknown} for controller {name!r}; known: {known}")
-  return factory(**kwargs)
+  try:
+    return factory(**kwargs)
+  except OptionError:
+    raise
+  except ValueError as e:  # a schedule's own check names the option plainly: name it as the controller option
+    option, _, problem = str(e).partition(" ")
+    if option not in kwargs:
+      raise
+    raise OptionError(f"{{controller_options.{option}}} {problem}") from None

@@ -38,7 +38,7 @@ from jaxsparse import evaluate as evaluate_lib
 from jaxsparse import parallel, plots, provenance, report
 from jaxsparse import train as train_lib
 from jaxsparse.config import Config
-from jaxsparse.errors import Explained, OptionError
+from jaxsparse.errors import OptionError
 from jaxsparse.models import WideResNet, resolve_conv
 from jaxsparse.models.wrn import MODELS
 from jaxsparse.workdir import ConfigMismatchError, RunDir, WorkdirError, writing  # noqa: F401  (re-exported)
@@ -71,13 +71,7 @@ def build_controller(config: Config) -> controllers_lib.Controller:
 def check_config(config: Config) -> controllers_lib.Controller:
   """Checks what a Config cannot check alone (the controller and its options, the retention, the run to start
   from); returns the controller. Raises OptionError naming the option and the fix."""
-  try:
-    controller = build_controller(config)
-  except ValueError as e:  # a schedule's own check names the option plainly: name it as the option it is
-    name, _, problem = str(e).partition(" ")
-    if isinstance(e, Explained) or name not in controllers_lib.options(config.schedule):
-      raise
-    raise OptionError(f"{{controller_options.{name}}} {problem}") from None
+  controller = build_controller(config)
   try:
     checkpoint_lib.cycle_retention(config.keep_cycles)
   except ValueError:
@@ -489,12 +483,13 @@ class Trainer:
     variables = {"params": state.params, **state.model_state}
     evaluate_at = lambda k: self._evaluate(self.ds.test, k)  # noqa: E731
     keep_macs, dense_macs = evaluate_lib.keep_curve(evaluate_at, build_model(c), variables, c.eval_keeps)
+    keep_curve = {k: v["accuracy"] for k, v in keep_macs.items()}
     conv = resolve_conv(c.conv)  # what "auto" meant on this backend
     conv = "per layer (xla or wgrad_matmul by shape)" if conv == "auto" else conv
     device = jax.devices()[0]
     summary = report.summarize(
       self.history,
-      keep_curve={k: v["accuracy"] for k, v in keep_macs.items()},
+      keep_curve=keep_curve,
       device=f"{jax.device_count()} x {device.device_kind} ({device.platform})",
       data_source=self.ds.source,
       config=c.to_dict(),
@@ -508,7 +503,7 @@ class Trainer:
     )
     self.dir.write("summary.json", json.dumps(summary, indent=2))
     if self.dir.primary:
-      plots.plot_run(self.history, {k: v["accuracy"] for k, v in keep_macs.items()}, self.dir.path / "plots")
+      plots.plot_run(self.history, keep_curve, self.dir.path / "plots")
     self.ckpt.wait()
     return summary
 
