@@ -14,26 +14,29 @@ Exit codes: 0 done, 1 a run error (bad data, unwritable run directory, non-finit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import json
+import functools
 import logging
+import os
 import signal
 import sys
 import typing
-from pathlib import Path
+
+import jax
+from tqdm import tqdm
 
 from jaxsparse import config as config_lib
-from jaxsparse import controllers
+from jaxsparse import controllers, loop
 from jaxsparse.errors import Explained
+from jaxsparse.workdir import finished
 
 
 def _option_value(text: str):
   """A controller option from the command line: int, float, 'none' -> None, else the string."""
   for cast in (int, float):
-    try:
+    with contextlib.suppress(ValueError):
       return cast(text)
-    except ValueError:
-      pass
   return None if text.lower() == "none" else text
 
 
@@ -42,15 +45,6 @@ def _keeps(text: str) -> tuple[float, ...]:
     return tuple(float(k) for k in text.split(","))
   except ValueError:
     raise argparse.ArgumentTypeError(f"expected comma-separated keep ratios like 1,0.5,0.1; got {text!r}")
-
-
-def _controller_flags() -> dict[str, dict[str, object]]:
-  """option name -> {controller name: default} over every registered controller."""
-  flags: dict[str, dict[str, object]] = {}
-  for name in controllers.names():
-    for opt, default in controllers.options(name).items():
-      flags.setdefault(opt, {})[name] = default
-  return flags
 
 
 def flag(option: str) -> str:
@@ -64,35 +58,6 @@ def in_flags(error: Exception) -> str:
   return error.render(flag) if isinstance(error, Explained) else str(error)
 
 
-_ALIASES = {"learning_rate": ["--lr"]}
-
-
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-  """One flag per Config field (but controller_options: one flag per controller option, below), with the field's
-  help and choices; every default is None, meaning "the preset's value"."""
-  hints = typing.get_type_hints(config_lib.Config)
-  group = p.add_argument_group("run options (Config fields; default: the preset's value)")
-  for field in dataclasses.fields(config_lib.Config):
-    meta = field.metadata
-    if not meta.get("flag", True):
-      continue
-    kind = hints[field.name]
-    kwargs: dict = {"dest": field.name, "default": None, "help": meta["help"]}
-    choices = meta.get("choices")
-    if kind is bool:
-      kwargs["action"] = argparse.BooleanOptionalAction
-    elif field.name == "eval_keeps":
-      kwargs.update(type=_keeps, metavar="K,K,...")
-    elif choices is not None and None in choices:  # e.g. augment: "none" on the command line
-      kwargs["choices"] = ["none" if c is None else c for c in choices]
-    elif choices is not None:
-      kwargs["choices"] = sorted(choices) if field.name == "model" else list(choices)
-    else:
-      base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # int | None -> int
-      kwargs["type"] = base
-    group.add_argument(flag(field.name), *_ALIASES.get(field.name, []), **kwargs)
-
-
 class _Parser(argparse.ArgumentParser):
   """argparse, with a mistake reported in one line (not the whole usage) and a pointer to --help."""
 
@@ -103,26 +68,19 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv=None) -> argparse.Namespace:
   p = _Parser(prog="run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument(
-    "--preset",
-    default="paper",
-    choices=sorted(config_lib.PRESETS),
+    "--preset", default="paper", choices=sorted(config_lib.PRESETS),
     help="paper: WRN-28-4, all data, 200 epochs (GPU); cpu, study, overfit: CPU-sized (README, Presets); "
     "smoke: seconds (default: %(default)s)",
-  )
-  p.add_argument("--workdir", help="run directory (default: runs/<preset>_<schedule>_s<seed>)")
-  p.add_argument("--fresh", action="store_true", help="delete this run's previous outputs and start over")
-  p.add_argument(
-    "--reevaluate",
-    action="store_true",
-    help="a finished run (summary.json, same config) is evaluated again; without it, it is left as it is",
-  )
-  p.add_argument("--no-progress", action="store_true", help="no progress bar")
-  p.add_argument(
-    "--distributed",
-    action="store_true",
-    help="several processes, one run: call jax.distributed.initialize() first (no coordinator flags or "
-    "variables: JAX detects the cluster: SLURM, Open MPI, TPU pods, GKE)",
-  )
+  )  # fmt: skip
+  for name, what in (
+    ("workdir", "run directory (default: runs/<preset>_<schedule>_s<seed>)"),
+    ("fresh", "delete this run's previous outputs and start over"),
+    ("reevaluate", "a finished run (summary.json, same config) is evaluated again; without it, it is left as it is"),
+    ("no-progress", "no progress bar"),
+    ("distributed", "several processes, one run: call jax.distributed.initialize() first (without the four flags "
+     "below or their variables JAX detects the cluster: SLURM, Open MPI, TPU pods, GKE)"),
+  ):  # fmt: skip
+    p.add_argument(f"--{name}", help=what, **({} if name == "workdir" else {"action": "store_true"}))
   for name, kind, what in (
     ("coordinator-address", str, "host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS, else detected)"),
     ("num-processes", int, "how many processes (default: $JAX_NUM_PROCESSES, else detected)"),
@@ -130,21 +88,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     ("heartbeat-timeout", int, "seconds after which a silent process counts as dead (default: JAX's, 100)"),
   ):
     p.add_argument(f"--{name}", type=kind, help=f"with --distributed: {what}")
-  _add_config_flags(p)
+  group = p.add_argument_group("run options (Config fields; default: the preset's value)")
+  hints = typing.get_type_hints(config_lib.Config)
+  for field in dataclasses.fields(config_lib.Config):
+    choices, kind = field.metadata["choices"], hints[field.name]
+    kwargs: dict = {"dest": field.name, "default": None, "help": field.metadata["help"]}
+    if kind is bool:
+      kwargs["action"] = argparse.BooleanOptionalAction
+    elif field.name == "eval_keeps":
+      kwargs.update(type=_keeps, metavar="K,K,...")
+    elif choices is not None:  # augment's None is "none" on the command line
+      kwargs["choices"] = sorted(choices) if field.name == "model" else ["none" if c is None else c for c in choices]
+    else:
+      kwargs["type"] = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))  # int | None -> int
+    if field.metadata["flag"]:
+      group.add_argument(flag(field.name), *(["--lr"] if field.name == "learning_rate" else []), **kwargs)
   group = p.add_argument_group("controller options (each applies to the schedules named)")
-  for opt, defaults in _controller_flags().items():
-    shown = ", ".join(f"{n}={d}" for n, d in defaults.items())
-    group.add_argument(flag(opt), dest="ctrl_" + opt, type=_option_value, metavar="X", help=f"defaults: {shown}")
+  defaults: dict[str, dict] = {}  # option -> {controller: its default}
+  for name in controllers.names():
+    for option, default in controllers.options(name).items():
+      defaults.setdefault(option, {})[name] = default
+  for option, shown in defaults.items():
+    shown = ", ".join(f"{n}={d}" for n, d in shown.items())
+    group.add_argument(flag(option), dest="ctrl_" + option, type=_option_value, metavar="X", help=f"defaults: {shown}")
   return p.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> config_lib.Config:
   """The preset, with every flag given overriding its field; raises ValueError (`in_flags` words it)."""
-  overrides = {
-    f.name: getattr(args, f.name)
-    for f in dataclasses.fields(config_lib.Config)
-    if f.metadata.get("flag", True) and getattr(args, f.name) is not None
-  }
+  fields = [f.name for f in dataclasses.fields(config_lib.Config) if f.metadata["flag"]]
+  overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
   if overrides.get("augment") == "none":
     overrides["augment"] = None
   schedule = overrides.get("schedule", config_lib.PRESETS[args.preset].schedule)
@@ -157,39 +130,34 @@ def config_from_args(args: argparse.Namespace) -> config_lib.Config:
       f"are: {', '.join(flag(o) for o in accepted) or 'none'}"
     )
   config = config_lib.preset(args.preset, controller_options=options, **overrides)
-  from jaxsparse.loop import check_config
-
-  check_config(config)
+  loop.check_config(config)
   return config
 
 
 def distributed_args(args: argparse.Namespace) -> dict:
-  """jax.distributed.initialize's coordinator_address / num_processes / process_id from the flags, else from
-  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (left out: JAX's cluster detection), and
-  heartbeat_timeout_seconds from --heartbeat-timeout."""
-  import os
-
-  keys = ("coordinator_address", "num_processes", "process_id", "heartbeat_timeout_seconds")
-  given = {k: getattr(args, k.replace("_seconds", "")) for k in keys}
-  named = [k for k, v in given.items() if v is not None]
+  """jax.distributed.initialize's arguments from the flags, else JAX_NUM_PROCESSES / JAX_PROCESS_ID (JAX reads
+  JAX_COORDINATOR_ADDRESS itself; whatever is left out, JAX's cluster detection finds)."""
+  given = {"coordinator_address": args.coordinator_address, "num_processes": args.num_processes,
+           "process_id": args.process_id, "heartbeat_timeout_seconds": args.heartbeat_timeout}  # fmt: skip
   if not args.distributed:
+    named = [k for k, v in given.items() if v is not None]
     if named:
-      raise ValueError(f"{flag(named[0].replace('_seconds', ''))} needs --distributed")
+      raise ValueError(f"{flag(named[0].removesuffix('_seconds'))} needs --distributed")
     return {}
-  for key, cast in (("coordinator_address", str), ("num_processes", int), ("process_id", int)):
+  for key in ("num_processes", "process_id"):
     var = f"JAX_{key.upper()}"
     if given[key] is None and os.environ.get(var):
-      try:
-        given[key] = cast(os.environ[var])
-      except ValueError:
-        raise ValueError(f"{var}={os.environ[var]!r} is not an integer") from None
+      if not os.environ[var].strip().isdigit():
+        raise ValueError(f"{var}={os.environ[var]!r} is not an integer")
+      given[key] = int(os.environ[var])
   timeout, n, i = given["heartbeat_timeout_seconds"], given["num_processes"], given["process_id"]
-  if timeout is not None and timeout < 1:
-    raise ValueError(f"--heartbeat-timeout must be >= 1 second, got {timeout}")
-  if n is not None and n < 1:
-    raise ValueError(f"--num-processes must be >= 1, got {n}")
-  if i is not None and n is not None and not 0 <= i < n:
-    raise ValueError(f"--process-id must be in [0, {n}), got {i}")
+  for wrong, problem in (
+    (timeout is not None and timeout < 1, f"--heartbeat-timeout must be >= 1 second, got {timeout}"),
+    (n is not None and n < 1, f"--num-processes must be >= 1, got {n}"),
+    (None not in (i, n) and not 0 <= i < n, f"--process-id must be in [0, {n}), got {i}"),
+  ):
+    if wrong:
+      raise ValueError(problem)
   return {k: v for k, v in given.items() if v is not None}
 
 
@@ -197,78 +165,54 @@ class _TqdmHandler(logging.Handler):
   """Log lines printed above the progress bar."""
 
   def emit(self, record):
-    from tqdm.auto import tqdm
-
     tqdm.write(self.format(record))
 
 
-def _log_to_terminal() -> None:
-  """The library's one channel, the "jaxsparse" logger, printed (INFO and up) above the progress bar."""
-  logger = logging.getLogger("jaxsparse")
-  if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
-    logger.addHandler(_TqdmHandler())
-  logger.setLevel(logging.INFO)
-  logger.propagate = False
-
-
 def _finished(workdir: str, config: config_lib.Config) -> dict | None:
-  """The summary of the finished run in `workdir` (its summary.json and the checkpoint of its last step) if it was
-  made with `config`, else None."""
-  from jaxsparse.workdir import config_diff
-
-  path = Path(workdir)
+  """The summary of the finished run in `workdir` (`workdir.finished`) if it was made with `config`, else None."""
   try:
-    if config_diff(config, path / "config.json"):
-      return None
-    summary = json.loads((path / "summary.json").read_text())
-    return summary if (path / "checkpoints" / str(summary["steps"])).is_dir() else None
+    saved, summary = finished(workdir)
+    return summary if saved == config else None
   except (OSError, ValueError, KeyError, TypeError):
     return None
 
 
 def main(argv=None) -> int:
-  args = parse_args(argv)
+  args, say = parse_args(argv), functools.partial(print, file=sys.stderr)
   try:
     config, coordination = config_from_args(args), distributed_args(args)
   except ValueError as e:
-    print(f"error: {in_flags(e)}", file=sys.stderr)
+    say(f"error: {in_flags(e)}")
     return 2
   if args.distributed:
-    import jax
-
     # CPU processes exchange gradients through gloo (GPUs and TPUs use their own collectives).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**coordination)
-  from jaxsparse import data as data_lib
-  from jaxsparse.loop import Interrupted, WorkdirError, train_and_evaluate
-
-  _log_to_terminal()
+  logger = logging.getLogger("jaxsparse")  # the library's one channel, printed above the progress bar
+  logger.handlers, logger.propagate = [_TqdmHandler()], False
+  logger.setLevel(logging.INFO)
   workdir = args.workdir or f"runs/{args.preset}_{config.schedule}_s{config.seed}"
-  print(f"run directory: {workdir}", file=sys.stderr)
+  say(f"run directory: {workdir}")
   finished = _finished(workdir, config)
   if finished is not None and not (args.fresh or args.reevaluate):
-    print(
+    say(
       f"{workdir} holds this run, finished: dense test accuracy {finished['test_accuracy']:.4f} (best "
-      f"{finished['best_test_accuracy']:.4f}); nothing to do (--reevaluate evaluates it again, --fresh starts over)",
-      file=sys.stderr,
+      f"{finished['best_test_accuracy']:.4f}); nothing to do (--reevaluate evaluates it again, --fresh starts over)"
     )
     return 0
   try:
-    train_and_evaluate(config, workdir, fresh=args.fresh, progress=not args.no_progress)
-  except (ValueError, data_lib.DataError, FloatingPointError, WorkdirError) as e:
-    print(f"error: {in_flags(e)}", file=sys.stderr)
+    loop.train_and_evaluate(config, workdir, fresh=args.fresh, progress=not args.no_progress)
+  except (ValueError, FloatingPointError, loop.WorkdirError) as e:  # bad data, a full disk, a diverged run
+    say(f"error: {in_flags(e)}")
     return 1
   except OSError as e:  # e.g. an unreadable --data or --cache-dir
-    print(f"error: {e}; check the path, its permissions and the free disk space", file=sys.stderr)
+    say(f"error: {e}; check the path, its permissions and the free disk space")
     return 1
-  except Interrupted as e:
-    print(e, file=sys.stderr)
+  except loop.Interrupted as e:
+    say(e)
     return 128 + (e.signum or signal.SIGINT)
   except KeyboardInterrupt as e:  # a second signal, or Ctrl-C before the run trains
-    print(
-      f"aborted; the last checkpoint in {workdir}/checkpoints is intact; run the same command to resume",
-      file=sys.stderr,
-    )
+    say(f"aborted; the last checkpoint in {workdir}/checkpoints is intact; run the same command to resume")
     return 128 + getattr(e, "signum", signal.SIGINT)
   return 0
 

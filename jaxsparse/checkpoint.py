@@ -1,14 +1,14 @@
 """Orbax checkpoints for runs whose keep ratio is cycled and reset.
 
-Checkpoints are keyed by an increasing int step and hold two items: ``state`` (a pytree of jax arrays) and
-``meta`` (a small JSON dict). Retention keeps the newest ``keep_latest`` plus the cycle ends (saved with
-``cycle_end=c``) that ``keep_cycles`` selects; the mark lives in the step's Orbax custom metadata, so it survives
-reopening. ``restore_latest`` never returns a checkpoint that fails to load: it falls back to the newest one that
-loads, says so once, and moves the unreadable ones aside (``<step>.corrupt``) so their steps can be saved again.
-An interrupted save never becomes a checkpoint (Orbax commits by renaming; leftovers are deleted).
+Checkpoints are keyed by an increasing step and hold ``state`` (a pytree of arrays) and ``meta`` (a JSON dict).
+Retention keeps the newest ``keep_latest`` plus the cycle ends (saved with ``cycle_end=c``, a mark in the step's
+Orbax custom metadata) that ``keep_cycles`` selects. An interrupted save never becomes a checkpoint (Orbax commits
+by renaming), and ``restore_latest`` falls back past checkpoints that fail to load.
 """
 
+import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -37,11 +37,8 @@ class Restored(NamedTuple):
 
 
 def cycle_retention(spec: str) -> Callable[[Mapping[int, int]], set[int]]:
-  """The cycle-end checkpoints to keep for good, as a function {step: cycle} -> steps kept.
-
-  `spec` is "all", "none", "last:N" (the N newest cycles) or "every:K" (cycles K, 2K, 3K, ... counted from 1);
-  a bad one is a ValueError naming ``keep_cycles``.
-  """
+  """The cycle-end checkpoints kept for good, as a function {step: cycle} -> steps kept, from `spec`: "all", "none",
+  "last:N" (the N newest cycles) or "every:K" (cycles K, 2K, ... counted from 1); ValueError naming keep_cycles."""
   kind, _, number = str(spec).partition(":")
   if (kind, number) in (("all", ""), ("none", "")):
     return (lambda cycle_of: set(cycle_of)) if kind == "all" else (lambda cycle_of: set())
@@ -61,17 +58,13 @@ class _KeepSteps:
   select: Callable[[Mapping[int, int]], set[int]]
 
   def should_preserve(self, checkpoints, *, context) -> list[bool]:
-    del context
-    kept = self.select(self.cycle_of)
-    return [info.step in kept for info in checkpoints]
+    return [info.step in self.select(self.cycle_of) for info in checkpoints]
 
 
 class Checkpointer:
-  """Step-keyed checkpoints in `directory` (created if needed, made absolute: Orbax's background writer needs
-  that): the newest `keep_latest` (>= 1; 2 leave a fallback) plus the cycle ends `keep_cycles` selects
-  (`cycle_retention`). With `async_save` a background thread writes; `save` returns once the arrays are on the
-  host. Notable events (skips, fallbacks) go to the "jaxsparse.checkpoint" logger. Quarantine of unloadable
-  checkpoints is done by process 0 alone."""
+  """Step-keyed checkpoints in `directory` (created, made absolute): the newest `keep_latest` (>= 1; 2 leave a
+  fallback) plus the cycle ends `keep_cycles` selects (`cycle_retention`); with `async_save` a background thread
+  writes. Skips and fallbacks go to the "jaxsparse.checkpoint" logger."""
 
   def __init__(self, directory, *, keep_latest: int = 2, keep_cycles: str = "all", async_save: bool = True):
     if keep_latest < 1:
@@ -89,25 +82,18 @@ class Checkpointer:
       path if "://" in path else os.path.abspath(path), options=options, item_handlers=handlers
     )
     for step in self._manager.all_steps():
-      try:
-        cycle = (self._manager.metadata(step).custom_metadata or {}).get(_CYCLE_KEY)
-      except Exception:  # pylint: disable=broad-except  (unreadable: `restore_latest` reports it if it matters)
-        continue
-      if cycle is not None:
-        self._cycle_of[step] = int(cycle)
+      with contextlib.suppress(Exception):  # unreadable: `restore_latest` reports it if it matters
+        if (cycle := (self._manager.metadata(step).custom_metadata or {}).get(_CYCLE_KEY)) is not None:
+          self._cycle_of[step] = int(cycle)
 
   @property
   def directory(self) -> str:
-    """The absolute checkpoint directory."""
-    return os.fspath(self._manager.directory)
+    return os.fspath(self._manager.directory)  # absolute
 
   def save(self, step: int, state: PyTree, *, meta: Mapping[str, Any], cycle_end: int | None = None) -> bool:
-    """Saves `state` (and the JSON dict `meta`) as checkpoint `step`, kept for good if it ends cycle `cycle_end`.
-
-    The arrays are copied to host before this returns, so the caller may donate the state's buffers. Returns
-    False (and logs why) if `step` is not newer than the latest checkpoint.
-    """
-    json.dumps(meta)  # fail here, not later in Orbax's background thread
+    """Saves `state` and the JSON dict `meta` as checkpoint `step`, kept for good if it ends cycle `cycle_end`; the
+    arrays are on the host when it returns (donate at will). False (logged) if `step` is not the newest."""
+    json.dumps(meta)  # fails here, not later in Orbax's background thread
     latest = self._manager.latest_step()
     if latest is not None and step <= latest:
       _logger.warning(f"checkpoint for step {step} not saved: step {latest} is already saved")
@@ -115,8 +101,9 @@ class Checkpointer:
     if cycle_end is not None:
       self._cycle_of[step] = int(cycle_end)  # before saving: pruning runs when the write commits
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta)))
-    custom = {} if cycle_end is None else {_CYCLE_KEY: int(cycle_end)}
-    saved = self._manager.save(step, args=args, custom_metadata=custom)
+    saved = self._manager.save(
+      step, args=args, custom_metadata={} if cycle_end is None else {_CYCLE_KEY: int(cycle_end)}
+    )
     if not saved:
       self._cycle_of.pop(step, None)
     return saved
@@ -133,11 +120,8 @@ class Checkpointer:
     return restored.state, restored.meta
 
   def restore_latest(self, template: PyTree) -> Restored | None:
-    """The newest checkpoint that loads (see `restore`), or None when there is none at all.
-
-    Newer ones that fail to load are skipped, logged once and renamed ``<step>.corrupt``. If none loads, nothing
-    is renamed and RuntimeError is raised: that usually means the template does not match.
-    """
+    """The newest checkpoint that loads (`restore`), or None when there is none. Newer ones that fail are logged and
+    renamed ``<step>.corrupt`` (by process 0); if none loads, RuntimeError (the template does not match)."""
     self._manager.wait_until_finished()
     self._manager.reload()
     skipped = []
@@ -157,7 +141,6 @@ class Checkpointer:
       return Restored(state, meta, step, tuple(skipped))
     if skipped:
       raise RuntimeError(f"no checkpoint in {self.directory} could be restored (template mismatch?): {skipped}")
-    return None
 
   def cycle_checkpoints(self) -> dict[int, int]:
     """``{cycle: step}`` of the kept cycle-end checkpoints (waits for saves)."""
@@ -178,8 +161,7 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for pending saves, then releases Orbax's resources."""
-    self._manager.close()
+    self._manager.close()  # waits for pending saves
 
   def __enter__(self) -> "Checkpointer":
     return self
@@ -190,10 +172,8 @@ class Checkpointer:
   def _quarantine(self, steps) -> None:
     for step in steps:
       self._cycle_of.pop(step, None)
-      target, n = self._manager.directory / f"{step}.corrupt", 1
-      while target.exists():
-        n += 1
-        target = self._manager.directory / f"{step}.corrupt{n}"
+      names = (f"{step}.corrupt{n or ''}" for n in itertools.count())
+      target = next(t for t in (self._manager.directory / name for name in names) if not t.exists())
       if jax.process_index() == 0:
         (self._manager.directory / str(step)).rename(target)
     self._manager.reload()

@@ -31,31 +31,23 @@ class RunDir:
     self.path, self.primary = Path(path), primary
 
   def prepare(self, config: Config, *, fresh: bool) -> None:
-    """Creates the directory, or checks that the run already there was made with the same config.
-
-    A directory whose run never saved a checkpoint (e.g. it stopped on bad input) has nothing to lose: its
-    config.json is replaced, so a corrected command is not refused. `fresh` deletes the previous run first. The
-    other processes only check (and not at all with `fresh`). Raises ConfigMismatchError when an existing run used
-    another config (nothing is overwritten), WorkdirError when the path is a file or cannot be written.
-    """
+    """Creates the directory, or checks that the run there was made with `config` (ConfigMismatchError if not,
+    unless it never saved a checkpoint: then its config.json is replaced). `fresh` deletes the previous run first.
+    Raises WorkdirError when the path is a file or cannot be written."""
     path, saved = self.path, self.path / "config.json"
     if path.exists() and not path.is_dir():
       raise WorkdirError(f"{{workdir}} {path} is a file, not a directory: choose another {{workdir}}")
     if fresh and not self.primary:
       return
     with writing(f"the run directory {path}"):
-      if fresh and path.exists():
-        for name in ("checkpoints", "plots"):
-          shutil.rmtree(path / name, ignore_errors=True)
-        for name in ("config.json", "metrics.jsonl", "summary.json", "provenance.jsonl"):
-          (path / name).unlink(missing_ok=True)
-      if not saved.exists():
-        if self.primary:
-          path.mkdir(parents=True, exist_ok=True)
-        self.write("config.json", config.to_json())
-        return
+      for name in ("checkpoints", "plots") if fresh else ():
+        shutil.rmtree(path / name, ignore_errors=True)
+      for name in ("config.json", "metrics.jsonl", "summary.json", "provenance.jsonl") if fresh else ():
+        (path / name).unlink(missing_ok=True)
+      if self.primary:
+        path.mkdir(parents=True, exist_ok=True)
       try:
-        diff = config_diff(config, saved)
+        diff = saved.exists() and config_diff(config, saved)
       except json.JSONDecodeError as e:
         raise ConfigMismatchError(
           f"{saved} is unreadable ({e}); pass {{fresh}} to start over, or choose another {{workdir}}"
@@ -67,7 +59,7 @@ class RunDir:
           f"{path} holds a run with a different config ({details}); pass {{fresh}} to start it over, or choose "
           "another {workdir}"
         )
-      if diff:
+      if diff or not saved.exists():
         self.write("config.json", config.to_json())
 
   def write(self, name: str, text: str) -> None:
@@ -85,34 +77,43 @@ class RunDir:
         f.write(json.dumps(record) + "\n")
 
   def log(self, message: str) -> None:
-    """`message` to the "jaxsparse" logger (INFO)."""
     if self.primary:
       _logger.info(message)
 
   def read_history(self, upto_epoch: int) -> list[dict]:
     """The epoch records of metrics.jsonl, dropping any beyond `upto_epoch` (the restored checkpoint's: they will
     be redone) and lines cut short by a kill; the file is rewritten without them."""
-    path = self.path / "metrics.jsonl"
+    path, records = self.path / "metrics.jsonl", []
     lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    records = []
     for line in lines:
       try:
-        records.append(json.loads(line))
+        records += [r for r in [json.loads(line)] if r["epoch"] <= upto_epoch]
       except json.JSONDecodeError:
         _logger.warning(f"dropped an unreadable line of {path}: {line[:80]!r}")
-    records = [r for r in records if r["epoch"] <= upto_epoch]
     if len(records) != len(lines):
       self.write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return records
+
+
+def finished(path: str | os.PathLike) -> tuple[Config, dict]:
+  """(config, summary) of the finished run in `path`: its config.json, summary.json and the checkpoint of its final
+  step. Raises FileNotFoundError saying which is missing."""
+  path = Path(path)
+  for name, problem in (("config.json", "is not a run directory"), ("summary.json", "holds no finished run")):
+    if not (path / name).is_file():
+      raise FileNotFoundError(f"{path} {problem} (no {name})")
+  summary = json.loads((path / "summary.json").read_text())
+  if not (path / "checkpoints" / str(summary["steps"])).is_dir():
+    raise FileNotFoundError(f"{path} has no checkpoint of its final step {summary['steps']}")
+  return Config.from_dict(json.loads((path / "config.json").read_text())), summary
 
 
 def config_diff(config: Config, saved: Path) -> dict[str, tuple]:
   """{field: (saved value, `config`'s value)} for every field where the config.json at `saved` differs from
   `config` (a field the saved file predates counts as its default). Raises OSError or json.JSONDecodeError when
   `saved` cannot be read."""
-  old = json.loads(saved.read_text())
-  new, defaults = json.loads(config.to_json()), json.loads(Config().to_json())
-  old = {**{k: defaults[k] for k in new if k not in old and k in defaults}, **old}  # fields it predates: defaults
+  new = json.loads(config.to_json())
+  old = {**json.loads(Config().to_json()), **json.loads(saved.read_text())}  # fields it predates: defaults
   return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 

@@ -192,10 +192,15 @@ def test_init_from_refuses_what_is_not_a_finished_matching_run(full_run, cifar_n
   unfinished = tmp_path / "unfinished"
   unfinished.mkdir()
   (unfinished / "config.json").write_text((workdir / "config.json").read_text())
+  without_final = tmp_path / "without_final"  # finished, but its final checkpoint is gone
+  without_final.mkdir()
+  for name in ("config.json", "summary.json"):
+    (without_final / name).write_text((workdir / name).read_text())
   mesh = parallel.make_mesh()
   for source, error in (
     (tmp_path / "missing", "is not a run directory"),
     (unfinished, "holds no finished run"),
+    (without_final, "has no checkpoint of its final step"),
     (workdir, r"holds a wrn10_1 model \(norm rmsnorm\), not this config's wrn16_1 \(rmsnorm\)"),
   ):
     config = _config(cifar_npz, cache, init_from=str(source), model="wrn16_1" if source == workdir else "wrn10_1")
@@ -225,10 +230,15 @@ def test_fine_tuning_run_records_its_source_and_resumes_from_its_own_checkpoints
   # Stopped after 2 of its 4 steps (polls: the start, then one per step), then resumed: from its own checkpoint of
   # step 2, not from the source again, and it ends exactly as the uninterrupted fine-tune.
   polls = []
-  with pytest.raises(loop.Interrupted, match="holds step 2 "):
+  with pytest.raises(loop.Interrupted, match="holds step 2 ") as info:
     train_and_evaluate(
       config, tmp_path / "parts", progress=False, should_stop=lambda: polls.append(1) or len(polls) == 3
     )
+  assert (info.value.checkpoint, info.value.step, info.value.signum) == (
+    str(tmp_path / "parts" / "checkpoints" / "2"),
+    2,
+    None,
+  )
   assert not (tmp_path / "parts" / "metrics.jsonl").exists()
   log_lines.clear()
   resumed = train_and_evaluate(config, tmp_path / "parts", progress=False)
@@ -255,10 +265,10 @@ def test_windows_of_steps_are_averaged_and_survive_a_mid_epoch_resume():
   for m in steps[3:]:
     resumed.add(m)
   for sums in (whole, resumed):
-    sums.close_window()  # the epoch's end closes the last, shorter window
-  assert resumed.windows == whole.windows
-  assert [w["loss"] for w in whole.windows] == [1.5, 3.5, 5.0]
-  assert [w["accuracy"] for w in whole.windows] == pytest.approx([0.05, 0.25, 0.4])
+    sums.mark()  # the epoch's end closes the last, shorter window
+  assert resumed.windows() == whole.windows()
+  assert whole.windows()["loss"] == [1.5, 3.5, 5.0] and whole.windows()["every"] == 2
+  assert whole.windows()["accuracy"] == pytest.approx([0.05, 0.25, 0.4])
   assert resumed.means() == whole.means()
 
 

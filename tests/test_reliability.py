@@ -401,8 +401,8 @@ def test_nan_loss_names_the_step_and_the_last_good_checkpoint(cifar_npz, cache, 
     loop.train_and_evaluate(config, tmp_path, progress=False)
   assert re.search("non-finite training loss .* at step", str(info.value))
   assert str(info.value).startswith(
-    "non-finite training loss (nan) at step 5 (epoch 2); stopping. "
-    f"the last good checkpoint is {tmp_path / 'checkpoints' / '4'} (step 4)"
+    "non-finite training loss (nan) at step 5 (epoch 2, step 1 of 4); stopping. "
+    f"the last good checkpoint is {tmp_path / 'checkpoints' / '4'};"
   )
 
 
