@@ -58,7 +58,7 @@ class Config:
   norm_eps: float | None = _field(
     None,
     "norms' epsilon (None: 1e-6 RMSNorm, 1e-5 BatchNorm; script 1e-8)",
-    rule=(lambda v: v is None or v > 0, "None or > 0"),
+    rule=(lambda v: v is None or (not isinstance(v, bool) and v > 0), "None or > 0"),
   )
   norm_bias: bool = _field(False, "RMSNorm with a learned per-channel bias (the author's script)")
   shortcut: str = _field("activated", "projection shortcuts read act1 (ours) or the input (script)", choices=SHORTCUTS)

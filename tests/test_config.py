@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -55,6 +56,19 @@ def test_json_round_trip():
 def test_bad_values_raise(bad, match):
   with pytest.raises(ValueError, match=match):
     config_lib.preset("smoke", **bad)
+
+
+def test_every_checked_field_refuses_a_wrong_value():
+  wrong = {
+    "val_size": -1, "norm_eps": True, "dropout": -0.1, "epochs": True, "batch_size": 0, "learning_rate": 0.0,
+    "warmup_epochs": 1.5, "reset_warmup_steps": -1, "weight_decay": -1e-4, "eval_keeps": (0.5, 2.0),
+    "eval_every": 0, "log_every_steps": -1, "regimes": "3", "keep_checkpoints": 0,
+  }  # fmt: skip
+  checked = [f.name for f in dataclasses.fields(config_lib.Config) if f.metadata["rule"] is not None]
+  assert set(wrong) <= set(checked) and len(checked) > len(wrong)  # the rest: choices and bools
+  for name in checked:
+    with pytest.raises(ValueError, match=rf"^Config.{name} must be "):
+      config_lib.preset("smoke", **{name: wrong.get(name, "bogus")})  # no choice or bool is a string "bogus"
 
 
 def test_unknown_preset_and_field():
