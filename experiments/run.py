@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(f"--{name}", type=kind, help=f"with --distributed: {what}")
   group = p.add_argument_group("run options (Config fields; default: the preset's value)")
   hints = typing.get_type_hints(config_lib.Config)
-  for field in dataclasses.fields(config_lib.Config):
+  for field in (f for f in dataclasses.fields(config_lib.Config) if f.metadata["flag"]):
     choices, kind = field.metadata["choices"], hints[field.name]
     kwargs: dict = {"dest": field.name, "default": None, "help": field.metadata["help"]}
     if kind is bool:
@@ -101,8 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
       kwargs["choices"] = sorted(choices) if field.name == "model" else ["none" if c is None else c for c in choices]
     else:
       kwargs["type"] = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))  # int | None -> int
-    if field.metadata["flag"]:
-      group.add_argument(flag(field.name), *(["--lr"] if field.name == "learning_rate" else []), **kwargs)
+    group.add_argument(flag(field.name), *(["--lr"] if field.name == "learning_rate" else []), **kwargs)
   group = p.add_argument_group("controller options (each applies to the schedules named)")
   defaults: dict[str, dict] = {}  # option -> {controller: its default}
   for name in controllers.names():

@@ -58,7 +58,8 @@ class _KeepSteps:
   select: Callable[[Mapping[int, int]], set[int]]
 
   def should_preserve(self, checkpoints, *, context) -> list[bool]:
-    return [info.step in self.select(self.cycle_of) for info in checkpoints]
+    kept = self.select(self.cycle_of)
+    return [info.step in kept for info in checkpoints]
 
 
 class Checkpointer:

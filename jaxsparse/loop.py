@@ -51,8 +51,9 @@ def build_model(config: Config) -> WideResNet:
   c = config
   return WideResNet(
     *MODELS[c.model], num_classes=10, norm=c.norm, dropout=c.dropout, dtype=jnp.dtype(c.dtype),
-    gradient=c.topk_gradient, score=c.topk_score, conv=c.conv, relative=c.topk_keep == "relative", shortcut=c.shortcut, norm_eps=c.norm_eps,
-    norm_bias=c.norm_bias, zero_init_residual=c.zero_init_residual, padding=c.padding, rounding=c.topk_round,
+    gradient=c.topk_gradient, score=c.topk_score, conv=c.conv, relative=c.topk_keep == "relative",
+    shortcut=c.shortcut, norm_eps=c.norm_eps, norm_bias=c.norm_bias, zero_init_residual=c.zero_init_residual,
+    padding=c.padding, rounding=c.topk_round,
   )  # fmt: skip
 
 
@@ -326,10 +327,10 @@ class Trainer:
     try:
       restored = self.ckpt.restore_latest(state)
     except RuntimeError as e:
-      message = (
-        "no checkpoint in {} fits this config's model; pass {{fresh}} to start over, or choose another {{workdir}}"
-      )
-      raise ConfigMismatchError(message.format(self.ckpt.directory)) from e
+      raise ConfigMismatchError(
+        f"no checkpoint in {self.ckpt.directory} fits this config's model; pass {{fresh}} to start over, or "
+        "choose another {workdir}"
+      ) from e
     if restored is None:
       return state, {}
     self.dir.log(
