@@ -119,15 +119,7 @@ def config_from_args(args: argparse.Namespace) -> config_lib.Config:
   overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
   if overrides.get("augment") == "none":
     overrides["augment"] = None
-  schedule = overrides.get("schedule", config_lib.PRESETS[args.preset].schedule)
   options = {k[len("ctrl_") :]: v for k, v in vars(args).items() if k.startswith("ctrl_") and v is not None}
-  accepted = controllers.options(schedule)
-  wrong = sorted(set(options) - set(accepted))
-  if wrong:
-    raise ValueError(
-      f"{flag(wrong[0])} does not apply to --schedule={schedule}; its options "
-      f"are: {', '.join(flag(o) for o in accepted) or 'none'}"
-    )
   config = config_lib.preset(args.preset, controller_options=options, **overrides)
   loop.check_config(config)
   return config
@@ -143,12 +135,11 @@ def distributed_args(args: argparse.Namespace) -> dict:
     if named:
       raise ValueError(f"{flag(named[0].removesuffix('_seconds'))} needs --distributed")
     return {}
-  for key in ("num_processes", "process_id"):
-    var = f"JAX_{key.upper()}"
-    if given[key] is None and os.environ.get(var):
-      if not os.environ[var].strip().isdigit():
-        raise ValueError(f"{var}={os.environ[var]!r} is not an integer")
-      given[key] = int(os.environ[var])
+  for key, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+    if given[key] is None and (text := os.environ.get(var, "").strip()):
+      if not text.isdigit():
+        raise ValueError(f"{var}={text!r} is not an integer")
+      given[key] = int(text)
   timeout, n, i = given["heartbeat_timeout_seconds"], given["num_processes"], given["process_id"]
   for wrong, problem in (
     (timeout is not None and timeout < 1, f"--heartbeat-timeout must be >= 1 second, got {timeout}"),
@@ -167,15 +158,6 @@ class _TqdmHandler(logging.Handler):
     tqdm.write(self.format(record))
 
 
-def _finished(workdir: str, config: config_lib.Config) -> dict | None:
-  """The summary of the finished run in `workdir` (`workdir.finished`) if it was made with `config`, else None."""
-  try:
-    saved, summary = finished(workdir)
-    return summary if saved == config else None
-  except (OSError, ValueError, KeyError, TypeError):
-    return None
-
-
 def main(argv=None) -> int:
   args, say = parse_args(argv), functools.partial(print, file=sys.stderr)
   try:
@@ -192,13 +174,14 @@ def main(argv=None) -> int:
   logger.setLevel(logging.INFO)
   workdir = args.workdir or f"runs/{args.preset}_{config.schedule}_s{config.seed}"
   say(f"run directory: {workdir}")
-  finished = _finished(workdir, config)
-  if finished is not None and not (args.fresh or args.reevaluate):
-    say(
-      f"{workdir} holds this run, finished: dense test accuracy {finished['test_accuracy']:.4f} (best "
-      f"{finished['best_test_accuracy']:.4f}); nothing to do (--reevaluate evaluates it again, --fresh starts over)"
-    )
-    return 0
+  with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # not a finished run (`workdir.finished`)
+    saved, summary = finished(workdir)
+    if saved == config and not (args.fresh or args.reevaluate):
+      say(
+        f"{workdir} holds this run, finished: dense test accuracy {summary['test_accuracy']:.4f} (best "
+        f"{summary['best_test_accuracy']:.4f}); nothing to do (--reevaluate evaluates it again, --fresh starts over)"
+      )
+      return 0
   try:
     loop.train_and_evaluate(config, workdir, fresh=args.fresh, progress=not args.no_progress)
   except (ValueError, FloatingPointError, loop.WorkdirError) as e:  # bad data, a full disk, a diverged run

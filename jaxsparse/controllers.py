@@ -504,7 +504,7 @@ def get(name: str, **kwargs: Any) -> Controller:
   """Builds controller ``name`` with keyword options (see ``options(name)``).
 
   Raises:
-    ValueError: unknown name or option; OptionError (a ValueError) naming an invalid option's value.
+    ValueError: unknown name; OptionError (a ValueError) naming an option that does not apply or its bad value.
 
   Example:
     >>> ctrl = get("cyclic", period=5)
@@ -514,8 +514,10 @@ def get(name: str, **kwargs: Any) -> Controller:
   factory = _factory(name)
   unknown = sorted(set(kwargs) - set(options(name)))
   if unknown:
-    known = ", ".join(options(name)) or "none"
-    raise ValueError(f"unknown option(s) {unknown} for controller {name!r}; known: {known}")
+    known = ", ".join(f"{{controller_options.{o}}}" for o in options(name)) or "none"
+    raise OptionError(
+      f"{{controller_options.{unknown[0]}}} does not apply to {{schedule}} {name!r}; its options: {known}"
+    )
   try:
     return factory(**kwargs)
   except OptionError:

@@ -1,9 +1,7 @@
-"""Errors that name run options, spelled by whoever shows them.
-
-A message names options in braces: ``{train_size}`` (a Config field), ``{controller_options.keep}`` (a
-controller's option), ``{workdir}`` and ``{fresh}`` (`train_and_evaluate`'s arguments). `str(error)` spells them
-for the library (``Config.train_size``, ``Config.controller_options['keep']``, ``fresh=True``);
-``error.render(name)`` spells them another way, e.g. experiments/run.py as flags (``--train-size``, ``--keep``).
+"""Errors that name run options in braces, spelled by whoever shows them: ``{train_size}`` (a Config field),
+``{controller_options.keep}`` (a controller's option), ``{workdir}``, ``{fresh}`` (`train_and_evaluate`'s arguments).
+`str(error)` spells them for the library (``Config.train_size``, ``Config.controller_options['keep']``,
+``fresh=True``); ``error.render(name)`` another way, e.g. experiments/run.py as flags (``--train-size``, ``--keep``).
 """
 
 from __future__ import annotations
@@ -16,10 +14,8 @@ _OPTION = re.compile(r"\{([a-z_]+(?:\.[a-z_]+)?)\}")
 
 def library_name(option: str) -> str:
   """How the library spells an option of a message (see the module docstring)."""
-  if option in ("fresh", "workdir"):
-    return "fresh=True" if option == "fresh" else option
   field, _, key = option.partition(".")
-  return f"Config.{field}" + (f"[{key!r}]" if key else "")
+  return {"fresh": "fresh=True", "workdir": "workdir"}.get(option, f"Config.{field}" + (f"[{key!r}]" if key else ""))
 
 
 class Explained(Exception):

@@ -1,10 +1,7 @@
-"""train_and_evaluate(config, workdir): one run, owned by a `Trainer`; the only reader of a whole Config.
-
-Side effects live here (files, logs, checkpoints, device transfers, signals); the steps and controllers it drives
-are pure. Run directory: config.json  metrics.jsonl  summary.json  provenance.jsonl  checkpoints/  plots/*.png.
-With several processes (after `jax.distributed.initialize()`) each trains on its slice of every batch, checkpoints
-with the others and stops with them; process 0 alone writes the run's files and logs.
-"""
+"""train_and_evaluate(config, workdir): one run, owned by a `Trainer`; the only reader of a whole Config. Side
+effects live here (files, logs, checkpoints, signals); the steps and controllers it drives are pure. Run directory:
+config.json metrics.jsonl summary.json provenance.jsonl checkpoints/ plots/*.png. With several processes (after
+`jax.distributed.initialize()`) each trains its slice of every batch; process 0 alone writes files and logs."""
 
 from __future__ import annotations
 
@@ -106,12 +103,10 @@ def load_trained(workdir: str | os.PathLike, *, mesh=None) -> tuple[Config, trai
   if not (workdir / "config.json").exists():
     raise FileNotFoundError(f"{workdir} is not a run directory (no config.json)")
   config = Config.from_dict(json.loads((workdir / "config.json").read_text()))
-  ds = _load_data(config, progress=False)
-  state = initial_state(
-    config, data_lib.steps_per_epoch(len(ds.train.labels), config.batch_size), mesh or parallel.make_mesh()
-  )
+  ds, mesh = _load_data(config, progress=False), mesh or parallel.make_mesh()
+  spe = data_lib.steps_per_epoch(len(ds.train.labels), config.batch_size)
   with checkpoint_lib.Checkpointer(workdir / "checkpoints") as ckpt:
-    restored = ckpt.restore_latest(state)
+    restored = ckpt.restore_latest(initial_state(config, spe, mesh))
   if restored is None:
     raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no checkpoint")
   return config, restored.state, ds
@@ -236,8 +231,8 @@ class Trainer:
     self.dir = RunDir(workdir, primary=parallel.is_primary())
     self.dir.prepare(config, fresh=fresh)
     self.origin = provenance.provenance()  # where this process runs, taken at its start (the tree may change)
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    self.dir.append("provenance.jsonl", {"started": started, "process_count": jax.process_count(), **self.origin})
+    started = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "process_count": jax.process_count()}
+    self.dir.append("provenance.jsonl", started | self.origin)
     parallel.sync("jaxsparse:workdir")  # the run directory is ready (and, with fresh, emptied) for every process
     self.mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, self.mesh)
@@ -415,12 +410,9 @@ class Trainer:
     if not (steps := self.ckpt.all_steps()):
       return Interrupted("interrupted before the first checkpoint; run the same command again to start over")
     step, path = steps[-1], self.ckpt.path(steps[-1])
-    return Interrupted(
-      f"interrupted; checkpoint {path} holds step {step} ({_where(step, self.steps_per_epoch)}); run the same "
-      "command again (or train_and_evaluate with the same config and workdir) to resume",
-      checkpoint=path,
-      step=step,
-    )
+    resume = "run the same command again (or train_and_evaluate with the same config and workdir) to resume"
+    where = f"checkpoint {path} holds step {step} ({_where(step, self.steps_per_epoch)})"
+    return Interrupted(f"interrupted; {where}; {resume}", checkpoint=path, step=step)
 
   def _finish(self) -> dict:
     """The keep curve of the final state, then summary.json and the plots; returns the summary."""
@@ -429,16 +421,12 @@ class Trainer:
     evaluate_at = lambda k: self._evaluate(self.ds.test, k)
     keep_macs, dense_macs = evaluate_lib.keep_curve(evaluate_at, build_model(c), variables, c.eval_keeps)
     keep_curve = {k: v["accuracy"] for k, v in keep_macs.items()}
-    conv = resolve_conv(c.conv)  # what "auto" meant on this backend
-    conv = (
-      c.conv
-      if c.conv != "auto"
-      else "auto -> " + ("per layer (xla or wgrad_matmul by shape)" if conv == "auto" else conv)
-    )
+    auto = {"auto": "per layer (xla or wgrad_matmul by shape)"}.get(resolve_conv("auto"), resolve_conv("auto"))
     summary = report.summarize(
       self.history, keep_curve=keep_curve, keep_macs=keep_macs, dense_macs=dense_macs, config=c.to_dict(),
       device=f"{jax.device_count()} x {device.device_kind} ({device.platform})", data_source=self.ds.source,
-      conv=conv, passes_per_step=c.regimes, provenance=self.origin, process_count=jax.process_count(),
+      conv=f"auto -> {auto}" if c.conv == "auto" else c.conv, passes_per_step=c.regimes, provenance=self.origin,
+      process_count=jax.process_count(),
       **({"init_from": self.source} if self.source else {}),  # the run fine-tuned, its step and test accuracy
     )  # fmt: skip
     self.dir.write("summary.json", json.dumps(summary, indent=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -309,13 +310,16 @@ def mixed_machines_warning(runs) -> str | None:
 
 def mixed_settings_warning(runs) -> str | None:
   """A one-line markdown warning naming each group (`run_label`) whose runs differ in a Config field other than the
-  seed, e.g. ``dense: epochs (40, 80)``, comparing data paths by file name and skipping fields a config.json lacks;
+  seed, e.g. ``dense: epochs (40, 80)``, comparing data paths by file name, fine-tunes' sources by name less a
+  ``_s<seed>`` suffix (each seed's own run: ``dense_s0``, ``dense_s1``), and skipping fields a config.json lacks;
   None when every group is uniform."""
   problems = []
   for label, rs in _by_schedule(runs).items():
     configs = [r.config for r in rs]
     for name in sorted(set.intersection(*map(set, configs)) - set(_FREE_FIELDS)):
       canon = lambda v: Path(v).name if name == "data" and isinstance(v, str) else v
+      if name == "init_from":
+        canon = lambda v: v and re.sub(r"_s\d+$", "", Path(v).name)
       values = list(dict.fromkeys(json.dumps(canon(c[name]), sort_keys=True) for c in configs))
       if len(values) > 1:
         problems.append(f"`{label}`: {name} ({', '.join(values)})")

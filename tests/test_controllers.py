@@ -275,9 +275,13 @@ def test_registry_errors():
     controllers.get("adaptive_c")
   with pytest.raises(ValueError, match="unknown controller"):
     controllers.options("nope")
-  with pytest.raises(ValueError, match=r"\['period'\].*'adaptive_a'.*patience"):
+  with pytest.raises(
+    OptionError, match=r"^Config.controller_options\['period'\] .* Config.schedule 'adaptive_a'.*'patience'"
+  ):
     controllers.get("adaptive_a", period=3)
-  with pytest.raises(ValueError, match="unknown option.*'dense'.*none"):
+  with pytest.raises(
+    OptionError, match="^Config.controller_options\\['keep'\\] does not apply .*'dense'; its options: none$"
+  ):
     controllers.get("dense", keep=0.5)
 
 

@@ -237,7 +237,11 @@ BAD_FLAGS = {
   "eval_keep_0": (["--eval-keeps=1,0"], 2, "--eval-keeps must be keep ratios in (0, 1]"),
   "eval_keep_nan": (["--eval-keeps=nan"], 2, "--eval-keeps must be keep ratios in (0, 1]"),
   "min_keep_nan": (["--min-keep=nan"], 2, "--min-keep must be a keep ratio in (0, 1], got nan"),
-  "option_of_other_schedule": (["--schedule=dense", "--gamma=0.5"], 2, "--gamma does not apply to --schedule=dense"),
+  "option_of_other_schedule": (
+    ["--schedule=dense", "--gamma=0.5"],
+    2,
+    "--gamma does not apply to --schedule 'dense'; its options: none",
+  ),
   "adaptive_b_without_val": (
     ["--schedule=adaptive_b", "--val-size=0"],
     2,

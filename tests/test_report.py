@@ -332,6 +332,11 @@ def test_a_group_that_mixes_settings_is_warned_about(tmp_path):
   assert report.mixed_settings_warning(runs[:1] + [uniform]) is None
   assert report.mixed_settings_warning(runs[2:3] + [lacking]) is None
   assert "Warning" not in report.comparison_markdown(runs[:1], title="T")
+  # Fine-tunes of each seed's own dense run are one setting; of another kind of run, another.
+  tuned = lambda r, source: dataclasses.replace(r, config={**uniform.config, "init_from": source})  # noqa: E731
+  a, b, c = tuned(runs[0], "/m0/dense_s0"), tuned(runs[1], "runs/dense_s1"), tuned(runs[1], "runs/dropout_s1")
+  assert report.mixed_settings_warning([a, b]) is None
+  assert 'init_from ("dense", "dropout")' in report.mixed_settings_warning([a, c])
 
 
 def test_fit_stats_average_the_last_quarter_as_trained():

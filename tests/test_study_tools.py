@@ -68,7 +68,7 @@ def test_two_shards_list_every_unfinished_run_exactly_once(tmp_path, capsys):
   "flags, message",
   [
     (["--epochs=2.5"], "run.py: error: argument --epochs: invalid int value: '2.5' (see --help)"),
-    (["--schedule=dense", "--keep=0.2"], "--keep does not apply to --schedule=dense"),
+    (["--schedule=dense", "--keep=0.2"], "--keep does not apply to --schedule 'dense'"),
   ],
 )
 def test_list_refuses_run_flags_that_run_py_would_refuse_before_printing(tmp_path, capsys, flags, message):
