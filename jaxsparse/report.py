@@ -432,13 +432,17 @@ def _frontier_markdown(groups) -> list[str]:
   def at(s, k):
     return {r.summary["seed"]: r.keep_macs[k] for r in priced[s] if k in r.keep_macs}
 
-  def delta(s, other, k):
+  verdicts: dict[tuple[str, str], dict[float, str]] = {}  # (joint group, reference) -> {keep: cell}
+
+  def delta(s, other, k, reference):
     if other not in priced or s == other or not kind[s].startswith("joint"):
       return "—"
     d, half, n = paired_difference(*({seed: v["accuracy"] for seed, v in at(x, k).items()} for x in (s, other)))
     if n < 2:
       return "—" if not n else f"{100 * d:+.1f} (n=1)"
-    return f"{100 * d:+.1f} [{100 * (d - half):+.1f}, {100 * (d + half):+.1f}] (n={n})"
+    cell = f"{100 * d:+.1f} [{100 * (d - half):+.1f}, {100 * (d + half):+.1f}] (n={n})"
+    verdicts.setdefault((s, reference), {})[k] = f"{cell} {_verdict(100 * (d - half), 100 * (d + half))}"
+    return cell
 
   rows, references = [], []
   for k in keeps:
@@ -455,9 +459,10 @@ def _frontier_markdown(groups) -> list[str]:
         m = _means(values)
         rows.append(
           f"| {k:g} | {s} | {kind[s]} | {len(values)} | {_mean_std([v['accuracy'] for v in values])} | "
-          f"{m['macs'] / 1e6:.1f} | {m['macs_fraction']:.3f} | {delta(s, trained, k)} | "
-          f"{delta(s, tuned, k)} |"
+          f"{m['macs'] / 1e6:.1f} | {m['macs_fraction']:.3f} | {delta(s, trained, k, 'trained at keep')} | "
+          f"{delta(s, tuned, k, 'dense + fine-tune')} |"
         )
+  verdict_keeps = sorted({k for cells in verdicts.values() for k in cells}, reverse=True)
   usable = lambda r: (r.summary.get("provenance") or {}).get("cpu", {}).get("usable") or 1
   cost = {s: float(np.mean([r.summary["wall_time_s"] / 60 * usable(r) for r in rs])) for s, rs in priced.items()}
   kinds = {a: sum(c for s, c in cost.items() if kind[s] == a) for a in ("per-keep", "fine-tuned")}
@@ -472,6 +477,18 @@ def _frontier_markdown(groups) -> list[str]:
       "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     )
     + (["", "Fine-tune recipe each Δ is taken against: " + "; ".join(references) + "."] if references else [])
+    + _table(
+      "Verdict: is one jointly trained network at least as good as the network trained for each keep, or as the "
+      "dense network fine-tuned at it? Δ in points with its 95% interval over paired seeds: *better* (the interval "
+      "is above +1), *as good* (above −1: at most 1 point worse), *worse* (below −1), *open* (the interval "
+      "straddles −1: more blocks decide).",
+      "| joint network | against |" + "".join(f" keep {k:g} |" for k in verdict_keeps),
+      [
+        f"| {s} | {reference} |" + "".join(f" {cells.get(k, '—')} |" for k in verdict_keeps)
+        for (s, reference), cells in verdicts.items()
+      ],
+      "|---|---|" + "---|" * len(verdict_keeps),
+    )
     + [
       "",
       "Training cost, core-minutes per run (mean over seeds; wall time x the cores the run could use): "
@@ -480,6 +497,13 @@ def _frontier_markdown(groups) -> list[str]:
       + (f" (+ dense {cost['dense']:.0f})." if "dense" in cost else "."),
     ]
   )
+
+
+def _verdict(low: float, high: float, margin: float = 1.0) -> str:
+  """What a paired difference's interval [low, high] (points) decides against a margin of `margin` points."""
+  if low > margin:
+    return "*better*"
+  return "*as good*" if low >= -margin else "*worse*" if high < -margin else "*open*"
 
 
 def _shock_markdown(groups) -> list[str]:

@@ -427,6 +427,8 @@ def test_frontier_table_prices_each_keep_and_pairs_joint_networks_with_per_keep_
   # Paired by seed: joint − trained at keep = (−2, −1) points; joint − fine-tuned = (+1, +2).
   assert "| -1.5 [-7.9, +4.9] (n=2) | +1.5 [-4.9, +7.9] (n=2) |" in line
   assert "All per-keep networks together: 20; all fine-tunes together: 2" in md
+  verdict = "| constant(keep=0.1)+regimes=3 | trained at keep | -1.5 [-7.9, +4.9] (n=2) *open* |"
+  assert verdict in md and "| constant(keep=0.1)+regimes=3 | dense + fine-tune | +1.5 [-4.9, +7.9] (n=2) *open* |" in md
   paths = report.plot_comparison(runs, tmp_path / "out")
   assert (tmp_path / "out" / "pareto.png") in paths and (tmp_path / "out" / "pareto.png").stat().st_size > 1000
   assert plots.macs_curve(runs[:1])[1] == {
@@ -436,6 +438,15 @@ def test_frontier_table_prices_each_keep_and_pairs_joint_networks_with_per_keep_
     "macs": 8e6,
     "macs_fraction": 0.08,
   }
+
+
+@pytest.mark.parametrize(
+  "low, high, verdict",
+  [(1.1, 3, "*better*"), (1.0, 3, "*as good*"), (-1.0, 0.5, "*as good*"), (-1.1, 0.5, "*open*"), (-3, -1.1, "*worse*"),
+   (-3, -1.0, "*open*")],
+)  # fmt: skip
+def test_a_verdict_is_decided_only_by_an_interval_clear_of_the_one_point_margin(low, high, verdict):
+  assert report._verdict(low, high) == verdict
 
 
 def test_reset_shocks_compare_the_first_steps_after_each_reset_with_the_cycle():
