@@ -117,19 +117,44 @@ def plot_groups(groups: Mapping[str, Sequence], outdir: str | Path) -> list[Path
   _legend_outside(ax2)
   paths.append(_save(fig, outdir / "gap.png"))
 
-  priced = [s for s, rs in groups.items() if all(r.keep_macs for r in rs)]
-  if priced:
+  series = frontier_series({s: rs for s, rs in groups.items() if all(r.keep_macs for r in rs)})
+  if series:
     fig, ax = _axes(9, 4.5)
-    for s in priced:
-      points = macs_curve(groups[s])
-      ax.plot([p["macs"] / 1e6 for p in points], [p["accuracy"] for p in points], marker="o", label=s, **styles[s])
+    for s, points in series.items():
+      style = styles.get(s) or _COMPOSITE_STYLE[s]
+      ax.plot([p["macs"] / 1e6 for p in points], [p["accuracy"] for p in points], marker="o", label=s, **style)
     _plain_log_x(ax, LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.set(xlabel="effective MMACs per image (log)", ylabel="test accuracy")
-    ax.set_title("Accuracy against compute: each point a test-time keep (mean over seeds)")
+    ax.set_title("Accuracy against compute: each point a test-time keep (mean over seeds)", fontsize=10)
     ax.grid(alpha=0.3)
     _legend_outside(ax)
     paths.append(_save(fig, outdir / "pareto.png"))
   return paths
+
+
+PER_KEEP, FINE_TUNED = (
+  "a network trained per keep, at its keep",
+  "dense + fine-tune per keep (best recipe), at its keep",
+)
+_COMPOSITE_STYLE = {PER_KEEP: {"color": "tab:red", "ls": "--"}, FINE_TUNED: {"color": "tab:purple", "ls": ":"}}
+
+
+def frontier_series(groups: Mapping[str, Sequence]) -> dict[str, list[dict]]:
+  """The series of pareto.png from groups of priced runs ({label: `jaxsparse.report.Run`s}), as `macs_curve`
+  points: each joint or baseline group's whole curve, and two composites, `PER_KEEP` (each per-keep network at the
+  keep it was trained at) and `FINE_TUNED` (at each keep, the fine-tune recipe with the best mean accuracy there)."""
+  series, own = {}, {PER_KEEP: {}, FINE_TUNED: {}}
+  for s, rs in groups.items():
+    points, kind = macs_curve(rs), rs[0].approach
+    if kind not in ("per-keep", "fine-tuned"):
+      series[s] = points
+      continue
+    best, keep = own[PER_KEEP if kind == "per-keep" else FINE_TUNED], rs[0].config["controller_options"]["keep"]
+    for p in points:
+      if p["keep"] == keep and p["accuracy"] > best.get(keep, {"accuracy": -1.0})["accuracy"]:
+        best[keep] = p
+  series.update({name: [p for _, p in sorted(best.items(), reverse=True)] for name, best in own.items() if best})
+  return series
 
 
 def macs_curve(rs: Sequence) -> list[dict]:

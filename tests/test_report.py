@@ -429,6 +429,14 @@ def test_frontier_table_prices_each_keep_and_pairs_joint_networks_with_per_keep_
   assert "All per-keep networks together: 20; all fine-tunes together: 2" in md
   verdict = "| constant(keep=0.1)+regimes=3 | trained at keep | -1.5 [-7.9, +4.9] (n=2) *open* |"
   assert verdict in md and "| constant(keep=0.1)+regimes=3 | dense + fine-tune | +1.5 [-4.9, +7.9] (n=2) *open* |" in md
+  # pareto.png: the joint network's whole curve; per-keep networks and fine-tunes each at its own keep, the best recipe.
+  better = [
+    dataclasses.replace(r, keep_macs={**r.keep_macs, 0.1: {**r.keep_macs[0.1], "accuracy": 0.5}}) for r in runs[2::3]
+  ]
+  series = plots.frontier_series({"j": runs[0::3], "k": runs[1::3], "t": runs[2::3], "t2": better})
+  assert series.keys() == {"j", plots.PER_KEEP, plots.FINE_TUNED} and series["j"] == plots.macs_curve(runs[0::3])
+  assert [(p["keep"], round(p["accuracy"], 4)) for p in series[plots.PER_KEEP]] == [(0.1, 0.425)]
+  assert [(p["keep"], p["accuracy"]) for p in series[plots.FINE_TUNED]] == [(0.1, 0.5)]
   paths = report.plot_comparison(runs, tmp_path / "out")
   assert (tmp_path / "out" / "pareto.png") in paths and (tmp_path / "out" / "pareto.png").stat().st_size > 1000
   assert plots.macs_curve(runs[:1])[1] == {
