@@ -464,8 +464,16 @@ def _frontier_markdown(groups) -> list[str]:
         )
   verdict_keeps = sorted({k for cells in verdicts.values() for k in cells}, reverse=True)
   usable = lambda r: (r.summary.get("provenance") or {}).get("cpu", {}).get("usable") or 1
-  cost = {s: float(np.mean([r.summary["wall_time_s"] / 60 * usable(r) for r in rs])) for s, rs in priced.items()}
-  kinds = {a: sum(c for s, c in cost.items() if kind[s] == a) for a in ("per-keep", "fine-tuned")}
+  tags, _ = machines_markdown([r for rs in groups.values() for r in rs])
+  machines = sorted(set(tags.values()), key=lambda m: int(m[1:]))
+  minutes = lambda rs, m: [r.summary["wall_time_s"] / 60 * usable(r) for r in rs if tags[r.path] == m]
+  cost = {s: {m: np.mean(minutes(rs, m)) if minutes(rs, m) else None for m in machines} for s, rs in priced.items()}
+  cell = lambda c: " — |" if c is None else f" {c:.0f} |"
+  cost_rows = [f"| {s} |" + "".join(cell(c[m]) for m in machines) for s, c in cost.items()]
+  for a in ("per-keep", "fine-tuned"):  # a sum only where the machine ran every group of the kind
+    ofkind = [c for s, c in cost.items() if kind[s] == a]
+    total = lambda m: None if any(c[m] is None for c in ofkind) else sum(c[m] for c in ofkind)
+    cost_rows.append(f"| all {a} networks together |" + "".join(cell(total(m)) for m in machines))
   return (
     _table(
       "Keep curve with its price: per test-time keep, test accuracy (mean ± std over seeds) and effective MACs per "
@@ -489,13 +497,12 @@ def _frontier_markdown(groups) -> list[str]:
       ],
       "|---|---|" + "---|" * len(verdict_keeps),
     )
-    + [
-      "",
-      "Training cost, core-minutes per run (mean over seeds; wall time x the cores the run could use): "
-      + ", ".join(f"{s} {c:.0f}" for s, c in cost.items())
-      + f". All per-keep networks together: {kinds['per-keep']:.0f}; all fine-tunes together: {kinds['fine-tuned']:.0f}"
-      + (f" (+ dense {cost['dense']:.0f})." if "dense" in cost else "."),
-    ]
+    + _table(
+      "Training cost in core-minutes per run (wall time x the cores the run could use), mean over the seeds each "
+      "machine ran (machines as named above; wall times beside other work are indicative):",
+      "| group |" + "".join(f" {m} |" for m in machines),
+      cost_rows,
+    )
   )
 
 

@@ -418,6 +418,11 @@ def test_frontier_table_prices_each_keep_and_pairs_joint_networks_with_per_keep_
     )
     tuned_config = {**keep01, "init_from": "runs/dense"}
     dirs.append(_priced(_fake_run(tmp_path, "tuned", seed, 0.5, config=tuned_config), {1.0: 0.4, 0.1: tuned}, macs, 2))
+    for d in dirs[-3:] if seed else ():  # seed 1's block ran on another machine, and its sandwich took 3x as long
+      summary = json.loads((d / "summary.json").read_text())
+      summary["provenance"]["cpu"]["model"] = "CPU B"
+      summary["wall_time_s"] *= 3 if d == dirs[-3] else 1
+      (d / "summary.json").write_text(json.dumps(summary))
   runs = report.load_runs(dirs)
   assert runs[0].keep_macs[0.1] == {"accuracy": 0.40, "density": 0.05, "macs": 8e6, "macs_fraction": 0.08}
   md = report.comparison_markdown(runs, title="T")
@@ -426,7 +431,11 @@ def test_frontier_table_prices_each_keep_and_pairs_joint_networks_with_per_keep_
   line = next(line for line in md.splitlines() if line.startswith(row))
   # Paired by seed: joint − trained at keep = (−2, −1) points; joint − fine-tuned = (+1, +2).
   assert "| -1.5 [-7.9, +4.9] (n=2) | +1.5 [-4.9, +7.9] (n=2) |" in line
-  assert "All per-keep networks together: 20; all fine-tunes together: 2" in md
+  # Cost per machine: M1 is "CPU B" (sorted first), M2 the one without a model name.
+  assert "| constant(keep=0.1)+regimes=3 | 30 | 10 |" in md and "| all per-keep networks together | 20 | 20 |" in md
+  assert "| all fine-tuned networks together | 2 | 2 |" in md
+  alone = report.comparison_markdown(runs[:-1], title="T")  # seed 1's fine-tune missing: none on machine B
+  assert "| all fine-tuned networks together | — | 2 |" in alone
   verdict = "| constant(keep=0.1)+regimes=3 | trained at keep | -1.5 [-7.9, +4.9] (n=2) *open* |"
   assert verdict in md and "| constant(keep=0.1)+regimes=3 | dense + fine-tune | +1.5 [-4.9, +7.9] (n=2) *open* |" in md
   # pareto.png: the joint network's whole curve; per-keep networks and fine-tunes each at its own keep, the best recipe.
