@@ -421,7 +421,7 @@ class Trainer:
     evaluate_at = lambda k: self._evaluate(self.ds.test, k)
     keep_macs, dense_macs = evaluate_lib.keep_curve(evaluate_at, build_model(c), variables, c.eval_keeps)
     keep_curve = {k: v["accuracy"] for k, v in keep_macs.items()}
-    auto = {"auto": "per layer (xla or wgrad_matmul by shape)"}.get(resolve_conv("auto"), resolve_conv("auto"))
+    auto = {"auto": "per layer (xla or wgrad_matmul by shape)"}.get(a := resolve_conv("auto"), a)
     summary = report.summarize(
       self.history, keep_curve=keep_curve, keep_macs=keep_macs, dense_macs=dense_macs, config=c.to_dict(),
       device=f"{jax.device_count()} x {device.device_kind} ({device.platform})", data_source=self.ds.source,

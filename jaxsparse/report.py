@@ -411,15 +411,16 @@ def comparison_markdown(runs, *, title: str, baseline: str | Sequence[str] = "de
     "|---|---:|---:|---:|---|" + ("---|" if mixed else ""),
   )
   lines += ["", *machine_lines]
-  lines += _frontier_markdown(groups) + _shock_markdown(groups) + _fit_markdown(groups) + _phase_markdown(groups)
+  lines += _frontier_markdown(groups, tags) + _shock_markdown(groups) + _fit_markdown(groups) + _phase_markdown(groups)
   if figures:
     lines += [""] + [f"![{f}]({f})" for f in figures]
   return "\n".join(lines) + "\n"
 
 
-def _frontier_markdown(groups) -> list[str]:
+def _frontier_markdown(groups, tags: dict[str, str]) -> list[str]:
   """Per test-time keep, each group's accuracy and effective MACs, and each joint group's paired differences to the
-  networks trained and fine-tuned at that keep; then what training each group cost."""
+  networks trained and fine-tuned at that keep; then what training each group cost on each machine (`tags`: run
+  path -> machine, from `machines_markdown`)."""
   priced = {s: rs for s, rs in groups.items() if all(r.keep_macs for r in rs)}
   if not priced:
     return []
@@ -464,10 +465,13 @@ def _frontier_markdown(groups) -> list[str]:
         )
   verdict_keeps = sorted({k for cells in verdicts.values() for k in cells}, reverse=True)
   usable = lambda r: (r.summary.get("provenance") or {}).get("cpu", {}).get("usable") or 1
-  tags, _ = machines_markdown([r for rs in groups.values() for r in rs])
   machines = sorted(set(tags.values()), key=lambda m: int(m[1:]))
-  minutes = lambda rs, m: [r.summary["wall_time_s"] / 60 * usable(r) for r in rs if tags[r.path] == m]
-  cost = {s: {m: np.mean(minutes(rs, m)) if minutes(rs, m) else None for m in machines} for s, rs in priced.items()}
+
+  def minutes(rs, m):  # mean core-minutes of the runs on machine m, None if none ran there
+    on_m = [r.summary["wall_time_s"] / 60 * usable(r) for r in rs if tags[r.path] == m]
+    return np.mean(on_m) if on_m else None
+
+  cost = {s: {m: minutes(rs, m) for m in machines} for s, rs in priced.items()}
   cell = lambda c: " — |" if c is None else f" {c:.0f} |"
   cost_rows = [f"| {s} |" + "".join(cell(c[m]) for m in machines) for s, c in cost.items()]
   for a in ("per-keep", "fine-tuned"):  # a sum only where the machine ran every group of the kind
