@@ -445,13 +445,15 @@ def _frontier_markdown(groups, tags: dict[str, str]) -> list[str]:
     verdicts.setdefault((s, reference), {})[k] = f"{cell} {_verdict(100 * (d - half), 100 * (d + half))}"
     return cell
 
-  rows, references = [], []
+  rows, references, chosen = [], [], {}  # chosen: the best fine-tune recipe per keep, as a set in insertion order
   for k in keeps:
     trained = f"constant(keep={k:g})"
     recipes = [s for s, base in tuned_from.items() if base == trained]
     # The fine-tune recipe with the best mean accuracy at keep k: the hardest reference.
     mean_at = lambda s: np.mean([v["accuracy"] for v in at(s, k).values()])
     tuned = max((s for s in recipes if at(s, k)), key=mean_at, default=None)
+    if tuned is not None:
+      chosen[tuned] = None
     if tuned is not None and len(recipes) > 1:
       references.append(f"keep {k:g}: {_recipe(priced[tuned][0].config)}")
     for s in priced:
@@ -474,10 +476,18 @@ def _frontier_markdown(groups, tags: dict[str, str]) -> list[str]:
   cost = {s: {m: minutes(rs, m) for m in machines} for s, rs in priced.items()}
   cell = lambda c: " — |" if c is None else f" {c:.0f} |"
   cost_rows = [f"| {s} |" + "".join(cell(c[m]) for m in machines) for s, c in cost.items()]
-  for a in ("per-keep", "fine-tuned"):  # a sum only where the machine ran every group of the kind
-    ofkind = [c for s, c in cost.items() if kind[s] == a]
-    total = lambda m: None if any(c[m] is None for c in ofkind) else sum(c[m] for c in ofkind)
-    cost_rows.append(f"| all {a} networks together |" + "".join(cell(total(m)) for m in machines))
+  # What each alternative to one joint network costs: the per-keep networks, or the network the fine-tunes start
+  # from plus the best fine-tune at each keep; a sum only where the machine ran every group in it.
+  sources = {Path(r.config["init_from"]).name for s in chosen for r in priced[s]}
+  source = [s for s, rs in priced.items() if any(Path(r.path).name in sources for r in rs)]
+  alternatives = {
+    "all per-keep networks together": [s for s in priced if kind[s] == "per-keep"],
+    " + ".join([*source, "the best fine-tune at each keep"]): [*source, *chosen],
+  }
+  for name, group in alternatives.items():
+    total = lambda m: None if any(cost[s][m] is None for s in group) else sum(cost[s][m] for s in group)
+    if group:
+      cost_rows.append(f"| {name} |" + "".join(cell(total(m)) for m in machines))
   return (
     _table(
       "Keep curve with its price: per test-time keep, test accuracy (mean ± std over seeds) and effective MACs per "

@@ -403,7 +403,7 @@ def _priced(d, accuracy_by_keep, macs_by_keep, minutes=10.0):
 def test_frontier_table_prices_each_keep_and_pairs_joint_networks_with_per_keep_ones(tmp_path):
   macs = {1.0: 50e6, 0.1: 8e6}
   keep01 = {"schedule": "constant", "controller_options": {"keep": 0.1}}
-  dirs = []
+  dirs, dense_dirs = [], []
   for seed, (joint, trained, tuned) in enumerate([(0.40, 0.42, 0.39), (0.42, 0.43, 0.40)]):
     dirs.append(
       _priced(_fake_run(tmp_path, "sandwich", seed, 0.5, config={**keep01, "regimes": 3}), {1.0: 0.5, 0.1: joint}, macs)
@@ -416,14 +416,21 @@ def test_frontier_table_prices_each_keep_and_pairs_joint_networks_with_per_keep_
         minutes=20,
       )
     )
-    tuned_config = {**keep01, "init_from": "runs/dense"}
+    tuned_config = {
+      **keep01,
+      "init_from": f"/elsewhere/dense_s{seed}",
+    }  # the seed's dense run, as another machine named it
     dirs.append(_priced(_fake_run(tmp_path, "tuned", seed, 0.5, config=tuned_config), {1.0: 0.4, 0.1: tuned}, macs, 2))
-    for d in dirs[-3:] if seed else ():  # seed 1's block ran on another machine, and its sandwich took 3x as long
+    # A worse recipe: not the fine-tune priced.
+    worse = {**tuned_config, "epochs": 1}
+    dense_dirs.append(_priced(_fake_run(tmp_path, "dense", seed, 0.5, config={}), {1.0: 0.45, 0.1: 0.3}, macs, 15))
+    dense_dirs.append(_priced(_fake_run(tmp_path, "worse", seed, 0.5, config=worse), {1.0: 0.4, 0.1: 0.2}, macs, 7))
+    for d in [*dirs[-3:], *dense_dirs[-2:]] if seed else ():  # seed 1's block ran on another machine, its sandwich 3x
       summary = json.loads((d / "summary.json").read_text())
       summary["provenance"]["cpu"]["model"] = "CPU B"
       summary["wall_time_s"] *= 3 if d == dirs[-3] else 1
       (d / "summary.json").write_text(json.dumps(summary))
-  runs = report.load_runs(dirs)
+  runs, baselines = report.load_runs(dirs), report.load_runs(dense_dirs)
   assert runs[0].keep_macs[0.1] == {"accuracy": 0.40, "density": 0.05, "macs": 8e6, "macs_fraction": 0.08}
   md = report.comparison_markdown(runs, title="T")
   row = "| 0.1 | constant(keep=0.1)+regimes=3 | joint | 2 | 0.4100 ± 0.0141 | 8.0 | 0.080 |"
@@ -433,9 +440,12 @@ def test_frontier_table_prices_each_keep_and_pairs_joint_networks_with_per_keep_
   assert "| -1.5 [-7.9, +4.9] (n=2) | +1.5 [-4.9, +7.9] (n=2) |" in line
   # Cost per machine: M1 is "CPU B" (sorted first), M2 the one without a model name.
   assert "| constant(keep=0.1)+regimes=3 | 30 | 10 |" in md and "| all per-keep networks together | 20 | 20 |" in md
-  assert "| all fine-tuned networks together | 2 | 2 |" in md
+  # The alternative with fine-tunes: their source and the best recipe (2 min), not every recipe tried (+7).
+  assert "| dense + the best fine-tune at each keep | 17 | 17 |" in report.comparison_markdown(
+    runs + baselines, title="T"
+  )
   alone = report.comparison_markdown(runs[:-1], title="T")  # seed 1's fine-tune missing: none on machine B
-  assert "| all fine-tuned networks together | — | 2 |" in alone
+  assert "| the best fine-tune at each keep | — | 2 |" in alone
   verdict = "| constant(keep=0.1)+regimes=3 | trained at keep | -1.5 [-7.9, +4.9] (n=2) *open* |"
   assert verdict in md and "| constant(keep=0.1)+regimes=3 | dense + fine-tune | +1.5 [-4.9, +7.9] (n=2) *open* |" in md
   # pareto.png: the joint network's whole curve; per-keep networks and fine-tunes each at its own keep, the best recipe.
