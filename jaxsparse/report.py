@@ -454,8 +454,8 @@ def _frontier_markdown(groups, tags: dict[str, str]) -> list[str]:
     tuned = max((s for s in recipes if at(s, k)), key=mean_at, default=None)
     if tuned is not None:
       chosen[tuned] = None
-    if tuned is not None and len(recipes) > 1:
-      references.append(f"keep {k:g}: {_recipe(priced[tuned][0].config)}")
+      if len(recipes) > 1:
+        references.append(f"keep {k:g}: {_recipe(priced[tuned][0].config)}")
     for s in priced:
       values = list(at(s, k).values())
       if values:

@@ -416,10 +416,8 @@ def test_frontier_table_prices_each_keep_and_pairs_joint_networks_with_per_keep_
         minutes=20,
       )
     )
-    tuned_config = {
-      **keep01,
-      "init_from": f"/elsewhere/dense_s{seed}",
-    }  # the seed's dense run, as another machine named it
+    # Fine-tuned from the seed's dense run, as another machine named its directory.
+    tuned_config = {**keep01, "init_from": f"/elsewhere/dense_s{seed}"}
     dirs.append(_priced(_fake_run(tmp_path, "tuned", seed, 0.5, config=tuned_config), {1.0: 0.4, 0.1: tuned}, macs, 2))
     # A worse recipe: not the fine-tune priced.
     worse = {**tuned_config, "epochs": 1}
